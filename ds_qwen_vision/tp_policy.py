@@ -1,0 +1,277 @@
+"""How every language-model weight of Qwen3.6 (`Qwen3_5ForConditionalGeneration`) is sharded.
+
+`SHARD_TABLE` is the single source of truth: one rule per weight name. Everything else in this
+file carries the table out:
+
+* `shard_ranges` turns a rule into the rows/columns a rank keeps (used by the checkpoint loader
+  and by the tests that compare every shard against the full weight);
+* `apply_tensor_parallel` hands the model to `deepspeed.init_inference`, whose AutoTP replaces
+  every language-model `nn.Linear` with DeepSpeed's `LinearLayer` / `LinearAllreduce` /
+  `LmHeadLinearAllreduce` (its `injection_policy` names the row-parallel layers of each class),
+  and then slices by hand only what DeepSpeed cannot express: the per-segment `[q | k | v]` cut
+  of the Gated DeltaNet (fused projection and depthwise conv), the per-head vectors `A_log` /
+  `dt_bias`, and the vocabulary-parallel embedding (DeepSpeed's `VocabParallelEmbedding`).
+
+The vision tower (`model.visual.*`) matches no rule: it stays whole on every rank.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LM = r"model\.language_model\."
+LAYER = LM + r"layers\.\d+\."
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rule: which dimension is cut across ranks (None = replicated) and how."""
+    dim: int | None
+    segmented: bool = False  # cut each part of a fused [q | k | v] tensor separately, then re-join
+    why: str = ""
+
+
+COLUMN = Shard(0, why="output features, contiguous per rank")
+ROW = Shard(1, why="input features; DeepSpeed all-reduces the partial outputs")
+
+
+def replicated(why: str) -> Shard:
+    return Shard(None, why=why)
+
+
+# (full parameter name pattern, rule). Patterns use the checkpoint's own key names.
+SHARD_TABLE: tuple[tuple[str, Shard], ...] = (
+    # Gated full attention (every 4th layer). q_proj emits [query_h | gate_h] per head, heads in order,
+    # so a contiguous column cut gives each rank whole heads with their own gates.
+    (LAYER + r"self_attn\.q_proj\.weight", Shard(0, why="whole q heads, each with its output gate")),
+    (LAYER + r"self_attn\.[kv]_proj\.weight", Shard(0, why="whole kv heads (GQA groups stay aligned)")),
+    (LAYER + r"self_attn\.o_proj\.weight", ROW),
+    (LAYER + r"self_attn\.[qk]_norm\.weight", replicated("RMSNorm over head_dim, shared by every head")),
+    # Gated DeltaNet, head-parallel: rank r keeps value heads [r*Hv/tp, (r+1)*Hv/tp) and the key heads
+    # they read (transformers repeats key head j//(Hv/Hk) for value head j), so no gather is needed.
+    (LAYER + r"linear_attn\.in_proj_qkv\.weight", Shard(0, segmented=True, why="[q | k | v] cut per segment")),
+    (LAYER + r"linear_attn\.conv1d\.weight", Shard(0, segmented=True, why="depthwise conv over [q | k | v] channels")),
+    (LAYER + r"linear_attn\.in_proj_z\.weight", Shard(0, why="output gate, by value heads")),
+    (LAYER + r"linear_attn\.in_proj_[ba]\.weight", Shard(0, why="one row per value head")),
+    (LAYER + r"linear_attn\.(A_log|dt_bias)", Shard(0, why="one entry per value head")),
+    (LAYER + r"linear_attn\.norm\.weight", replicated("gated RMSNorm over head_v_dim, shared by every head")),
+    (LAYER + r"linear_attn\.out_proj\.weight", ROW),
+    # MLP
+    (LAYER + r"mlp\.(gate|up)_proj\.weight", COLUMN),
+    (LAYER + r"mlp\.down_proj\.weight", ROW),
+    (LAYER + r"(input|post_attention)_layernorm\.weight", replicated("acts on the full, all-reduced hidden state")),
+    # Ends of the stack
+    (LM + r"embed_tokens\.weight", Shard(0, why="vocabulary rows; DeepSpeed's VocabParallelEmbedding all-reduces")),
+    (LM + r"norm\.weight", replicated("acts on the full hidden state")),
+    (r"lm_head\.weight", Shard(1, why="DeepSpeed's LmHeadLinearAllreduce: hidden split + all-reduce of logits")),
+)
+
+_COMPILED = tuple((re.compile(p), rule) for p, rule in SHARD_TABLE)
+
+
+def rules_for(name: str) -> list[Shard]:
+    """Every rule whose pattern matches `name` (the tests require exactly one for language-model weights)."""
+    return [rule for pattern, rule in _COMPILED if pattern.fullmatch(name)]
+
+
+def rule_for(name: str) -> Shard | None:
+    """The rule for a checkpoint key, or None for weights that stay whole (the vision tower)."""
+    matches = rules_for(name)
+    if len(matches) > 1:
+        raise ValueError(f"{name} matches {len(matches)} shard rules")
+    return matches[0] if matches else None
+
+
+def is_language_model(name: str) -> bool:
+    return name.startswith("model.language_model.") or name.startswith("lm_head.")
+
+
+def gdn_segments(text_config) -> tuple[int, int, int]:
+    """Widths of the [q | k | v] parts of the fused GDN projection and its conv (full model)."""
+    key_dim = text_config.linear_key_head_dim * text_config.linear_num_key_heads
+    value_dim = text_config.linear_value_head_dim * text_config.linear_num_value_heads
+    return key_dim, key_dim, value_dim
+
+
+def check_divisible(text_config, tp: int) -> None:
+    """Refuse a tp that would cut a head (or a vocabulary row block) in two, before any work."""
+    counts = {
+        "num_attention_heads": text_config.num_attention_heads,
+        "num_key_value_heads": text_config.num_key_value_heads,
+        "linear_num_key_heads": text_config.linear_num_key_heads,
+        "linear_num_value_heads": text_config.linear_num_value_heads,
+        "intermediate_size": text_config.intermediate_size,
+        "hidden_size": text_config.hidden_size,
+        "vocab_size": text_config.vocab_size,
+    }
+    bad = [f"{k}={v}" for k, v in counts.items() if v % tp]
+    if bad:
+        raise ValueError(f"tensor parallel size {tp} must divide {', '.join(bad)}")
+
+
+def shard_ranges(size: int, tp: int, rank: int, segments: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """[start, stop) ranges along the cut dimension that `rank` keeps, in order.
+
+    Without segments: one contiguous 1/tp block. With segments (fused [q | k | v]): the rank's 1/tp
+    block of each segment, re-joined in segment order, so the local tensor is again [q_r | k_r | v_r].
+    """
+    segments = segments or (size,)
+    assert sum(segments) == size, (segments, size)
+    ranges, offset = [], 0
+    for seg in segments:
+        assert seg % tp == 0, f"segment of {seg} does not split over tp={tp}"
+        step = seg // tp
+        ranges.append((offset + rank * step, offset + (rank + 1) * step))
+        offset += seg
+    return ranges
+
+
+def shard_tensor(full: torch.Tensor, rule: Shard, tp: int, rank: int, segments=None) -> torch.Tensor:
+    """This rank's part of a full weight according to `rule` (a view-free copy)."""
+    if rule.dim is None:
+        return full
+    ranges = shard_ranges(full.shape[rule.dim], tp, rank, segments if rule.segmented else None)
+    return torch.cat([full.narrow(rule.dim, a, b - a) for a, b in ranges], dim=rule.dim)
+
+
+def row_parallel_linears(model_module) -> dict[type, tuple[str, ...]]:
+    """DeepSpeed `injection_policy`: for each language-model layer class, its row-parallel Linears.
+
+    Derived from the table so the two can never disagree. Every other Linear inside these classes
+    becomes a column-parallel `LinearLayer`. The vision tower has its own classes and is not named.
+    """
+    policy: dict[type, set[str]] = {}
+    for name, module in model_module.named_modules():
+        if not isinstance(module, nn.Linear) or not name.startswith("model.language_model.layers."):
+            continue
+        rule = rule_for(name + ".weight")
+        parent_name, child = name.rsplit(".", 1)
+        cls = type(model_module.get_submodule(parent_name))
+        policy.setdefault(cls, set())
+        if rule is not None and rule.dim == 1:
+            policy[cls].add("." + child)
+    return {cls: tuple(sorted(names)) for cls, names in policy.items()}
+
+
+def permute_fused_rows(model, tp: int) -> None:
+    """Reorder the fused GDN projection's rows rank-major, [q0 k0 v0 | q1 k1 v1 | ...].
+
+    DeepSpeed's LinearLayer cuts a Linear into tp contiguous blocks; after this permutation block r is
+    exactly rank r's [q_r | k_r | v_r], i.e. the per-segment cut the table asks for. Needs no rank.
+    """
+    segments = gdn_segments(model.config.text_config)
+    for name, module in model.named_modules():
+        if name.endswith("linear_attn.in_proj_qkv") and not module.weight.is_meta:
+            size = module.weight.shape[0]
+            order = [torch.arange(a, b) for r in range(tp) for a, b in shard_ranges(size, tp, r, segments)]
+            module.weight.data = module.weight.data[torch.cat(order)].contiguous()
+
+
+@torch.no_grad()
+def shard_gated_deltanet(gdn, tp: int, rank: int) -> None:
+    """Slice what DeepSpeed cannot express in one GDN layer, and fix its derived shapes in the same place."""
+    segments = (gdn.key_dim, gdn.key_dim, gdn.value_dim)
+    for attr in ("num_k_heads", "num_v_heads"):
+        assert getattr(gdn, attr) % tp == 0, f"{attr}={getattr(gdn, attr)} does not split over tp={tp}"
+    conv = gdn.conv1d  # weight [conv_dim, 1, kernel], channels [q | k | v]
+    conv.weight = nn.Parameter(shard_tensor(conv.weight, Shard(0, segmented=True), tp, rank, segments),
+                               requires_grad=False)
+    assert conv.bias is None, "Qwen3.6 GDN conv has no bias"
+    gdn.A_log = nn.Parameter(shard_tensor(gdn.A_log, Shard(0), tp, rank), requires_grad=False)
+    gdn.dt_bias = nn.Parameter(shard_tensor(gdn.dt_bias, Shard(0), tp, rank), requires_grad=False)
+    gdn.num_k_heads //= tp
+    gdn.num_v_heads //= tp
+    gdn.key_dim //= tp
+    gdn.value_dim //= tp
+    gdn.conv_dim //= tp
+    conv.in_channels = conv.out_channels = conv.groups = gdn.conv_dim
+
+
+def apply_tensor_parallel(model, tp: int, dtype: torch.dtype):
+    """Shard a loaded `Qwen3_5ForConditionalGeneration` over the tp ranks; returns DeepSpeed's engine.
+
+    Requires `deepspeed.init_distributed()` first; every rank calls this with the same model.
+    """
+    import deepspeed
+    from deepspeed import comm as dist
+    from deepspeed.module_inject.layers import VocabParallelEmbedding
+
+    text_config = model.config.text_config
+    check_divisible(text_config, tp)
+    if tp > 1:
+        permute_fused_rows(model, tp)
+    policy = row_parallel_linears(model)
+    engine = deepspeed.init_inference(
+        model,
+        tensor_parallel={"tp_size": tp, "tp_grain_size": 1},  # grain 1: plain 1/tp blocks, as the table says
+        dtype=dtype,
+        replace_with_kernel_inject=False,
+        injection_policy=policy if tp > 1 else None,
+    )
+    if tp == 1:
+        return engine
+    group, module = engine.mp_group, engine.module
+    rank = dist.get_rank(group=group)
+    lm = module.model.language_model
+    for layer in lm.layers:
+        if hasattr(layer, "linear_attn"):
+            shard_gated_deltanet(layer.linear_attn, tp, rank)
+    lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, group, name="embed_tokens")
+    verify_shards(module, tp)
+    return engine
+
+
+def verify_shards(model, tp: int) -> None:
+    """Fail loudly at load if any language-model weight is not exactly the shape the table implies.
+
+    Guards against DeepSpeed's AutoTP heuristics ever cutting a layer differently from the table.
+    """
+    errors = []
+    for name, param in model.named_parameters():
+        if not is_language_model(name):
+            continue
+        rule = rule_for(name)
+        if rule is None:
+            errors.append(f"{name}: no shard rule")
+            continue
+        full = _full_shape(model, name)
+        expect = list(full)
+        if rule.dim is not None:
+            expect[rule.dim] //= tp
+        if list(param.shape) != expect:
+            errors.append(f"{name}: shape {list(param.shape)}, table expects {expect} (full {list(full)})")
+    if errors:
+        raise RuntimeError("tensor-parallel shards do not follow SHARD_TABLE:\n  " + "\n  ".join(errors))
+
+
+def _full_shape(model, name: str) -> tuple[int, ...]:
+    """The unsharded shape of a language-model parameter, from the config alone."""
+    c = model.config.text_config
+    kd, _, vd = gdn_segments(c)
+    leaf = name.rsplit(".", 2)
+    kind = leaf[-2] if leaf[-1] == "weight" else leaf[-1]
+    shapes = {
+        "q_proj": (2 * c.num_attention_heads * c.head_dim, c.hidden_size),
+        "k_proj": (c.num_key_value_heads * c.head_dim, c.hidden_size),
+        "v_proj": (c.num_key_value_heads * c.head_dim, c.hidden_size),
+        "o_proj": (c.hidden_size, c.num_attention_heads * c.head_dim),
+        "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
+        "in_proj_qkv": (2 * kd + vd, c.hidden_size),
+        "conv1d": (2 * kd + vd, 1, c.linear_conv_kernel_dim),
+        "in_proj_z": (vd, c.hidden_size),
+        "in_proj_b": (c.linear_num_value_heads, c.hidden_size),
+        "in_proj_a": (c.linear_num_value_heads, c.hidden_size),
+        "A_log": (c.linear_num_value_heads,), "dt_bias": (c.linear_num_value_heads,),
+        "norm": (c.linear_value_head_dim,) if ".linear_attn." in name else (c.hidden_size,),
+        "out_proj": (c.hidden_size, vd),
+        "gate_proj": (c.intermediate_size, c.hidden_size),
+        "up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+        "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,),
+        "embed_tokens": (c.vocab_size, c.hidden_size),
+        "lm_head": (c.vocab_size, c.hidden_size),
+    }
+    return shapes[kind]

@@ -6,11 +6,12 @@ file carries the table out:
 * `shard_ranges` turns a rule into the rows/columns a rank keeps (used by the checkpoint loader
   and by the tests that compare every shard against the full weight);
 * `apply_tensor_parallel` hands the model to `deepspeed.init_inference`, whose AutoTP replaces
-  every language-model `nn.Linear` with DeepSpeed's `LinearLayer` / `LinearAllreduce` /
-  `LmHeadLinearAllreduce` (its `injection_policy` names the row-parallel layers of each class),
-  and then slices by hand only what DeepSpeed cannot express: the per-segment `[q | k | v]` cut
-  of the Gated DeltaNet (fused projection and depthwise conv), the per-head vectors `A_log` /
-  `dt_bias`, and the vocabulary-parallel embedding (DeepSpeed's `VocabParallelEmbedding`).
+  every language-model `nn.Linear` with DeepSpeed's `LinearLayer` / `LinearAllreduce`
+  (its `injection_policy` names the row-parallel layers of each class). Before that, the parts
+  init_inference cannot express are done with DeepSpeed's own layers where it has one (the
+  `LmHeadLinearAllreduce` head, the `VocabParallelEmbedding`) and by hand where it has none: the
+  per-segment `[q | k | v]` cut of the Gated DeltaNet (fused projection and depthwise conv) and the
+  per-head vectors `A_log` / `dt_bias`.
 
 The vision tower (`model.visual.*`) matches no rule: it stays whole on every rank.
 """
@@ -190,37 +191,58 @@ def shard_gated_deltanet(gdn, tp: int, rank: int) -> None:
     conv.in_channels = conv.out_channels = conv.groups = gdn.conv_dim
 
 
-def apply_tensor_parallel(model, tp: int, dtype: torch.dtype):
-    """Shard a loaded `Qwen3_5ForConditionalGeneration` over the tp ranks; returns DeepSpeed's engine.
+def tp_group(tp: int):
+    """The tensor-parallel process group, created the way init_inference creates it.
 
-    Requires `deepspeed.init_distributed()` first; every rank calls this with the same model.
+    init_inference reuses a group registered on InferenceEngine, so the hand-sliced parts below and
+    DeepSpeed's layers share one group. It must exist first: the hand slicing happens before DeepSpeed
+    allocates storage, so that no rank ever allocates a whole tensor it will cut.
+    """
+    from deepspeed import comm as dist
+    from deepspeed.inference.engine import InferenceEngine
+
+    if InferenceEngine.inference_mp_group is None:
+        InferenceEngine.inference_mp_group = dist.new_group(list(range(tp)))
+    return InferenceEngine.inference_mp_group
+
+
+def apply_tensor_parallel(model, tp: int, dtype: torch.dtype):
+    """Shard a `Qwen3_5ForConditionalGeneration` over the tp ranks; returns DeepSpeed's engine.
+
+    Works on a model with real weights (every rank holds the same full model) and on one built on the
+    meta device, where only shapes change and DeepSpeed then allocates this rank's shards (the loader
+    fills them). Requires `deepspeed.init_distributed()` first.
     """
     import deepspeed
     from deepspeed import comm as dist
-    from deepspeed.module_inject.layers import VocabParallelEmbedding
+    from deepspeed.module_inject.layers import LmHeadLinearAllreduce, VocabParallelEmbedding
 
-    text_config = model.config.text_config
-    check_divisible(text_config, tp)
+    check_divisible(model.config.text_config, tp)
     if tp > 1:
+        group = tp_group(tp)
+        rank = dist.get_rank(group=group)
         permute_fused_rows(model, tp)
-    policy = row_parallel_linears(model)
+        lm = model.model.language_model
+        for layer in lm.layers:
+            if hasattr(layer, "linear_attn"):
+                shard_gated_deltanet(layer.linear_attn, tp, rank)
+        # The head first: DeepSpeed's lm_head layer copies its weight, which unties it from a tied embedding
+        # before the embedding is cut by vocabulary rows.
+        head = LmHeadLinearAllreduce(model.lm_head, group)
+        if head.weight.is_meta:
+            # init_inference ties a meta lm_head to the embedding (its meta-checkpoint path assumes tied
+            # weights). An empty real shard (no pages touched) keeps this head its own; the loader fills it.
+            head.weight = nn.Parameter(torch.empty_like(head.weight, device="cpu"), requires_grad=False)
+        model.lm_head = head
+        lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, group, name="embed_tokens")
     engine = deepspeed.init_inference(
         model,
         tensor_parallel={"tp_size": tp, "tp_grain_size": 1},  # grain 1: plain 1/tp blocks, as the table says
         dtype=dtype,
         replace_with_kernel_inject=False,
-        injection_policy=policy if tp > 1 else None,
+        injection_policy=row_parallel_linears(model) if tp > 1 else None,
     )
-    if tp == 1:
-        return engine
-    group, module = engine.mp_group, engine.module
-    rank = dist.get_rank(group=group)
-    lm = module.model.language_model
-    for layer in lm.layers:
-        if hasattr(layer, "linear_attn"):
-            shard_gated_deltanet(layer.linear_attn, tp, rank)
-    lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, group, name="embed_tokens")
-    verify_shards(module, tp)
+    verify_shards(engine.module, tp)
     return engine
 
 

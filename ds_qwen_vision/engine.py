@@ -1,0 +1,328 @@
+"""Rank 0's engine: owns the request queue, decides every step, samples, and turns tokens into events.
+
+Requests arrive from the IPC threads (`Engine.generate`), are checked against the model (chat
+template, image processor, token limits) before they are queued, and are then run by the main loop
+(`Engine.run`), which broadcasts a StepPlan per step so every rank runs the same forward. Nothing about
+a request reaches the other ranks until it has passed every check.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .model import open_image
+from .plan import Prefill, StepPlan
+from .textstream import TextStream, prompt_opens_thinking
+
+HEARTBEAT_S = 1.0
+
+
+class RequestError(Exception):
+    """A request the engine refuses; becomes an OpenAI error event (status, type, message, param, code)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def event(self) -> dict:
+        return {"event": "error", "status": self.status, "type": self.type, "message": self.message,
+                "param": self.param, "code": self.code}
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sequence:
+    id: int
+    input_ids: list[int]
+    images: list[bytes]
+    sampling: Sampling
+    stream: TextStream
+    events: queue.Queue
+    generator: torch.Generator | None
+    created: float = field(default_factory=time.perf_counter)
+    slot: int | None = None
+    next_token: int | None = None   # sampled, fed to the model in the next step
+    generated: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, runner, channel, processor, limits, max_slots: int = 1):
+        self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
+        self.tokenizer = processor.tokenizer
+        self.max_slots = max_slots  # sequences run together; one at a time until batched decode lands
+        self.eos_ids = self._eos_ids(runner.model)
+        self.context_len = runner.model.config.text_config.max_position_embeddings
+        self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=limits.max_queue)
+        self.running: dict[int, Sequence] = {}
+        self.ids = itertools.count()
+        self.ranks: list[dict] = []
+        self.alive = True
+        self.failure: str | None = None
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.m_requests = Counter("dsqv_engine_requests", "Requests finished by the engine, by outcome",
+                                  ["outcome"], registry=r)
+        self.m_ttft = Histogram("dsqv_time_to_first_token_seconds", "Queueing + prefill until the first token",
+                                registry=r, buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.m_tokens = Counter("dsqv_generated_tokens", "Tokens generated", registry=r)
+        self.m_tps = Gauge("dsqv_tokens_per_second", "Generated tokens per second over the last step", registry=r)
+        self.m_queue = Gauge("dsqv_queue_depth", "Requests waiting for a slot", registry=r)
+        self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
+        self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
+                                buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+
+    @staticmethod
+    def _eos_ids(model) -> set[int]:
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        return {int(e) for e in eos}
+
+    # ---- request intake (IPC threads) -------------------------------------------------------------
+    def prepare(self, request: dict) -> Sequence:
+        """Everything that can refuse a request, done before it is queued. Raises RequestError."""
+        images: list[bytes] = []
+        messages = []
+        for message in request["messages"]:
+            content = message["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part["type"] == "image":
+                        images.append(base64.b64decode(part["data_b64"]))
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append({"type": "text", "text": part["text"]})
+                content = parts
+            messages.append({"role": message["role"], "content": content})
+        if len(images) > self.limits.max_images_per_request:
+            raise RequestError(400, f"at most {self.limits.max_images_per_request} images per request", "messages")
+        try:
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                        **request.get("chat_template_kwargs", {}))
+        except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
+            raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
+        try:
+            pil = [open_image(b) for b in images]
+            inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt")
+        except Exception as e:
+            raise RequestError(400, f"the image processor could not read an image: {e}", "messages") from None
+        input_ids = inputs["input_ids"][0].tolist()
+        n_prompt = len(input_ids)
+        limit = min(self.limits.max_prompt_tokens, self.context_len - 1)
+        if n_prompt > limit:
+            raise RequestError(400, f"the prompt is {n_prompt} tokens (images included); the limit is {limit}",
+                               "messages", "context_length_exceeded")
+        room = self.context_len - n_prompt
+        max_tokens = request.get("max_tokens") or min(self.limits.max_new_tokens, room)
+        if max_tokens > self.limits.max_new_tokens:
+            raise RequestError(400, f"max_tokens is {max_tokens}; the limit is {self.limits.max_new_tokens}",
+                               "max_tokens")
+        max_tokens = min(max_tokens, room)
+        sampling = Sampling(max_tokens=max_tokens, temperature=request.get("temperature", 1.0),
+                            top_p=request.get("top_p", 1.0), top_k=request.get("top_k", -1),
+                            seed=request.get("seed"), stop=list(request.get("stop") or []))
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+        return Sequence(next(self.ids), input_ids, images, sampling, stream, queue.Queue(), generator)
+
+    def generate(self, request: dict):
+        """IPC handler: yields the events of one request. Closing the generator cancels the request."""
+        if not self.alive:
+            yield RequestError(503, f"the engine is down: {self.failure}", type="server_error",
+                               code="engine_down").event()
+            return
+        try:
+            seq = self.prepare(request)
+        except RequestError as e:
+            self.m_requests.labels("rejected").inc()
+            yield e.event()
+            return
+        try:
+            self.waiting.put_nowait(seq)
+        except queue.Full:
+            self.m_requests.labels("queue_full").inc()
+            yield RequestError(429, "the request queue is full; retry later", type="rate_limit_error",
+                               code="queue_full").event()
+            return
+        self.m_queue.set(self.waiting.qsize())
+        self.wake.set()
+        yield {"event": "start", "prompt_tokens": len(seq.input_ids)}
+        try:
+            while True:
+                event = seq.events.get()
+                yield event
+                if event["event"] in ("done", "error"):
+                    return
+        finally:
+            if not seq.done:
+                seq.cancelled = True  # the client went away: the loop frees its slot at the next step
+                self.wake.set()
+
+    def health(self) -> dict:
+        ready = self.alive and len(self.ranks) == self.channel.world and all(r.get("ready") for r in self.ranks)
+        return {"ready": ready, "alive": self.alive, "failure": self.failure, "ranks": self.ranks,
+                "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
+
+    def metrics(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    # ---- the loop (main thread of rank 0) ---------------------------------------------------------
+    def run(self) -> None:
+        """Plan and run steps until stop(); on any failure fail every request and re-raise."""
+        last_beat = 0.0
+        try:
+            while not self.stopping.is_set():
+                plan = self.plan()
+                if plan.empty():
+                    if time.monotonic() - last_beat >= HEARTBEAT_S:
+                        self.heartbeat()
+                        last_beat = time.monotonic()
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
+                t0 = time.perf_counter()
+                self.channel.broadcast(plan)
+                logits = self.runner.run(plan)
+                self.after_step(plan, logits)
+                dt = time.perf_counter() - t0
+                self.m_step.observe(dt)
+                stepped = len(plan.prefill) + len(plan.decode)
+                if stepped:
+                    self.m_tps.set(stepped / dt)
+        except BaseException as e:
+            self.fail(f"{type(e).__name__}: {e}")
+            raise
+        self.fail("the server is shutting down")
+        self.channel.broadcast(StepPlan(stop=True))
+
+    def heartbeat(self) -> None:
+        self.channel.broadcast(StepPlan(heartbeat=True))
+        self.ranks = self.channel.gather(self.runner.status())
+
+    def plan(self) -> StepPlan:
+        plan = StepPlan()
+        for slot, seq in list(self.running.items()):
+            if seq.cancelled or seq.done:
+                if seq.cancelled and not seq.done:
+                    self.m_requests.labels("cancelled").inc()
+                del self.running[slot]
+                plan.release.append(slot)
+            elif seq.next_token is not None:
+                plan.decode.append((slot, seq.next_token))
+        free = [s for s in range(self.max_slots) if s not in self.running]
+        while free:
+            try:
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if seq.cancelled:
+                self.m_requests.labels("cancelled").inc()
+                continue
+            seq.slot = free.pop(0)
+            self.running[seq.slot] = seq
+            plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.images))
+        self.m_queue.set(self.waiting.qsize())
+        self.m_inflight.set(len(self.running))
+        return plan
+
+    def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
+        now = time.perf_counter()
+        for slot, row in logits.items():
+            seq = self.running[slot]
+            token = sample(row, seq.sampling, seq.generator)
+            seq.generated += 1
+            self.m_tokens.inc()
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.m_ttft.observe(now - seq.created)
+            finish = None
+            if token in self.eos_ids:
+                finish = "stop"
+            else:
+                reasoning, content = seq.stream.add(token)
+                self.emit(seq, reasoning, content)
+                if seq.stream.stopped:
+                    finish = "stop"
+                elif seq.generated >= seq.sampling.max_tokens:
+                    finish = "length"
+            if finish:
+                self.emit(seq, *seq.stream.finish())
+                self.finish(seq, finish)
+            else:
+                seq.next_token = token
+
+    @staticmethod
+    def emit(seq: Sequence, reasoning: str, content: str) -> None:
+        if reasoning or content:
+            seq.events.put({"event": "delta", "content": content, "reasoning_content": reasoning})
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.done = True
+        n_prompt = len(seq.input_ids)
+        seq.events.put({"event": "done", "finish_reason": reason,
+                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": seq.generated,
+                                  "total_tokens": n_prompt + seq.generated}})
+        self.m_requests.labels("completed").inc()
+
+    def fail(self, why: str) -> None:
+        """Every request in flight or queued gets a 503; the engine refuses new ones from now on."""
+        self.alive, self.failure = False, why
+        error = RequestError(503, f"the engine stopped: {why}", type="server_error", code="engine_down").event()
+        for seq in list(self.running.values()):
+            if not seq.done:
+                seq.done = True
+                seq.events.put(error)
+        while True:
+            try:
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            seq.done = True
+            seq.events.put(error)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise temperature, top-k, top-p, drawn with the request's own generator."""
+    if s.temperature == 0 or generator is None:
+        return int(torch.argmax(logits))
+    logits = logits.float().cpu() / s.temperature
+    if s.top_k and s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

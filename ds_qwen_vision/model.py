@@ -1,0 +1,98 @@
+"""The model on this rank: distributed setup, loading + sharding, and turning a chat into model inputs.
+
+Every rank runs the same code on the same inputs: the processor and chat template come from the
+checkpoint, the vision tower is whole on every rank, and only the language model is sharded
+(see tp_policy.SHARD_TABLE).
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def log(*args) -> None:
+    """Logs go to stderr so stdout carries only results (the generate command prints the completion)."""
+    print(*args, file=sys.stderr, flush=True)
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the launcher's process group; returns (rank, world_size).
+
+    On CUDA each rank takes the GPU of its LOCAL_RANK before any CUDA work. On CPU DeepSpeed picks
+    its CPU accelerator and uses the JIT-built shared-memory all-reduce.
+    """
+    import deepspeed
+    from deepspeed import comm as dist
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for but no CUDA device is visible")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:  # run without the launcher: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else None, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_progress: bool = True):
+    """This rank's shard of a Qwen3_5ForConditionalGeneration checkpoint, ready to run.
+
+    Built on the meta device, sharded (tp_policy), then filled with only this rank's slices of the
+    checkpoint (loading.py). Returns the transformers model: its forward and generate are transformers' own.
+    """
+    from deepspeed import comm as dist
+    from transformers import AutoConfig, GenerationConfig
+
+    from .loading import build_on_meta, init_buffers, load_shards
+    from .tp_policy import apply_tensor_parallel, check_divisible
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "qwen3_5":
+        raise SystemExit(f"{model_dir}: model_type {config.model_type!r}; ds-qwen-vision serves qwen3_5 "
+                         f"(Qwen3_5ForConditionalGeneration) checkpoints")
+    check_divisible(config.text_config, tp)
+    model = apply_tensor_parallel(build_on_meta(config, dtype), tp, dtype).module
+    init_buffers(model)
+    if (Path(model_dir) / "generation_config.json").exists():  # eos ids etc., as from_pretrained reads them
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    rank = dist.get_rank() if tp > 1 else 0
+    load_shards(model, model_dir, tp, rank, show_progress=show_progress and rank == 0)
+    return model
+
+
+def load_processor(model_dir: str):
+    """The checkpoint's own processor: tokenizer + chat template + image processor."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+def open_image(data: bytes):
+    """Decode image bytes the way transformers' own loader does (EXIF orientation applied, RGB)."""
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
+def chat_inputs(processor, messages: list[dict], images: list[bytes], chat_template_kwargs: dict | None = None,
+                device: str | torch.device = "cpu") -> dict:
+    """Chat messages (+ the images their image parts refer to, in order) → model inputs.
+
+    `messages` use transformers' multimodal chat format: content is a string or a list of
+    {"type": "text", "text": ...} / {"type": "image"} parts. The prompt text comes from the
+    checkpoint's chat template, the pixels and the image-token expansion from its processor.
+    """
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
+    pil = [open_image(b) for b in images]
+    inputs = processor(text=[text], images=pil or None, return_tensors="pt")
+    return {k: v.to(device) for k, v in inputs.items()}

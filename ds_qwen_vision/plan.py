@@ -1,0 +1,56 @@
+"""The step plan: everything a rank needs to run one step, decided by rank 0 and broadcast to all.
+
+Followers run exactly what a plan says and nothing else; they never look at requests, sample or
+branch on local state, so the ranks cannot drift apart. A plan is plain data (picklable) and covers
+a batch of sequences: several prefills (a new sequence, its prompt ids and image bytes), the decode
+tokens of running sequences, and the slots to free.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch.distributed as tdist
+
+
+@dataclass
+class Prefill:
+    slot: int
+    input_ids: list[int]           # the whole prompt, image placeholders already expanded
+    images: list[bytes] = field(default_factory=list)  # raw bytes, in prompt order; every rank decodes them
+
+
+@dataclass
+class StepPlan:
+    prefill: list[Prefill] = field(default_factory=list)
+    decode: list[tuple[int, int]] = field(default_factory=list)  # (slot, token to feed)
+    release: list[int] = field(default_factory=list)             # slots whose sequences ended
+    heartbeat: bool = False        # idle tick: ranks report their status instead of computing
+    stop: bool = False             # followers leave their loop
+
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode or self.release or self.heartbeat or self.stop)
+
+
+class ControlChannel:
+    """Broadcasts plans from rank 0 over a CPU (gloo) group, separate from the model's collectives.
+
+    A separate gloo group keeps control traffic off NCCL and gives it its own timeout: a follower
+    waiting for the next plan notices a dead rank 0 (its connection drops) instead of hanging.
+    """
+
+    def __init__(self, timeout_s: float = 7 * 24 * 3600):
+        self.group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank = tdist.get_rank()
+        self.world = tdist.get_world_size()
+
+    def broadcast(self, plan: StepPlan | None = None) -> StepPlan:
+        box = [plan]
+        tdist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` on rank 0 (None elsewhere): used for health reports."""
+        out = [None] * self.world if self.rank == 0 else None
+        tdist.gather_object(obj, out, dst=0, group=self.group)
+        return out

@@ -1,0 +1,72 @@
+"""Generated token ids → the text a client sees: incremental detokenization, stop strings, reasoning.
+
+The same object produces the streamed deltas and (by concatenation) the non-streamed text, so the two
+are equal by construction, multi-byte characters split across tokens included: text is only released
+once it decodes without a trailing replacement character, and never while it could still turn out to
+be the start of a stop string.
+"""
+from __future__ import annotations
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_opens_thinking(prompt_text: str) -> bool:
+    """True when the chat template left a thinking block open, so generation starts as reasoning."""
+    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str], in_reasoning: bool):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""          # everything decoded so far (special tokens skipped), cut at a stop string
+        self.sent = 0           # characters of self.text already released
+        self.in_reasoning = in_reasoning
+        self.strip_newlines = False  # the template puts blank lines after </think>; they are not content
+        self.stopped = False    # a stop string was found; the text ends before it
+
+    def add(self, token: int) -> tuple[str, str]:
+        """Feed one generated token; returns the (reasoning, content) text now safe to release."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return "", ""
+        end = len(text) - self.holdback
+        for s in self.stop:
+            at = text.find(s)
+            if at != -1:
+                text, end, self.stopped = text[:at], at, True
+                break
+        self.text = text
+        return self._release(max(end, self.sent), final=self.stopped)
+
+    def finish(self) -> tuple[str, str]:
+        """The sequence ended: release whatever was held back."""
+        return self._release(len(self.text), final=True)
+
+    def _release(self, end: int, final: bool) -> tuple[str, str]:
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        reasoning = ""
+        if self.in_reasoning:
+            # Reasoning lasts until the model closes the thinking block; the tag itself is not shown.
+            at = piece.find(THINK_CLOSE)
+            if at == -1:
+                keep = 0 if final else _partial_suffix(piece, THINK_CLOSE)  # maybe the start of the tag
+                self.sent -= keep
+                return piece[:len(piece) - keep], ""
+            self.in_reasoning, self.strip_newlines = False, True
+            reasoning, piece = piece[:at], piece[at + len(THINK_CLOSE):]
+        if self.strip_newlines:
+            piece = piece.lstrip("\n")
+            self.strip_newlines = not piece
+        return reasoning, piece
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

@@ -180,9 +180,9 @@ def _training_corpus() -> list[str]:
 def _tokenizer_json() -> str:
     """Train the byte-level BPE and return its serialized ``tokenizer.json``.
 
-    Training on a fixed corpus with a single thread makes the result byte-for-byte
-    reproducible; it is cached because config ids, the vocab size and the written files all
-    derive from it.
+    The trainer breaks ties in merge order deterministically (checked: identical output for
+    any number of worker threads), so a fixed corpus gives a byte-identical file.  Cached
+    because the config's token ids, the vocab size and the written files all derive from it.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
@@ -207,10 +207,6 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    # The Rust trainer parallelises word counting; merge order is tie-broken
-    # deterministically, but pin a single thread anyway so reproducibility does not depend on
-    # scheduling.  (The variable is only read when the pool is first created.)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok.train_from_iterator(_training_corpus(), trainer=trainer)
     base = tok.get_vocab_size()
     tok.add_tokens(
@@ -274,10 +270,30 @@ PRESETS: dict[str, dict] = {
         min_vocab=0,
         max_shard_size="2MB",
     ),
-    # Loading-memory measurements: ~90M parameters (~360 MB in fp32, ~180 MB in bf16).
+    # Loading-memory measurements: ~86M parameters (~345 MB in fp32, ~172 MB in bf16).
+    # The real Qwen3.6-27B shapes, for benchmarks that generate random weights per rank (never saved:
+    # ~54 GB in bf16).
+    "27b": dict(
+        text=dict(
+            hidden_size=5120,
+            intermediate_size=17408,
+            num_hidden_layers=64,
+            num_attention_heads=24,
+            num_key_value_heads=4,
+            head_dim=256,
+            linear_num_key_heads=16,
+            linear_num_value_heads=48,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            mrope_section=[11, 11, 10],
+        ),
+        vision=dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, num_position_embeddings=2304),
+        min_vocab=248320,
+        max_shard_size="5GB",
+    ),
     "loadtest": dict(
         text=dict(
-            hidden_size=768,
+            hidden_size=640,
             intermediate_size=2048,
             num_hidden_layers=8,
             num_attention_heads=24,
@@ -292,8 +308,8 @@ PRESETS: dict[str, dict] = {
         ),
         vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=1024, num_position_embeddings=256),
         # Rows beyond the tokenizer are never produced by it but make the embedding / lm_head
-        # matrices realistically large relative to the layers.
-        min_vocab=32768,
+        # matrices (the largest single tensors, as in the real model) realistically big.
+        min_vocab=16384,
         max_shard_size="100MB",
     ),
 }
@@ -356,3 +372,457 @@ def make_config(preset: str = "tiny"):
     )
     config.architectures = ["Qwen3_5ForConditionalGeneration"]
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat template, tokenizer / processor / generation configs
+# ---------------------------------------------------------------------------------------------
+
+# Modeled on the chat template shipped with Qwen3.6 (Qwen3.5 plus ``preserve_thinking``).
+# What it reproduces:
+#   * ChatML turns ``<|im_start|>{role}\n{content}<|im_end|>\n``; content is a string or a
+#     list of parts: image / image_url parts -> ``<|vision_start|><|image_pad|><|vision_end|>``,
+#     video parts -> ``<|vision_start|><|video_pad|><|vision_end|>``, text parts -> their
+#     text (``add_vision_id`` prefixes "Picture N: " / "Video N: ");
+#   * an optional leading system message (merged into the tools preamble when tools are given);
+#   * assistant turns: reasoning comes from ``reasoning_content`` or from a ``<think>...</think>``
+#     prefix of the content; it is re-emitted only for turns after the last real user query
+#     (or for every turn with ``preserve_thinking=true``) and stripped from earlier history;
+#     tool calls are rendered in Qwen3.5's XML-ish ``<tool_call><function=...>`` format;
+#   * ``tool`` messages become ``<tool_response>`` blocks inside a user turn (the tools
+#     preamble keeps the real structure and call-format example, with shorter prose);
+#   * ``add_generation_prompt`` appends ``<|im_start|>assistant\n`` followed by ``<think>\n``
+#     (thinking, the default) or an empty ``<think>\n\n</think>\n\n`` when
+#     ``enable_thinking=false``.
+CHAT_TEMPLATE = r"""{%- set counts = namespace(images=0, videos=0) %}
+{%- macro render_content(content, count_vision, in_system=false) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for part in content %}
+            {%- if 'image' in part or 'image_url' in part or part.type == 'image' %}
+                {%- if in_system %}
+                    {{- raise_exception('System message cannot contain images.') }}
+                {%- endif %}
+                {%- if count_vision %}
+                    {%- set counts.images = counts.images + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Picture ' ~ counts.images ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in part or part.type == 'video' %}
+                {%- if in_system %}
+                    {{- raise_exception('System message cannot contain videos.') }}
+                {%- endif %}
+                {%- if count_vision %}
+                    {%- set counts.videos = counts.videos + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Video ' ~ counts.videos ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in part %}
+                {{- part.text }}
+            {%- else %}
+                {{- raise_exception('Unexpected item type in content.') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}
+        {{- '' }}
+    {%- else %}
+        {{- raise_exception('Unexpected content type.') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if tools and tools is iterable and tools is not mapping %}
+    {{- '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call>' }}
+    {%- if messages[0].role == 'system' %}
+        {%- set system_text = render_content(messages[0].content, false, true)|trim %}
+        {%- if system_text %}
+            {{- '\n\n' + system_text }}
+        {%- endif %}
+    {%- endif %}
+    {{- '<|im_end|>\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + render_content(messages[0].content, false, true)|trim + '<|im_end|>\n' }}
+{%- endif %}
+{#- Index of the last user message that is a real query (not a wrapped tool response):
+    reasoning is kept only for assistant turns after it. #}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == 'user' %}
+        {%- set user_text = render_content(message.content, false)|trim %}
+        {%- if not (user_text.startswith('<tool_response>') and user_text.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}
+    {{- raise_exception('No user query found in messages.') }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, true)|trim %}
+    {%- if message.role == 'system' %}
+        {%- if not loop.first %}
+            {{- raise_exception('System message must be at the beginning.') }}
+        {%- endif %}
+    {%- elif message.role == 'user' %}
+        {{- '<|im_start|>user\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- set reasoning = reasoning|trim %}
+        {%- if (preserve_thinking is defined and preserve_thinking is true) or loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>assistant\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if tool_call.function is defined %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {%- if not loop.first %}
+                    {{- '\n' }}
+                {%- elif content|trim %}
+                    {{- '\n\n' }}
+                {%- endif %}
+                {{- '<tool_call>\n<function=' + tool_call.name + '>\n' }}
+                {%- if tool_call.arguments is mapping %}
+                    {%- for name, value in tool_call.arguments|items %}
+                        {%- if value is mapping or (value is sequence and value is not string) %}
+                            {%- set value = value | tojson %}
+                        {%- endif %}
+                        {{- '<parameter=' + name + '>\n' + value | string + '\n</parameter>\n' }}
+                    {%- endfor %}
+                {%- endif %}
+                {{- '</function>\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or loop.previtem.role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Unexpected message role.') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+
+def _tokenizer_config() -> dict:
+    """``tokenizer_config.json`` as transformers 5 writes it for the real Qwen3.5 tokenizer.
+
+    ``tokenizer_class`` says ``Qwen2Tokenizer`` like the Hub files; transformers 5 maps model
+    type ``qwen3_5`` to ``Qwen3_5Tokenizer`` regardless (qwen3_5 is in its list of models with
+    an "incorrect hub tokenizer class").  The vision token attributes let
+    ``Qwen3VLProcessor`` read them off the tokenizer.
+    """
+    vision_tokens = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+    }
+    return {
+        "add_prefix_space": False,
+        "backend": "tokenizers",
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        **vision_tokens,
+        "model_max_length": 262144,
+        "model_specific_special_tokens": vision_tokens,
+        "pad_token": "<|endoftext|>",
+        "pretokenize_regex": PRETOKENIZE_REGEX,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+# Image / video processor settings of the real Qwen3.5 checkpoints.  ``size`` is in pixels:
+# shortest_edge = min_pixels (256 x 256), longest_edge = max_pixels (4096 x 4096); images are
+# resized to multiples of patch_size * merge_size = 32.
+PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+VIDEO_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+# Standard deviation of the lm_head rows in units of 1/sqrt(hidden): the final RMSNorm makes the
+# hidden state ~unit RMS, so logits get a std of about this value.  A wide logit spread gives
+# greedy decoding typical top-1/top-2 gaps far above fp32 (and usually bf16) rounding noise,
+# and with random untied rows the argmax follows the context instead of one dominant row.
+LOGIT_SCALE = 4.0
+
+
+def _never_generated_ids(vocab_size: int) -> list[int]:
+    """Vocabulary rows the random model must not produce (see ``_randomize_``)."""
+    ids = token_ids()
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    return [ids[t] for t in vision] + list(range(ids["__len__"], vocab_size))
+
+
+def _randomize_(model, seed: int) -> None:
+    """Overwrite every parameter with deterministic random values (in place).
+
+    transformers' own init leaves RMSNorms at zero / one, biases at zero and draws matrices
+    with std 0.02, which at these tiny widths makes every layer a near no-op -- a
+    tensor-parallel bug inside a layer would then barely move the logits.  Instead matrices
+    use std 1/sqrt(fan_in) so each sub-layer contributes O(1) to the residual stream
+    (for the loadtest width this is ~0.02-0.04, the usual scale), and every norm / bias / GDN
+    parameter gets non-trivial values so that slicing mistakes cannot hide behind constants.
+    Parameters are visited in module order with one generator, so the result only depends on
+    the seed and the architecture.
+    """
+    from torch import nn
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as mq
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std + mean
+
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            shape = param.shape
+            if isinstance(module, mq.Qwen3_5RMSNormGated):
+                # The gated GDN output norm multiplies by the weight directly: centre on 1.
+                value = normal(shape, 0.1, 1.0)
+            elif isinstance(module, mq.Qwen3_5RMSNorm):
+                # Qwen3_5RMSNorm scales by (1 + weight): small values around 0.
+                value = normal(shape, 0.1)
+            elif isinstance(module, nn.LayerNorm):
+                value = normal(shape, 0.1, 1.0) if pname == "weight" else normal(shape, 0.02)
+            elif pname == "A_log":
+                # Per-head decay rate A in [1, 16], stored as log(A) like the real model.
+                value = torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
+            elif pname == "dt_bias":
+                value = normal(shape, 0.5)
+            elif pname == "bias":
+                value = normal(shape, 0.02)
+            elif isinstance(module, nn.Conv1d):
+                # Depthwise causal conv over `kernel` time steps: fan_in = kernel.
+                value = normal(shape, shape[-1] ** -0.5)
+            elif module_name == "lm_head":
+                value = normal(shape, LOGIT_SCALE * shape[1] ** -0.5)
+                # A trained model never emits vision placeholders or the padding rows past the
+                # tokenizer; a random one would, and feeding such a token back (next turn,
+                # re-prefill) breaks the image-token/feature bookkeeping or decoding.  Near-zero
+                # rows keep their logits ~0, far below the winning ~10+.
+                value[_never_generated_ids(shape[0])] *= 1e-3
+            elif isinstance(module, nn.Embedding):
+                # Token embeddings and vision position embeddings: unit-scale vectors, the same
+                # magnitude as the layer outputs that get added to them.
+                value = normal(shape, 1.0)
+            else:
+                # Linear / Conv3d weights: fan_in = everything but the output dimension.
+                value = normal(shape, math.prod(shape[1:]) ** -0.5)
+            with torch.no_grad():
+                param.copy_(value)
+
+
+def _build_model(preset: str, seed: int):
+    """A ``Qwen3_5ForConditionalGeneration`` of the preset with deterministic random fp32 weights."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    config = make_config(preset)
+    # Constructing under the seed makes any state we do not overwrite (there should be none
+    # among the parameters) deterministic as well.
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config)
+    _randomize_(model, seed)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _marker(preset: str, seed: int, dtype: torch.dtype) -> dict:
+    return {
+        "builder": "ds_qwen_vision.checkpoint",
+        "builder_version": BUILDER_VERSION,
+        "preset": preset,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer_files(directory: Path) -> None:
+    """tokenizer.json (+ the vocab.json / merges.txt the real repos also ship), tokenizer
+    config and chat template."""
+    tokenizer_json = _tokenizer_json()
+    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    model = json.loads(tokenizer_json)["model"]
+    _write_json(directory / "vocab.json", model["vocab"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    _write_json(directory / "tokenizer_config.json", _tokenizer_config())
+    # transformers 5 reads (and writes) the template from chat_template.jinja, for both the
+    # tokenizer and the processor, like the real Qwen3.5 repos.
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtype) -> None:
+    from transformers import GenerationConfig
+
+    ids = token_ids()
+    model = _build_model(preset, seed).to(dtype)
+    # Real generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
+    # <|endoftext|>.  The real one samples (temperature 0.6, top_p 0.95, top_k 20); greedy
+    # keeps test generations deterministic.
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    # Writes config.json, generation_config.json, model-0000i-of-0000n.safetensors and
+    # model.safetensors.index.json with the official key names.
+    model.save_pretrained(directory, max_shard_size=PRESETS[preset]["max_shard_size"])
+    _write_tokenizer_files(directory)
+    _write_json(directory / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    _write_json(directory / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
+
+
+def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
+    """Build (or reuse) a random Qwen3.5/3.6-VL checkpoint in ``out_dir`` and return its path.
+
+    ``out_dir`` doubles as a cache: if it already holds a finished build with the same
+    preset, seed, dtype and builder version it is returned as is.  The checkpoint is written
+    into a temporary sibling directory which is renamed into place only when complete, so an
+    interrupted build never leaves a half-written cache behind, and concurrent builders
+    (e.g. parallel test workers) simply keep whichever finished first.
+    """
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    out_dir = Path(out_dir).absolute()
+    wanted = _marker(preset, seed, dtype)
+    if _read_marker(out_dir) == wanted:
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
+        # Never delete something we did not create.
+        raise FileExistsError(f"{out_dir} exists, is not empty and is not a checkpoint built by this module")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_checkpoint(tmp, preset, seed, dtype)
+        # mkdtemp (and transformers' shard writer) create owner-only entries; a model directory
+        # should be readable like any other download.
+        tmp.chmod(0o755)
+        for entry in tmp.iterdir():
+            entry.chmod(0o644)
+        # Written last: its presence certifies that everything before it is complete.
+        _write_json(tmp / MARKER_FILE, wanted)
+        for _ in range(2):
+            if _read_marker(out_dir) == wanted:
+                return out_dir  # a concurrent builder finished first
+            if out_dir.exists():
+                # An older build (other preset/seed/version) or an empty directory.
+                shutil.rmtree(out_dir, ignore_errors=True)
+            try:
+                os.rename(tmp, out_dir)
+                return out_dir
+            except OSError:
+                continue  # someone re-created out_dir in between; look again
+        raise RuntimeError(f"could not move the finished checkpoint into {out_dir}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def demo_dir() -> Path:
+    """Where launch.sh builds (once) and serves the embedded demo checkpoint."""
+    cache = os.environ.get("DSQV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ds-qwen-vision"
+    return Path(cache) / "demo-tiny-seed0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ds_qwen_vision.checkpoint",
+        description="Build a tiny random Qwen3.5/3.6 vision-language checkpoint (Hugging Face format).",
+    )
+    parser.add_argument("--out", help="output directory (reused if it already holds this build)")
+    parser.add_argument("--demo-dir", action="store_true", help="print the embedded demo's cache directory and exit")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    args = parser.parse_args(argv)
+    if args.demo_dir:
+        print(demo_dir())
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    path = build_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=_DTYPES[args.dtype])
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

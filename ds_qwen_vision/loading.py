@@ -4,17 +4,24 @@ The model is built on the meta device, sharded there (tp_policy.apply_tensor_par
 meta tensors for free and then allocates only this rank's shards, uninitialised, on the target device),
 and filled from the checkpoint's safetensors files: for each weight this rank reads only the rows or
 columns SHARD_TABLE gives it (per segment for the fused GDN tensors), straight into the target device
-and dtype. One file is open at a time, so the pages of the memory-mapped file that a rank touches
-never exceed one file's worth.
+and dtype.
+
+The reads bypass mmap on purpose: pages of a memory-mapped file that a rank touches count towards its
+resident memory until the file is closed (a real checkpoint file is ~5 GB), whereas positioned reads
+(`os.preadv`) land directly in the parameter's memory (CPU) or in a small staging buffer (GPU, or when
+the file's dtype differs). Host memory then grows by the shard and one staging buffer, nothing more.
+The safetensors format is a JSON header of names, dtypes, shapes and byte offsets followed by raw
+row-major data, which is what makes exact byte ranges easy to read.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .tp_policy import gdn_segments, is_language_model, rule_for, shard_ranges
@@ -73,6 +80,91 @@ def init_buffers(model) -> None:
         raise RuntimeError(f"buffers not initialised after meta construction: {missing}")
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+STAGING_BYTES = 8 << 20  # one staging buffer per read: the only host memory loading adds beyond the shard
+
+
+class SafetensorsFile:
+    """Positioned reads of byte ranges of the tensors in one .safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (header_len,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, header_len, 8))
+        header.pop("__metadata__", None)
+        self.base = 8 + header_len
+        self.tensors = header
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key]["shape"])
+
+    def read_into(self, key: str, out: torch.Tensor, dim: int | None, ranges) -> None:
+        """out <- the tensor's `ranges` along `dim`, concatenated in order (dim None: the whole tensor)."""
+        info = self.tensors[key]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        start = self.base + info["data_offsets"][0]
+        if dim is None:
+            dim, ranges = 0, [(0, shape[0] if shape else 1)]
+            shape = shape or (1,)
+            out = out.view(shape)
+        outer = 1
+        for n in shape[:dim]:
+            outer *= n
+        inner = dtype.itemsize
+        for n in shape[dim + 1:]:
+            inner *= n
+        row = shape[dim] * inner  # bytes of one index of the dims before `dim`
+        view = out.reshape(outer, -1)  # [outer, kept * inner / itemsize]; a view, out is contiguous
+        col = 0
+        for a, b in ranges:
+            width = (b - a) * inner // dtype.itemsize
+            self._read_block(start, outer, row, a * inner, (b - a) * inner, dtype, view[:, col:col + width])
+            col += width
+
+    def _read_block(self, start, outer, row, offset, length, dtype, dest) -> None:
+        """dest[i] <- bytes [start + i*row + offset, +length) for every i, through staging or directly."""
+        direct = dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous()
+        if direct and outer == 1:
+            _pread_into(self.fd, dest.view(-1).view(torch.uint8), start + offset)
+            return
+        # Several rows (or a conversion): stage up to STAGING_BYTES of whole file rows at a time.
+        rows_per = max(1, STAGING_BYTES // row) if outer > 1 else 1
+        if outer == 1:  # one long run that needs converting or moving: split it
+            chunk = max(dtype.itemsize, STAGING_BYTES // dtype.itemsize * dtype.itemsize)
+            flat = dest.view(-1)
+            for pos in range(0, length, chunk):
+                n = min(chunk, length - pos)
+                buf = torch.empty(n, dtype=torch.uint8)
+                _pread_into(self.fd, buf, start + offset + pos)
+                flat[pos // dtype.itemsize:(pos + n) // dtype.itemsize].copy_(buf.view(dtype))
+            return
+        for i in range(0, outer, rows_per):
+            n = min(rows_per, outer - i)
+            buf = torch.empty(n * row, dtype=torch.uint8)
+            _pread_into(self.fd, buf, start + i * row)
+            block = buf.view(n, row)[:, offset:offset + length]
+            dest[i:i + n].copy_(block.contiguous().view(dtype).view(n, -1))
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
+    mv = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
 @torch.no_grad()
 def load_shards(model, model_dir: str | Path, tp: int, rank: int, show_progress: bool = True) -> None:
     """Fill every parameter of a sharded, materialised model with this rank's slice of the checkpoint."""
@@ -88,63 +180,37 @@ def load_shards(model, model_dir: str | Path, tp: int, rank: int, show_progress:
         wanted.setdefault(key, []).append(name)
 
     loaded, problems = set(), []
-    files = checkpoint_files(model_dir)
-    total = sum(len(v) for v in wanted.values())
-    bar = tqdm(total=total, desc=f"loading shards (tp={tp})", unit="tensor", disable=not show_progress,
-               file=None)
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
+    bar = tqdm(total=len(params), desc=f"loading shards (tp={tp})", unit="tensor", disable=not show_progress)
+    for path in checkpoint_files(model_dir):
+        f = SafetensorsFile(path)
+        try:
+            for key in f.tensors:
                 if key not in wanted:
                     if not UNUSED_KEYS.match(key):
                         problems.append(f"unexpected tensor {key} in {path.name}")
                     continue
-                full_shape = tuple(f.get_slice(key).get_shape())
+                full_shape = f.shape(key)
                 for name in wanted[key]:
                     param = params[name]
                     rule = rule_for(name) if is_language_model(name) else None
-                    try:
-                        value = read_shard(f, key, full_shape, rule, tp, rank, segments)
-                    except ValueError as e:
-                        problems.append(f"{key}: {e}")
+                    dim = rule.dim if rule is not None else None
+                    expected = list(param.shape)
+                    if dim is not None and dim < len(expected):
+                        expected[dim] *= tp
+                    if list(full_shape) != expected:
+                        problems.append(f"tensor {key} has shape {list(full_shape)}; this model expects {expected}")
                         continue
-                    if tuple(value.shape) != tuple(param.shape):
-                        problems.append(f"tensor {key} has shape {list(full_shape)}; this model expects "
-                                        f"{_full_expected(param.shape, rule, tp)}")
-                        continue
-                    param.copy_(value, non_blocking=False)
+                    ranges = None
+                    if dim is not None:
+                        ranges = shard_ranges(full_shape[dim], tp, rank, segments if rule.segmented else None)
+                    f.read_into(key, param.data, dim, ranges)
                     loaded.add(name)
                     bar.update(1)
+        finally:
+            f.close()
     bar.close()
     missing = sorted(set(params) - loaded)
     if missing:
         problems.append(f"missing tensors: {', '.join(sources[n] for n in missing)}")
     if problems:
         raise CheckpointError(f"{model_dir} does not match its config:\n  " + "\n  ".join(problems))
-
-
-def read_shard(f, key: str, full_shape: tuple[int, ...], rule, tp: int, rank: int, segments) -> torch.Tensor:
-    """Read this rank's part of one tensor: only those bytes leave the file."""
-    sl = f.get_slice(key)
-    if rule is None or rule.dim is None:
-        return sl[:]
-    dim = rule.dim
-    if dim >= len(full_shape):
-        raise ValueError(f"has {len(full_shape)} dimensions; its shard rule cuts dimension {dim}")
-    size = full_shape[dim]
-    segs = segments if rule.segmented else None
-    if (segs and sum(segs) != size) or size % tp:
-        raise ValueError(f"dimension {dim} of size {size} does not split into {tp} shards"
-                         + (f" of segments {list(segs)}" if segs else ""))
-    pieces = []
-    for a, b in shard_ranges(size, tp, rank, segs):
-        index = (slice(None),) * dim + (slice(a, b),)
-        pieces.append(sl[index])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-
-
-def _full_expected(shard_shape, rule, tp) -> list[int]:
-    shape = list(shard_shape)
-    if rule is not None and rule.dim is not None:
-        shape[rule.dim] *= tp
-    return shape

@@ -6,6 +6,7 @@ checkpoint, the vision tower is whole on every rank, and only the language model
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -68,10 +69,35 @@ def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_pr
 
 
 def load_processor(model_dir: str):
-    """The checkpoint's own processor: tokenizer + chat template + image processor."""
-    from transformers import AutoProcessor
+    """The checkpoint's own processor: tokenizer + chat template + image processor.
 
-    return AutoProcessor.from_pretrained(model_dir)
+    transformers maps qwen3_5 to Qwen3VLProcessor, whose video processor exists only with torchvision
+    (present on the GPU image; absent beside the CPU torch build). Without it, the same processor class
+    is loaded with its image processor and tokenizer alone: the same prompts, pixel_values and
+    image_grid_thw from the same files; only video input is unavailable (we serve images).
+    """
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(model_dir)
+    return _image_only_processor_class().from_pretrained(model_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _image_only_processor_class():
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        """Qwen3VLProcessor without its (torchvision-only) video processor."""
+
+        # ProcessorMixin derives the sub-processors to load from this list; Qwen3VLProcessor.__init__
+        # passes video_processor=None, which ProcessorMixin zips away against these two names.
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    return ImageOnlyQwen3VLProcessor
 
 
 def open_image(data: bytes):

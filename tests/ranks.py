@@ -13,7 +13,8 @@ def free_port() -> int:
 
 def launch(nranks: int, args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run `args` (a script and its arguments, or --module M ...) on `nranks` ranks; raise with the log on failure."""
-    cmd = ["deepspeed", "--num_gpus", str(nranks), "--master_port", str(free_port()), *args]
+    # --no_local_rank: the ranks read LOCAL_RANK from the environment, their argv stays their own.
+    cmd = ["deepspeed", "--no_local_rank", "--num_gpus", str(nranks), "--master_port", str(free_port()), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
     if proc.returncode != 0:

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Start ds-qwen-vision: the model ranks under the deepspeed launcher, and the HTTP front under gunicorn.
+#
+#   ./launch.sh                                  the embedded demo: tiny checkpoint, CPU ranks, tp=2, 127.0.0.1:8000
+#   ./launch.sh --config ds_config/FILE.json     a real deployment
+#   overrides: --model DIR --host H --port N --tp N --device cpu|cuda --dtype float32|bfloat16
+#
+# Exit codes (for a supervisor): 0 after a requested shutdown (SIGTERM/SIGINT) that finished cleanly;
+# 2 for a bad config or arguments; anything else means a rank or the front died: restart it.
+set -uo pipefail
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1
+# NVLink multicast can take a shared host's GPUs down; NCCL does fine without it.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+
+config_json=$(python3 -m ds_qwen_vision.config "$@" --dump) || exit 2
+get() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v := v[k] for k in sys.argv[2].split(".")]; print(v)' "$config_json" "$1"; }
+model=$(get model)
+tp=$(get tensor_parallel.tp_size)
+device=$(get device)
+socket=$(python3 -c 'import sys; from ds_qwen_vision.config import load_config_json; print(load_config_json(sys.argv[1]).socket_path())' "$config_json") || exit 2
+
+if [[ "$model" == "demo" ]]; then
+    # The embedded demo: build the tiny real-format checkpoint once, into a cache folder.
+    demo_dir=$(python3 -m ds_qwen_vision.checkpoint --demo-dir) || exit 1
+    python3 -m ds_qwen_vision.checkpoint --out "$demo_dir" --preset tiny --seed 0 >/dev/null || exit 1
+fi
+
+rm -f "$socket" "$socket.pid"
+launcher_args=(--num_gpus "$tp" --master_port "${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}")
+[[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
+# Own sessions (setsid): a terminal's Ctrl-C or a supervisor's SIGTERM reaches this script only, which then
+# asks rank 0 to drain and stop the followers; the launcher itself would SIGTERM every rank at once.
+setsid deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" &
+ranks=$!
+
+# Wait for rank 0's socket (every rank loaded and reported ready) or for the ranks to fail.
+until [[ -S "$socket" ]]; do
+    if ! kill -0 "$ranks" 2>/dev/null; then
+        wait "$ranks"; code=$?
+        echo "launch.sh: the model ranks exited ($code) before becoming ready" >&2
+        exit $(( code == 0 ? 1 : code ))
+    fi
+    sleep 0.5
+done
+
+export DSQV_CONFIG_JSON="$config_json"
+export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d -t dsqv-metrics.XXXXXX)
+setsid gunicorn -c python:ds_qwen_vision.server.gunicorn_conf "ds_qwen_vision.server.app:create_app_from_env()" &
+front=$!
+
+stopping=0
+shutdown() {
+    stopping=1
+    [[ -f "$socket.pid" ]] && kill -TERM "$(cat "$socket.pid")" 2>/dev/null
+    kill -TERM "$front" 2>/dev/null
+}
+trap shutdown TERM INT
+
+# Whichever side ends first ends the other; `wait -n` returns early when a trapped signal arrives.
+while kill -0 "$ranks" 2>/dev/null && kill -0 "$front" 2>/dev/null; do
+    wait -n "$ranks" "$front"
+done
+if kill -0 "$ranks" 2>/dev/null; then
+    echo "launch.sh: the HTTP front exited; stopping the model ranks" >&2
+    [[ -f "$socket.pid" ]] && kill -TERM "$(cat "$socket.pid")" 2>/dev/null
+else
+    kill -TERM "$front" 2>/dev/null
+fi
+wait "$ranks"; ranks_code=$?
+wait "$front"; front_code=$?
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+if (( stopping )) && (( ranks_code == 0 )); then
+    exit 0
+fi
+echo "launch.sh: model ranks exited $ranks_code, HTTP front exited $front_code" >&2
+exit $(( ranks_code != 0 ? ranks_code : (front_code != 0 ? front_code : 1) ))

@@ -5,11 +5,14 @@
 
 Applies the checkpoint's chat template to one user message (images first, then the text), decodes
 greedily with transformers' own `generate` on every rank in lockstep (the logits are all-reduced, so
-every rank picks the same token), and prints only the completion on rank 0's stdout.
+every rank picks the same token), and prints only the completion on rank 0's stdout (the deepspeed
+launcher itself adds its own "[date] [INFO] ..." lines to stdout around the ranks' output).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 
 import torch
@@ -38,6 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # Anything the libraries print while loading (DeepSpeed's op builder prints to stdout) goes to
+    # stderr: this process's stdout carries the completion only.
+    with contextlib.redirect_stdout(sys.stderr):
+        completion, rank = run(args)
+    if rank == 0:
+        print(completion, flush=True)
+
+
+def run(args) -> tuple[str, int]:
     images = []
     for path in args.image:  # read before joining the group, so a bad path fails every rank alike
         with open(path, "rb") as f:
@@ -56,8 +68,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
-    if rank == 0:
-        print(processor.decode(new_tokens, skip_special_tokens=True), flush=True)
+    return processor.decode(new_tokens, skip_special_tokens=True), rank
 
 
 if __name__ == "__main__":

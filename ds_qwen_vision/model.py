@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,11 @@ def init_distributed(device: str) -> tuple[int, int]:
     """
     import deepspeed
     from deepspeed import comm as dist
+    from deepspeed.utils.logging import logger as ds_logger
 
+    for handler in ds_logger.handlers:  # DeepSpeed logs to stdout; our stdout carries results only
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda was asked for but no CUDA device is visible")

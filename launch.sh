@@ -18,7 +18,7 @@ get() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v := v[k] for k
 model=$(get model)
 tp=$(get tensor_parallel.tp_size)
 device=$(get device)
-socket=$(python3 -c 'import sys; from ds_qwen_vision.config import load_config_json; print(load_config_json(sys.argv[1]).socket_path())' "$config_json") || exit 2
+socket=$(get server.ipc_socket)
 
 if [[ "$model" == "demo" ]]; then
     # The embedded demo: build the tiny real-format checkpoint once, into a cache folder.
@@ -62,8 +62,10 @@ while kill -0 "$ranks" 2>/dev/null && kill -0 "$front" 2>/dev/null; do
     wait -n "$ranks" "$front"
 done
 if kill -0 "$ranks" 2>/dev/null; then
-    echo "launch.sh: the HTTP front exited; stopping the model ranks" >&2
-    [[ -f "$socket.pid" ]] && kill -TERM "$(cat "$socket.pid")" 2>/dev/null
+    if (( ! stopping )); then
+        echo "launch.sh: the HTTP front exited; stopping the model ranks" >&2
+        [[ -f "$socket.pid" ]] && kill -TERM "$(cat "$socket.pid")" 2>/dev/null
+    fi
 else
     kill -TERM "$front" 2>/dev/null
 fi

@@ -171,10 +171,16 @@ class Engine:
             return
         self.m_queue.set(self.waiting.qsize())
         self.wake.set()
+        if not self.alive:  # failed between the check above and the put: fail() may have drained already
+            self.fail(self.failure)
         yield {"event": "start", "prompt_tokens": len(seq.input_ids)}
         try:
             while True:
-                event = seq.events.get()
+                try:
+                    event = seq.events.get(timeout=0.25)
+                except queue.Empty:
+                    yield None  # idle tick: the IPC server checks whether the client is still there
+                    continue
                 yield event
                 if event["event"] in ("done", "error"):
                     return

@@ -47,6 +47,19 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def build_sharded(config, tp: int, dtype: torch.dtype):
+    """This rank's shard of the model, allocated on the device but not yet filled (buffers are)."""
+    from .loading import build_on_meta, init_buffers
+    from .tp_policy import apply_tensor_parallel
+
+    if config.model_type != "qwen3_5":
+        raise SystemExit(f"model_type {config.model_type!r}: ds-qwen-vision serves qwen3_5 "
+                         f"(Qwen3_5ForConditionalGeneration) checkpoints")
+    model = apply_tensor_parallel(build_on_meta(config, dtype), tp, dtype).module
+    init_buffers(model)
+    return model
+
+
 def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_progress: bool = True):
     """This rank's shard of a Qwen3_5ForConditionalGeneration checkpoint, ready to run.
 
@@ -56,16 +69,12 @@ def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_pr
     from deepspeed import comm as dist
     from transformers import AutoConfig, GenerationConfig
 
-    from .loading import build_on_meta, init_buffers, load_shards
-    from .tp_policy import apply_tensor_parallel, check_divisible
+    from .loading import load_shards
+    from .tp_policy import check_divisible
 
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "qwen3_5":
-        raise SystemExit(f"{model_dir}: model_type {config.model_type!r}; ds-qwen-vision serves qwen3_5 "
-                         f"(Qwen3_5ForConditionalGeneration) checkpoints")
     check_divisible(config.text_config, tp)
-    model = apply_tensor_parallel(build_on_meta(config, dtype), tp, dtype).module
-    init_buffers(model)
+    model = build_sharded(config, tp, dtype)
     if (Path(model_dir) / "generation_config.json").exists():  # eos ids etc., as from_pretrained reads them
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     rank = dist.get_rank() if tp > 1 else 0

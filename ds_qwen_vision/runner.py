@@ -30,6 +30,10 @@ class ModelRunner:
         self.device = device
         self.image_token_id = model.config.image_token_id
         self.slots: dict[int, Slot] = {}
+        if device.type == "cuda":
+            # cuDNN's SDPA re-plans for every new KV length, ~18 ms of host time per attention call in
+            # decode (measured on H100); flash / memory-efficient SDPA need no planning.
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def image_inputs(self, images: list[bytes]) -> dict:
         """The checkpoint's image processor on the plan's bytes: identical pixels on every rank."""

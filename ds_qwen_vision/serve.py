@@ -8,12 +8,15 @@ the other ranks run the plans rank 0 broadcasts until it tells them to stop.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from .checkpoint import demo_dir
 from .config import add_cli_args, config_from_args
 from .model import DTYPES, init_distributed, load_model, load_processor, log
 from .plan import ControlChannel
@@ -25,16 +28,17 @@ def main(argv=None) -> int:
     add_cli_args(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     config = config_from_args(parser.parse_args(argv))
+    model_dir = str(demo_dir()) if config.is_demo else config.model
     rank, world = init_distributed(config.device)
     if world != config.tensor_parallel.tp_size:
         raise SystemExit(f"started {world} ranks but tensor_parallel.tp_size is {config.tensor_parallel.tp_size}")
     t0 = time.perf_counter()
-    model = load_model(config.model, world, config.device, DTYPES[config.dtype])
-    processor = load_processor(config.model)
+    model = load_model(model_dir, world, config.device, DTYPES[config.dtype])
+    processor = load_processor(model_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
     runner = ModelRunner(model, processor, device)
     channel = ControlChannel()
-    log(f"[rank {rank}] {config.model} loaded at tp={world} on {config.device}/{config.dtype} "
+    log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     if rank != 0:
         follower_loop(runner, channel)
@@ -48,6 +52,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: engine.stop())
     engine.heartbeat()  # every rank reports ready before the socket opens
+    Path(config.socket_path() + ".pid").write_text(str(os.getpid()))  # launch.sh signals rank 0 here
     ipc = IpcServer(config.socket_path(), engine)
     ipc.start()
     log(f"[rank 0] engine ready on {config.socket_path()}")
@@ -55,6 +60,10 @@ def main(argv=None) -> int:
         engine.run()
     finally:
         ipc.close()
+        # Python restores the default handlers while it shuts down; a late SIGTERM would then kill this
+        # rank mid-teardown and make the launcher report a failure.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -185,8 +185,10 @@ def test_main_errors(capsys, tmp_path):
 
 def test_module_entry_point(tmp_path):
     """launch.sh runs ``python -m ds_qwen_vision.config``: exit 2 and stderr for a bad config."""
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ds_qwen_vision.config", *a], cwd=REPO,
-                                    capture_output=True, text=True, timeout=60)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ds_qwen_vision.config", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
     ok = run("--config", str(DEMO), "--tp", "1", "--get", "tensor_parallel.tp_size")
     assert (ok.returncode, ok.stdout) == (0, "1\n")
     bad = run("--config", write(tmp_path, {"limits": {"max_queue": -1}}), "--dump")

@@ -26,12 +26,12 @@ from pathlib import Path
 import openai
 import pytest
 from PIL import Image
+from test_protocol import bomb_png, data_url, encode, jpeg, png, png_chunk
 
 from ds_qwen_vision.config import DeployConfig, load_config_json
 from ds_qwen_vision.ipc import (EngineClient, EngineUnavailable, IpcServer, delta_event, done_event, error_event,
                                 start_event)
 from ds_qwen_vision.server.app import create_app
-from test_protocol import bomb_png, data_url, encode, jpeg, png, png_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fake-qwen"
@@ -160,7 +160,7 @@ def make_config(socket_path: str, *, api_key: bool = False, port: int = 8000, wo
     return load_config_json(check_env=False, text=json.dumps({
         "model": f"/models/{MODEL}",
         "server": {"ipc_socket": socket_path, "max_body_bytes": MAX_BODY, "timeout_s": 30, "port": port,
-                   "workers": workers, "threads": 8, "shutdown_grace_s": 2},
+                   "workers": workers, "threads": 8, "shutdown_grace_s": 1},
         "limits": {"max_images_per_request": 2, "max_image_pixels": 1_000_000, "max_new_tokens": 64},
         "security": {"api_key_env": KEY_ENV if api_key else None,
                      "allowed_image_url_prefixes": ["https://images.example/"]},
@@ -422,10 +422,43 @@ def test_client_disconnect_cancels_the_request(engine, client):
     assert engine.cancelled.wait(2.0)
 
 
+def test_disconnect_before_the_first_chunk_cancels_too(engine, client):
+    resp = client.post("/v1/chat/completions", json=chat("engine:silent", stream=True), buffered=False)
+    assert resp.status_code == 200  # the engine said "start"; no byte of the body was read
+    resp.close()
+    assert engine.cancelled.wait(2.0)
+
+
+def test_engine_dies_mid_stream(sock_dir):
+    engine = FakeEngine()
+    server = IpcServer(os.path.join(sock_dir, "dies.sock"), engine).start()
+    try:
+        c = create_app(make_config(server.socket_path)).test_client()
+        resp = c.post("/v1/chat/completions", json=chat("engine:slow", stream=True), buffered=False)
+        it = iter(resp.response)
+        assert b"tick" in next(it) + next(it)
+    finally:
+        server.close()  # rank 0 goes away with the stream open
+    events = sse_events(b"".join(it).decode())
+    assert events[-2]["error"]["code"] == "engine_unavailable" and events[-1] == "[DONE]"
+    assert "during generation" in events[-2]["error"]["message"]
+
+
+def test_unexpected_failure_is_a_json_500(socket_path):
+    class BrokenClient(EngineClient):
+        def generate(self, request):
+            raise RuntimeError("a bug")
+
+    c = create_app(make_config(socket_path), client=BrokenClient(socket_path)).test_client()
+    err = assert_error(c.post("/v1/chat/completions", json=chat()), 500, None, "Internal server error")
+    assert "a bug" not in err["message"]
+
+
 def test_engine_down(sock_dir):
     c = create_app(make_config(os.path.join(sock_dir, "down.sock"))).test_client()
     resp = c.post("/v1/chat/completions", json=chat())
-    assert_error(resp, 503, "engine_unavailable", "not reachable")
+    assert_error(resp, 503, "engine_unavailable", "engine is unavailable before generation; retry later")
+    assert "down.sock" not in resp.get_data(as_text=True)  # no internals in API errors
     assert resp.headers["Retry-After"] == "5"
     resp = c.get("/health")
     assert resp.status_code == 503 and resp.get_json()["status"] == "unavailable"
@@ -522,20 +555,26 @@ MALFORMED = [
     ("missing_model", {"messages": [user("hi")]}, 400, "missing_required_parameter", "'model'", "model"),
     ("missing_messages", {"model": MODEL}, 400, "missing_required_parameter", "'messages'", "messages"),
     ("model_not_string", {"model": 7, "messages": [user("hi")]}, 400, "invalid_type", "valid string", "model"),
-    ("unknown_model", {"model": "gpt-4o", "messages": [user("hi")]}, 404, "model_not_found", "serves 'fake-qwen'", "model"),
-    ("messages_not_list", {"model": MODEL, "messages": "hi"}, 400, "invalid_type", "valid array (got a string)", "messages"),
+    ("unknown_model", {"model": "gpt-4o", "messages": [user("hi")]}, 404, "model_not_found", "serves 'fake-qwen'",
+     "model"),
+    ("messages_not_list", {"model": MODEL, "messages": "hi"}, 400, "invalid_type", "valid array (got a string)",
+     "messages"),
     ("empty_messages", msgs(), 400, "invalid_value", "at least one message", "messages"),
     ("message_not_object", msgs(5), 400, "invalid_type", "got an integer", "messages[0]"),
-    ("missing_role", msgs({"content": "hi"}), 400, "missing_required_parameter", "messages[0].role", "messages[0].role"),
-    ("unknown_role", msgs({"role": "bot", "content": "hi"}), 400, "invalid_role", "unknown role 'bot'", "messages[0].role"),
+    ("missing_role", msgs({"content": "hi"}), 400, "missing_required_parameter", "messages[0].role",
+     "messages[0].role"),
+    ("unknown_role", msgs({"role": "bot", "content": "hi"}), 400, "invalid_role", "unknown role 'bot'",
+     "messages[0].role"),
     ("tool_role", msgs(user("hi"), {"role": "tool", "content": "x", "tool_call_id": "1"}), 400, "unsupported_role",
      "does not do tool calling", "messages[1].role"),
     ("role_not_string", msgs({"role": 1, "content": "hi"}), 400, "invalid_type", "valid string", "messages[0].role"),
     ("missing_content", msgs({"role": "user"}), 400, "missing_required_parameter", "needs 'content'", "messages[0]"),
     ("null_user_content", msgs(user(None)), 400, "missing_required_parameter", "needs 'content'", "messages[0]"),
-    ("content_number", msgs(user(5)), 400, "invalid_type", "string or an array of content parts", "messages[0].content"),
+    ("content_number", msgs(user(5)), 400, "invalid_type", "string or an array of content parts",
+     "messages[0].content"),
     ("content_empty_list", msgs(user([])), 400, "invalid_value", "must not be an empty array", "messages[0]"),
-    ("part_not_object", msgs(user(["hi"])), 400, "invalid_type", "must be an object with a 'type'", "messages[0].content[0]"),
+    ("part_not_object", msgs(user(["hi"])), 400, "invalid_type", "must be an object with a 'type'",
+     "messages[0].content[0]"),
     ("part_missing_type", msgs(user([{"text": "hi"}])), 400, "missing_required_parameter", "no 'type'",
      "messages[0].content[0]"),
     ("part_audio", msgs(user([{"type": "input_audio", "input_audio": {}}])), 400, "unsupported_content",
@@ -606,8 +645,8 @@ MALFORMED = [
      "only allowed when stream is true", "stream_options"),
     ("include_usage_not_bool", chat(stream=True, stream_options={"include_usage": "yes"}), 400, "invalid_type",
      "valid boolean", "stream_options.include_usage"),
-    ("frequency_penalty", chat(frequency_penalty=0.5), 400, "unsupported_parameter", "frequency_penalty is not supported",
-     "frequency_penalty"),
+    ("frequency_penalty", chat(frequency_penalty=0.5), 400, "unsupported_parameter",
+     "frequency_penalty is not supported", "frequency_penalty"),
     ("presence_penalty", chat(presence_penalty=-1), 400, "unsupported_parameter", "not supported", "presence_penalty"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter",
      "tools is not supported", "tools"),
@@ -662,20 +701,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(cfg: DeployConfig, env_extra: dict) -> subprocess.Popen:
+def start_gunicorn(cfg: DeployConfig, env_extra: dict, log: Path) -> subprocess.Popen:
+    """The front exactly as launch.sh starts it."""
     env = dict(os.environ, DSQV_CONFIG_JSON=cfg.model_dump_json(), PYTHONPATH=str(REPO), **env_extra)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # gunicorn_conf makes its own
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:ds_qwen_vision.server.gunicorn_conf",
-         "ds_qwen_vision.server.app:create_app_from_env()"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "wb") as f:  # a file, not a pipe: nobody drains a pipe while tests run
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:ds_qwen_vision.server.gunicorn_conf",
+             "ds_qwen_vision.server.app:create_app_from_env()"],
+            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 30) -> None:
+def wait_ready(proc: subprocess.Popen, base: str, log: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"gunicorn exited {proc.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
                 if r.status == 200:
@@ -686,15 +727,16 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(socket_path):
+def servers(socket_path, sock_dir):
     """Two fronts on the same engine: with an API key and 2 workers, and without a key."""
     port_auth, port_open = free_port(), free_port()
-    procs = [start_gunicorn(make_config(socket_path, api_key=True, port=port_auth, workers=2), {KEY_ENV: KEY}),
-             start_gunicorn(make_config(socket_path, port=port_open), {})]
+    logs = [Path(sock_dir) / "gunicorn-auth.log", Path(sock_dir) / "gunicorn-open.log"]
+    procs = [start_gunicorn(make_config(socket_path, api_key=True, port=port_auth, workers=2), {KEY_ENV: KEY}, logs[0]),
+             start_gunicorn(make_config(socket_path, port=port_open), {}, logs[1])]
     bases = [f"http://127.0.0.1:{port_auth}", f"http://127.0.0.1:{port_open}"]
     try:
-        for proc, base in zip(procs, bases):
-            wait_ready(proc, base)
+        for proc, base, log in zip(procs, bases, logs, strict=True):
+            wait_ready(proc, base, log)
         yield {"auth": bases[0], "open": bases[1]}
     finally:
         for proc in procs:
@@ -706,7 +748,7 @@ def servers(socket_path):
                 proc.kill()
                 proc.wait()
         # A clean shutdown: gunicorn's graceful stop works with our hooks.
-        assert all(p.returncode == 0 for p in procs), [p.stderr.read() for p in procs]
+        assert all(p.returncode == 0 for p in procs), [log.read_text() for log in logs]
 
 
 def oa(base: str, key: str = KEY) -> openai.OpenAI:
@@ -752,8 +794,11 @@ def test_openai_errors(engine, servers):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert e.value.code == "model_not_found"
+    # Its own client: gunicorn drains at most 64 KiB of a body the app did not read, then closes
+    # the connection (after announcing keep-alive), so that connection is not reused here.
     with pytest.raises(openai.APIStatusError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}])
+        oa(servers["open"]).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}])
     assert e.value.status_code == 413 and e.value.code == "request_too_large"
     with pytest.raises(openai.RateLimitError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "engine:429"}])
@@ -784,7 +829,7 @@ def test_gunicorn_metrics_multiprocess(engine, servers):
         client.models.list()
     with urllib.request.urlopen(f"{servers['auth']}/metrics") as r:
         text = r.read().decode()
-    line = next(l for l in text.splitlines()
-                if l.startswith('dsqv_front_requests_total{') and 'route="/v1/models"' in l and 'status="200"' in l)
+    line = next(row for row in text.splitlines() if row.startswith("dsqv_front_requests_total{")
+                and 'route="/v1/models"' in row and 'status="200"' in row)
     assert float(line.rsplit(" ", 1)[1]) >= 4  # summed over the workers' files
     assert "dsqv_engine_queue_depth 0.0" in text

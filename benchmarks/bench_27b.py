@@ -1,0 +1,251 @@
+"""Full-size benchmark: Qwen3.6-27B shapes, random bf16 weights, through the server's own model code.
+
+    # ds-qwen-vision at tp=N (one process per GPU), then the single-GPU transformers baselines:
+    deepspeed --num_gpus 2 benchmarks/bench_27b.py --out OUT/engine.json
+    python benchmarks/bench_27b.py --baseline eager --out OUT/eager.json
+    python benchmarks/bench_27b.py --baseline static --out OUT/static.json
+    python benchmarks/report.py OUT/*.json          # the table for docs/benchmarks.md
+
+The engine mode builds this rank's shard exactly as the server does (meta → tp_policy → device) and
+fills it with random data (never zeros) instead of reading files, then times ModelRunner, the code
+the server's ranks run. Figures are medians over repeats, after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_qwen_vision.checkpoint import build_checkpoint, make_config  # noqa: E402
+from ds_qwen_vision.model import load_processor  # noqa: E402
+
+GiB = 2**30
+
+
+def copy_bandwidth(device, nbytes: int = GiB) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+@torch.no_grad()
+def randomize(model, seed: int) -> None:
+    """Random weights on the device: matrices ~N(0, 1/fan_in), norms and GDN vectors non-trivial."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.uniform_(1.0, 16.0, generator=gen).log_()
+        elif p.dim() == 1:
+            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
+        else:
+            p.normal_(0.0, (p[0].numel()) ** -0.5, generator=gen)
+
+
+def image_bytes(side: int = 1024) -> bytes:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prompt_ids(config, n_text: int, n_image_tokens: int = 0, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(100, 1200, (n_text,), generator=g).tolist()  # ordinary token ids of the tokenizer
+    if not n_image_tokens:
+        return text
+    return [config.vision_start_token_id] + [config.image_token_id] * n_image_tokens + \
+        [config.vision_end_token_id] + text
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def engine_main(args) -> None:
+    from deepspeed import comm as dist
+
+    from ds_qwen_vision.model import build_sharded, init_distributed
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
+    rank, world = init_distributed("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = make_config("27b")
+    processor = load_processor(build_checkpoint(args.cache / "tiny", preset="tiny"))
+    t0 = time.perf_counter()
+    model = build_sharded(config, world, torch.bfloat16)
+    randomize(model, seed=rank)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    bw = copy_bandwidth(device)  # before the cap: its buffers are not part of serving
+    budget = args.budget_gib * GiB
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    runner = ModelRunner(model, processor, device)
+    img = image_bytes()
+    n_img = 1024  # 1024x1024 px / (16 px patches * 2x2 merge)^2
+
+    def prefill(ids, images=()):
+        runner.run(StepPlan(prefill=[Prefill(0, ids, list(images))], release=[0]))
+
+    results = {"rank": rank, "tp": world, "weights_gib": weights / GiB, "build_s": build_s,
+               "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
+               "budget_gib": args.budget_gib, "gpu": torch.cuda.get_device_name(device)}
+    text256 = prompt_ids(config, 256)
+    image256 = prompt_ids(config, 256, n_img)
+    prefill(text256)  # warm-up (kernels, autotuning)
+    prefill(image256, [img])
+    results["ttft_text256_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text256), args.repeats))
+    results["ttft_image1024_text256_ms"] = 1e3 * statistics.median(
+        timed(lambda: prefill(image256, [img]), args.repeats))
+    results["image_preprocess_ms"] = 1e3 * statistics.median(timed(lambda: runner.image_inputs([img]), 3))
+
+    # Decode after a 512-token prompt: one stream, greedy, the host reads each token (as the engine does).
+    runner.run(StepPlan(prefill=[Prefill(1, prompt_ids(config, 512, seed=1))]))
+    token, steps = 1000, []
+    for i in range(args.decode_tokens + 8):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        logits = runner.run(StepPlan(decode=[(1, token)]))[1]
+        token = int(torch.argmax(logits))
+        steps.append(time.perf_counter() - t)
+    steps = steps[8:]
+    results["decode_ms_per_token"] = 1e3 * statistics.median(steps)
+    results["decode_ms_p90"] = 1e3 * sorted(steps)[int(0.9 * len(steps))]
+    if args.profile and rank == 0:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                token = int(torch.argmax(runner.run(StepPlan(decode=[(1, token)]))[1]))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+    elif args.profile:
+        for _ in range(5):
+            token = int(torch.argmax(runner.run(StepPlan(decode=[(1, token)]))[1]))
+    runner.run(StepPlan(release=[1]))
+
+    # Peak memory: an 8k-token text prompt plus one 1024x1024 image, then a few decode steps.
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    long_ids = prompt_ids(config, 8192, n_img, seed=2)
+    t = time.perf_counter()
+    logits = runner.run(StepPlan(prefill=[Prefill(2, long_ids, [img])]))[2]
+    torch.cuda.synchronize()
+    results["ttft_8k_image_ms"] = 1e3 * (time.perf_counter() - t)
+    token = int(torch.argmax(logits))
+    for _ in range(4):
+        token = int(torch.argmax(runner.run(StepPlan(decode=[(2, token)]))[2]))
+    results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
+    results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
+    results["prompt_tokens_8k_image"] = len(long_ids)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": gathered}, indent=1))
+        print(json.dumps(gathered, indent=1))
+
+
+def baseline_main(args) -> None:
+    """transformers' own generate on one GPU, the same config and random weights.
+
+    One generate call per measurement with a fixed length (the static cache recompiles whenever its
+    length changes); a streamer timestamps each token as generate hands it over (a host copy, so the
+    device has finished it).
+    """
+    from transformers import Qwen3_5ForConditionalGeneration
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    device = torch.device("cuda", 0)
+    config = make_config("27b")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = Qwen3_5ForConditionalGeneration(config).eval()
+    torch.set_default_dtype(torch.float32)
+    randomize(model, seed=0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(device)
+    ids = torch.tensor([prompt_ids(config, 512, seed=1)], device=device)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": args.decode_tokens + 1,
+              "min_new_tokens": args.decode_tokens + 1}
+    if args.baseline == "static":
+        kwargs["cache_implementation"] = "static"
+
+    def gen():
+        clock = Clock()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, streamer=clock, **kwargs)
+        tokens = clock.times[1:]  # times[0]: the prompt handed to the streamer
+        return tokens[0] - start, [b - a for a, b in zip(tokens[1:], tokens[2:])]
+
+    t = time.perf_counter()
+    gen()  # warm-up; with the static cache this compiles
+    warm = time.perf_counter() - t
+    runs = [gen() for _ in range(2)]
+    result = {"mode": f"transformers generate, 1 GPU, {args.baseline}", "gpu": torch.cuda.get_device_name(device),
+              "weights_gib": weights / GiB, "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
+              "warmup_s": warm, "ttft_text512_ms": 1e3 * statistics.median(r[0] for r in runs),
+              "decode_ms_per_token": 1e3 * statistics.median([d for r in runs for d in r[1]]),
+              "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--baseline", choices=["eager", "static"], default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--budget-gib", type=float, default=28.0, help="per-process device memory cap (engine mode)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 5 decode steps")
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsqv-bench")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    baseline_main(args) if args.baseline else engine_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""GPU correctness: tp=N bf16 greedy output against single-GPU transformers bf16, on a mid-size random model.
+
+    python benchmarks/gpu_check.py build --dir D                     # the checkpoint (CPU, ~10 s)
+    python benchmarks/gpu_check.py ref --dir D --out OUT/ref.pt     # transformers, one GPU
+    deepspeed --num_gpus 2 benchmarks/gpu_check.py tp --dir D --out OUT/tp2.pt
+    python benchmarks/gpu_check.py compare OUT/ref.pt OUT/tp2.pt
+
+Passes when the 32 greedy tokens are identical, or where they first differ each side's token is
+within the other's top-5 (bf16 sums in another order may flip a near-tie).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_qwen_vision.model import chat_inputs, load_processor  # noqa: E402
+
+NEW_TOKENS = 32
+
+
+def cases() -> list[tuple[list[dict], list[bytes]]]:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    buf = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (200, 300, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "PNG")
+    return [([{"role": "user", "content": "Write a short poem about tensor parallelism."}], []),
+            ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this."}]}],
+             [buf.getvalue()])]
+
+
+def generate(model, processor, device) -> list[dict]:
+    out = []
+    for messages, images in cases():
+        inputs = chat_inputs(processor, messages, images, device=device)
+        with torch.inference_mode():
+            g = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True)
+        tokens = g.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        top5 = [s[0].float().topk(5).indices.tolist() for s in g.scores]
+        out.append({"tokens": tokens, "top5": top5})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["build", "ref", "tp", "compare"])
+    p.add_argument("files", nargs="*")
+    p.add_argument("--dir", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.role == "build":
+        from ds_qwen_vision.checkpoint import build_checkpoint
+        print(build_checkpoint(a.dir, preset="loadtest", seed=0, dtype=torch.bfloat16))
+    elif a.role == "ref":
+        from transformers import Qwen3_5ForConditionalGeneration
+        model = Qwen3_5ForConditionalGeneration.from_pretrained(a.dir, dtype=torch.bfloat16).cuda().eval()
+        torch.save(generate(model, load_processor(a.dir), "cuda"), a.out)
+    elif a.role == "tp":
+        from ds_qwen_vision.model import init_distributed, load_model
+        rank, world = init_distributed("cuda")
+        model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
+        result = generate(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()))
+        if rank == 0:
+            torch.save(result, a.out)
+    else:
+        ref, tp = (torch.load(f) for f in a.files)
+        ok = True
+        for i, (r, t) in enumerate(zip(ref, tp)):
+            diff = next((j for j, (x, y) in enumerate(zip(r["tokens"], t["tokens"])) if x != y), None)
+            if diff is None:
+                print(f"case {i}: {NEW_TOKENS} greedy tokens identical")
+                continue
+            near = r["tokens"][diff] in t["top5"][diff] and t["tokens"][diff] in r["top5"][diff]
+            ok &= near
+            print(f"case {i}: first difference at token {diff}: ref {r['tokens'][diff]} vs tp {t['tokens'][diff]}; "
+                  f"{'each within the other top-5' if near else 'NOT within top-5'}")
+        print("PASS" if ok else "FAIL")
+        sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Turn the benchmark's JSON results into the markdown table kept in docs/benchmarks.md."""
+import json
+import sys
+
+
+def main(paths: list[str]) -> None:
+    rows = []
+    for path in paths:
+        r = json.load(open(path))
+        if "ranks" in r:  # the engine: one entry per rank; times are the same step, take rank 0's
+            r0 = r["ranks"][0]
+            rows.append((r["mode"], r0["gpu"], r0["floor_ms"], r0["decode_ms_per_token"],
+                         f"{r0['ttft_text256_ms']:.0f} (256 text) / {r0['ttft_image1024_text256_ms']:.0f} (image+256)",
+                         "/".join(f"{x['peak_reserved_gib_8k_image']:.2f}" for x in r["ranks"]),
+                         "/".join(f"{x['weights_gib']:.2f}" for x in r["ranks"])))
+        else:
+            rows.append((r["mode"], r["gpu"], r["floor_ms"], r["decode_ms_per_token"],
+                         f"{r['ttft_text512_ms']:.0f} (512 text)", f"{r['peak_allocated_gib']:.2f}",
+                         f"{r['weights_gib']:.2f}"))
+    print("| run | card | weight-read floor ms/token | decode ms/token | time to first token ms | "
+          "peak GiB per rank | weights GiB per rank |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, gpu, floor, dec, ttft, peak, w in rows:
+        print(f"| {mode} | {gpu} | {floor:.1f} | {dec:.1f} | {ttft} | {peak} | {w} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,289 @@
+"""The deployment config: one JSON file (DeepSpeed style) that every process reads.
+
+The model ranks, the gunicorn front and ``launch.sh`` all read the same file, so it is parsed in
+one place.  Every section refuses unknown keys (a typo must not silently fall back to a default)
+and types are strict (``"port": "8000"`` is an error, not a coercion); every problem is reported
+at once with its JSON path::
+
+    python -m ds_qwen_vision.config --config ds_config/demo.json --port 9000 --get server.port
+    python -m ds_qwen_vision.config --config ds_config/demo.json --dump   # merged config, JSON
+
+``--dump`` prints the merged config with the derived defaults filled in (served model name, IPC
+socket path); ``launch.sh`` exports it as ``DSQV_CONFIG_JSON`` for the HTTP front
+(`config_from_env`).  The API key itself never appears in it, only the name of its env var.
+
+Pure stdlib + pydantic: the HTTP front imports this module and must stay free of torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEMO_MODEL = "demo"
+DEMO_SERVED_NAME = "ds-qwen-vision-demo"
+# Environment variables read by `config_from_env` (the gunicorn front is started without argv).
+ENV_CONFIG_JSON = "DSQV_CONFIG_JSON"
+ENV_CONFIG_PATH = "DSQV_CONFIG"
+# sockaddr_un.sun_path is 108 bytes including the trailing NUL.
+_MAX_SOCKET_PATH_BYTES = 107
+
+
+class ConfigError(ValueError):
+    """A bad deployment config; the message lists every problem with its JSON path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class TensorParallelConfig(_Section):
+    tp_size: int = Field(2, ge=1)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(16, ge=1)
+    timeout_s: int = Field(600, gt=0)  # gunicorn worker timeout; also the front's IPC read timeout
+    ipc_socket: str | None = None  # None -> /tmp/ds-qwen-vision-{port}.sock (filled in below)
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    step_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("ipc_socket")
+    @classmethod
+    def _socket_path_fits(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not os.path.isabs(v):
+            raise ValueError("must be an absolute path (the front and the ranks run in different directories)")
+        if len(os.fsencode(v)) > _MAX_SOCKET_PATH_BYTES:
+            raise ValueError(f"is too long for a Unix socket path (at most {_MAX_SOCKET_PATH_BYTES} bytes)")
+        return v
+
+
+class LimitsConfig(_Section):
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_pixels: int = Field(16_777_216, gt=0)
+    max_prompt_tokens: int = Field(8192, gt=0)
+    max_new_tokens: int = Field(1024, gt=0)
+    max_queue: int = Field(64, ge=1)
+
+
+class SecurityConfig(_Section):
+    # The NAME of the env var holding the bearer key: the key itself never sits in a config file.
+    api_key_env: str | None = Field(None, min_length=1)
+    allowed_image_url_prefixes: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_image_url_prefixes")
+    @classmethod
+    def _prefixes_not_empty(cls, v: list[str]) -> list[str]:
+        if any(not p for p in v):
+            raise ValueError("an empty prefix would allow every URL")
+        return v
+
+
+class DeployConfig(_Section):
+    model: str = Field(DEMO_MODEL, min_length=1)
+    served_model_name: str | None = Field(None, min_length=1)
+    tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+
+    @model_validator(mode="after")
+    def _fill_derived_defaults(self) -> DeployConfig:
+        # Resolved here, not at use, so that `--dump` shows (and the front receives) the values
+        # that will actually be used.
+        if self.served_model_name is None:
+            if self.model == DEMO_MODEL:
+                self.served_model_name = DEMO_SERVED_NAME
+            else:
+                name = os.path.basename(os.path.normpath(self.model))
+                if not name or name in (".", ".."):
+                    raise ValueError(f"cannot derive served_model_name from model {self.model!r}; set it")
+                self.served_model_name = name
+        if self.server.ipc_socket is None:
+            self.server.ipc_socket = f"/tmp/ds-qwen-vision-{self.server.port}.sock"
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_MODEL
+
+    def socket_path(self) -> str:
+        assert self.server.ipc_socket is not None  # filled in by the validator
+        return self.server.ipc_socket
+
+    def api_key(self) -> str | None:
+        """The bearer key from the env var named by ``security.api_key_env`` (None: no auth)."""
+        name = self.security.api_key_env
+        if name is None:
+            return None
+        # Strip: keys are often written to env files with a trailing newline.
+        key = os.environ.get(name, "").strip()
+        if not key:
+            raise ConfigError(
+                f"security.api_key_env: environment variable {name} is missing or empty "
+                "(set it to the API key, or set api_key_env to null to disable authentication)"
+            )
+        return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+# CLI override name -> path of the field it sets.
+_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "tp": ("tensor_parallel", "tp_size"),
+    "device": ("device",),
+    "dtype": ("dtype",),
+}
+
+
+def _json_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "model_type":
+            msg = f"must be a JSON object (got {type(e['input']).__name__})"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("missing", "json_invalid") and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {json.dumps(e['input'], default=str)})"
+        lines.append(f"  - {_json_path(e['loc'])}: {msg}")
+    return f"invalid deployment config ({source}):\n" + "\n".join(lines)
+
+
+def _validate(raw: Any, source: str, check_env: bool) -> DeployConfig:
+    try:
+        cfg = DeployConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    if check_env:
+        cfg.api_key()  # fail at start, not at the first request
+    return cfg
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None, *, check_env: bool = True) -> DeployConfig:
+    """Read the JSON file at ``path`` (None: all defaults), apply CLI ``overrides``, validate.
+
+    ``overrides`` keys are ``model, host, port, tp, device, dtype``; None values are ignored.
+    With ``check_env`` the API key env var (if configured) must be set.
+    """
+    raw: Any = {}
+    source = path or "defaults"
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object, not {type(raw).__name__}")
+    for name, value in (overrides or {}).items():
+        if name not in _OVERRIDES:
+            raise ConfigError(f"unknown override {name!r} (known: {', '.join(_OVERRIDES)})")
+        if value is None:
+            continue
+        *parents, leaf = _OVERRIDES[name]
+        node = raw
+        for key in parents:
+            if not isinstance(node.get(key, {}), dict):
+                break  # the file has a wrong type here; validation reports it
+            node = node.setdefault(key, {})
+        else:
+            node[leaf] = value
+    return _validate(raw, source, check_env)
+
+
+def load_config_json(text: str, *, source: str = "config JSON", check_env: bool = True) -> DeployConfig:
+    """A config from JSON text, e.g. the output of ``--dump``."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON: {e}") from None
+    return _validate(raw, source, check_env)
+
+
+def config_from_env(environ: dict[str, str] | None = None) -> DeployConfig:
+    """The config of the HTTP front: ``DSQV_CONFIG_JSON`` (the merged JSON that ``launch.sh``
+    exports from ``--dump``) or else ``DSQV_CONFIG`` (a config file path)."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_CONFIG_JSON):
+        return load_config_json(env[ENV_CONFIG_JSON], source=ENV_CONFIG_JSON)
+    if env.get(ENV_CONFIG_PATH):
+        return load_config(env[ENV_CONFIG_PATH], {})
+    raise ConfigError(f"no config: set {ENV_CONFIG_JSON} (merged config JSON) or {ENV_CONFIG_PATH} (a file path)")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("deployment config")
+    g.add_argument("--config", metavar="FILE", help="deployment config JSON (default: all defaults)")
+    g.add_argument("--model", metavar="DIR", help='checkpoint directory, or "demo"')
+    g.add_argument("--host", metavar="H", help="HTTP bind host")
+    g.add_argument("--port", metavar="N", type=int, help="HTTP port")
+    g.add_argument("--tp", metavar="N", type=int, help="tensor-parallel size")
+    g.add_argument("--device", choices=["cpu", "cuda"])
+    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> DeployConfig:
+    return load_config(ns.config, {name: getattr(ns, name, None) for name in _OVERRIDES})
+
+
+def get_value(cfg: DeployConfig, dotted: str) -> Any:
+    node: Any = cfg.model_dump(mode="json")
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"no config key {dotted!r}")
+        node = node[key]
+    return node
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_cli_args(argparse.ArgumentParser(
+        prog="python -m ds_qwen_vision.config", description="Validate the deployment config and read values from it."))
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--get", metavar="KEY", help="print one value, e.g. server.port (strings unquoted)")
+    what.add_argument("--dump", action="store_true", help="print the merged config as JSON")
+    ns = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(ns)
+        if ns.dump:
+            print(cfg.model_dump_json(indent=2))
+        else:
+            value = get_value(cfg, ns.get)
+            # Strings raw so that bash can use them as they are; anything else as JSON.
+            print(value if isinstance(value, str) else json.dumps(value))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

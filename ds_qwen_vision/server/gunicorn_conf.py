@@ -1,0 +1,69 @@
+"""gunicorn settings for the HTTP front, all taken from the deployment config.
+
+    export DSQV_CONFIG_JSON="$(python -m ds_qwen_vision.config --config FILE [overrides] --dump)"
+    gunicorn -c python:ds_qwen_vision.server.gunicorn_conf 'ds_qwen_vision.server.app:create_app_from_env()'
+
+gthread workers: a streaming response holds a thread, not a process, while it waits on rank 0.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+import tempfile
+
+from ds_qwen_vision.config import config_from_env
+
+_config = config_from_env()
+_server = _config.server
+
+# An IPv6 literal needs brackets in a bind address.
+bind = [f"[{_server.host}]:{_server.port}" if ":" in _server.host else f"{_server.host}:{_server.port}"]
+worker_class = "gthread"
+workers = _server.workers
+threads = _server.threads
+timeout = _server.timeout_s
+graceful_timeout = math.ceil(_server.shutdown_grace_s)
+proc_name = "ds-qwen-vision-front"
+
+# Everything (gunicorn's error and access logs, our modules' loggers) goes to stderr.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    },
+}
+
+# prometheus_client multiprocess mode: each worker writes its metrics to files in the folder
+# PROMETHEUS_MULTIPROC_DIR and /metrics sums them.  launch.sh may give one; otherwise the master
+# makes a private one before the first fork, so that every worker inherits it before it imports
+# prometheus_client (which reads the variable at import).
+_own_prometheus_dir: str | None = None
+
+
+def on_starting(server) -> None:
+    global _own_prometheus_dir
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = _own_prometheus_dir = tempfile.mkdtemp(prefix="dsqv-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # Files left by an earlier run would be summed into this one's counters.
+    for path in glob.glob(os.path.join(folder, "*.db")):
+        os.unlink(path)
+
+
+def child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess  # late: workers, not this import, need the folder
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    if _own_prometheus_dir is not None:
+        shutil.rmtree(_own_prometheus_dir, ignore_errors=True)

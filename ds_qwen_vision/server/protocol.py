@@ -1,0 +1,555 @@
+"""The OpenAI chat-completions protocol: request models with their validators, the conversion
+to the engine's internal request, and the response objects.
+
+All request validation lives here (STYLE rule 4): one rule, one clear message, with ``param``
+naming the JSON path (``messages[0].content[1].image_url``).  A request that passes
+`parse_chat_request` can be handed to the engine as is; it can no longer fail the chat
+template's own checks (system message first, a user query present, no image in a system turn).
+
+Types are strict, as in OpenAI's API: ``"max_tokens": "5"`` is a 400, not a coercion.  Unknown
+top-level fields are ignored (OpenAI-compatible servers do so) except a few OpenAI parameters
+whose silent omission would change the result (tools, logprobs, response_format, ...): those
+are refused as unsupported.
+
+Images arrive as ``data:image/<fmt>;base64,<data>`` URLs.  Their bytes are checked without
+trusting them: the header is read first (format, size) so that a decompression bomb is refused
+before any pixel is decoded, and only then is the image decoded once to catch truncation.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from ds_qwen_vision.config import DeployConfig
+from ds_qwen_vision.server.errors import ApiError, BadRequest, ModelNotFound, PayloadTooLarge
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What validation needs from the deployment config (passed as pydantic's context)."""
+
+    served_model_name: str
+    max_new_tokens: int = 1024
+    max_images: int = 8
+    max_image_pixels: int = 16_777_216
+    allowed_image_url_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: DeployConfig) -> RequestLimits:
+        assert cfg.served_model_name is not None
+        return cls(served_model_name=cfg.served_model_name,
+                   max_new_tokens=cfg.limits.max_new_tokens,
+                   max_images=cfg.limits.max_images_per_request,
+                   max_image_pixels=cfg.limits.max_image_pixels,
+                   allowed_image_url_prefixes=tuple(cfg.security.allowed_image_url_prefixes))
+
+
+def _limits(info: ValidationInfo) -> RequestLimits:
+    assert isinstance(info.context, RequestLimits), "validate with context=RequestLimits(...)"
+    return info.context
+
+
+# Error types of our own rules; `_api_error` passes them on as the OpenAI ``code``.
+_OWN_CODES = frozenset({
+    "invalid_value", "invalid_type", "missing_required_parameter", "invalid_role", "unsupported_role",
+    "unsupported_content", "unsupported_parameter", "unsupported_value", "too_many_images",
+    "invalid_image_url", "unsupported_image_url", "invalid_base64", "invalid_image",
+})
+
+
+def _fail(code: str, message: str) -> PydanticCustomError:
+    assert code in _OWN_CODES, code
+    # Without a context pydantic uses the template as it is, so braces in ``message`` are safe.
+    return PydanticCustomError(code, message)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Content parts
+# ---------------------------------------------------------------------------------------------
+
+_DATA_URL = re.compile(r"data:image/([A-Za-z0-9.+-]+);base64,", re.IGNORECASE)
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for compatibility, unused
+    _data: bytes = PrivateAttr(b"")  # decoded bytes (checked later, see `check_image`)
+    _b64: str = PrivateAttr("")      # the validated base64 text, forwarded to the engine
+
+    @model_validator(mode="after")
+    def _decode_data_url(self, info: ValidationInfo) -> ImageURL:
+        m = _DATA_URL.match(self.url)
+        if m is None:
+            if self.url[:5].lower() == "data:":
+                raise _fail("invalid_image_url", "a data URL must look like data:image/<format>;base64,<data>")
+            if any(self.url.startswith(p) for p in _limits(info).allowed_image_url_prefixes):
+                raise _fail("unsupported_image_url", "remote image fetching is not supported by this "
+                            "server; send the image inline as a data:image/<format>;base64,... URL")
+            raise _fail("invalid_image_url", "only inline images are accepted: use a "
+                        "data:image/<format>;base64,... URL (remote URLs are not fetched)")
+        b64 = self.url[m.end():]
+        try:
+            data = base64.b64decode(b64, validate=True)  # strict: no whitespace, correct padding
+        except (binascii.Error, ValueError) as e:
+            raise _fail("invalid_base64", f"the image data is not valid base64 ({e})") from None
+        if not data:
+            raise _fail("invalid_image", "the image data is empty")
+        self._data, self._b64 = data, b64
+        return self
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+    @property
+    def data_b64(self) -> str:
+        return self._b64
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_as_string(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v  # some clients send the URL bare
+
+
+class _UnsupportedPart(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, v: Any) -> Any:
+        if "type" not in v:
+            raise _fail("missing_required_parameter", "content part has no 'type' (expected 'text' or 'image_url')")
+        raise _fail("unsupported_content", f"content part type {v['type']!r} is not supported; "
+                    "use 'text' or 'image_url'")
+
+
+def _part_tag(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return None
+    return {"text": "#text", "image_url": "#image_url"}.get(v.get("type"), "#unsupported")  # type: ignore[arg-type]
+
+
+# Tags (names starting with "#") show up in pydantic error locations; `_param` drops them.
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("#text")], Annotated[ImagePart, Tag("#image_url")],
+          Annotated[_UnsupportedPart, Tag("#unsupported")]],
+    Discriminator(_part_tag, custom_error_type="invalid_type",
+                  custom_error_message="each content part must be an object with a 'type'"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages and the request
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class ChatMessage(_Strict):
+    role: str
+    # A string is normalised to one text part; None (or absent) is allowed for assistant only.
+    content: list[ContentPart] | None = None
+    tool_calls: Any = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v in ("tool", "function"):
+            raise _fail("unsupported_role", f"role {v!r} is not supported (this server does not do tool calling)")
+        if v not in ROLES:
+            raise _fail("invalid_role", f"unknown role {v!r}; expected one of {', '.join(ROLES)}")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_as_text_part(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if v is not None and not isinstance(v, list):
+            raise _fail("invalid_type", "content must be a string or an array of content parts")
+        return v
+
+    @model_validator(mode="after")
+    def _content_fits_role(self) -> ChatMessage:
+        if self.tool_calls:
+            raise _fail("unsupported_parameter", "tool_calls are not supported (this server does not do tool calling)")
+        if self.content is None:
+            if self.role != "assistant":
+                raise _fail("missing_required_parameter", f"a {self.role} message needs 'content'")
+            return self
+        if not self.content:
+            raise _fail("invalid_value", "content must not be an empty array")
+        if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
+            raise _fail("invalid_value", f"images are only allowed in user messages, not in a {self.role} message")
+        return self
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content or [] if isinstance(p, ImagePart)]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+# Parameters of apply_chat_template / the processor: passing one of them as a template kwarg
+# would collide with the engine's own call, so they are refused here instead of failing there.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+    "images", "videos", "text", "audio", "add_special_tokens", "raise_exception",
+})
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# OpenAI parameters this server does not implement, with the values that mean "not used".
+_UNSUPPORTED: dict[str, list[Any]] = {
+    "tools": [None, []],
+    "functions": [None, []],
+    "tool_choice": [None, "none", "auto"],
+    "function_call": [None, "none", "auto"],
+    "logprobs": [None, False],
+    "top_logprobs": [None, 0],
+    "response_format": [None, {"type": "text"}],
+    "frequency_penalty": [None, 0],
+    "presence_penalty": [None, 0],
+    "logit_bias": [None, {}],
+}
+
+_INT64 = 2**63
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: disabled; k >= 1: keep the k most likely
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    stop: list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    n: int | None = None
+    user: str | None = None
+    # Known but unsupported (see `_UNSUPPORTED`): typed loosely so that the message is "unsupported".
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+
+    @field_validator("messages")
+    @classmethod
+    def _conversation(cls, messages: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
+        if not messages:
+            raise _fail("invalid_value", "messages must contain at least one message")
+        for i, m in enumerate(messages[1:], start=1):
+            if m.role in ("system", "developer"):
+                raise _fail("invalid_value", f"a {m.role} message may only be the first message "
+                            f"(found one at messages[{i}])")
+        if not any(m.role == "user" for m in messages):
+            raise _fail("invalid_value", "messages must contain at least one user message")
+        limit = _limits(info).max_images
+        count = sum(len(m.images) for m in messages)
+        if count > limit:
+            raise _fail("too_many_images", f"the request has {count} images; this server accepts "
+                        f"at most {limit} per request")
+        return messages
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_server_limit(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_new_tokens
+        if v is not None and v > limit:
+            raise _fail("invalid_value", f"{v} is more than this server's limit of {limit} new tokens")
+        other = info.data.get("max_tokens")  # validated before max_completion_tokens
+        if info.field_name == "max_completion_tokens" and None not in (v, other) and v != other:
+            raise _fail("invalid_value", f"{v} differs from max_tokens={other}; set only max_completion_tokens")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and not isinstance(v, list):
+            raise _fail("invalid_type", "stop must be a string or an array of strings")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_rules(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) > 4:
+                raise _fail("invalid_value", f"at most 4 stop sequences are allowed, got {len(v)}")
+            if any(s == "" for s in v):
+                raise _fail("invalid_value", "stop sequences must not be empty strings")
+        return v
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise _fail("invalid_type", "chat_template_kwargs must be an object")
+        for key, value in v.items():
+            if not _IDENTIFIER.fullmatch(key) or key in _RESERVED_TEMPLATE_KWARGS:
+                raise _fail("invalid_value", f"{key!r} cannot be set through chat_template_kwargs")
+            if not (value is None or isinstance(value, (str, int, float, bool))):
+                raise _fail("invalid_type", f"chat_template_kwargs[{key!r}] must be a string, number, "
+                            "boolean or null")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise _fail("invalid_value", "stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise _fail("unsupported_value", f"only n=1 is supported, got n={v}")
+        return v
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _not_used(cls, v: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        unused = _UNSUPPORTED[info.field_name]
+        if v not in unused:
+            shown = " or ".join(json.dumps(u) for u in unused[1:])
+            raise _fail("unsupported_parameter", f"{info.field_name} is not supported by this server "
+                        f"(leave it out, or send {shown})")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Image bytes
+# ---------------------------------------------------------------------------------------------
+
+# Formats with plain header parsers and decoders; not e.g. EPS, whose load runs Ghostscript.
+# ("JPEG" also opens the multi-picture JPEGs (MPO) that many cameras write.)
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+# The pixel limit is enforced by `check_image` itself right after the header is read; Pillow's
+# own warning for sizes between its limit and twice its limit would only be noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def check_image(data: bytes, max_pixels: int, param: str) -> None:
+    """Refuse bytes that are not a decodable image of at most ``max_pixels`` pixels.
+
+    The size comes from the header (lazy ``Image.open``), so a bomb is refused before its
+    pixels are decoded; then one ``load()`` decodes it, under Pillow's own bomb guard set to
+    the same limit, to catch truncated or corrupt data.
+    """
+    # Same value for every request of this process, so setting the global is race-free.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it already
+        raise PayloadTooLarge(f"The image at '{param}' has more than {max_pixels} pixels, this "
+                              "server's limit.", param=param, code="image_too_large") from None
+    except UnidentifiedImageError:  # its message is only the repr of our buffer
+        raise BadRequest(f"The data at '{param}' is not an image in a supported format "
+                         f"({', '.join(IMAGE_FORMATS)}).", param=param, code="invalid_image") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadRequest(f"The data at '{param}' is not an image in a supported format "
+                         f"({', '.join(IMAGE_FORMATS)}): {e}.", param=param, code="invalid_image") from None
+    with img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise BadRequest(f"The image at '{param}' has no pixels ({width}x{height}).",
+                             param=param, code="invalid_image")
+        if width * height > max_pixels:
+            raise PayloadTooLarge(f"The image at '{param}' is {width}x{height} = {width * height} pixels; "
+                                  f"this server accepts at most {max_pixels}.", param=param, code="image_too_large")
+        try:
+            img.load()
+        except Image.DecompressionBombError:
+            raise PayloadTooLarge(f"The image at '{param}' decodes to more than {max_pixels} pixels.",
+                                  param=param, code="image_too_large") from None
+        except Exception as e:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+            raise BadRequest(f"The image at '{param}' could not be decoded (truncated or corrupt "
+                             f"{img.format} data: {e}).", param=param, code="invalid_image") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: body bytes -> the engine's internal request
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated request: what the engine gets, plus what only the front needs."""
+
+    engine_request: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
+    """Validate a raw request body; raise a typed `ApiError` (400/404/413) on the first problem."""
+    try:
+        req = ChatCompletionRequest.model_validate_json(body, strict=True, context=limits)
+    except ValidationError as e:
+        raise _api_error(e) from None
+    if req.model != limits.served_model_name:
+        raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
+                            f"'{limits.served_model_name}'.", param="model")
+    messages = []
+    for i, msg in enumerate(req.messages):
+        parts: list[dict[str, str]] = []
+        for j, part in enumerate(msg.content or []):
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                assert isinstance(part, ImagePart)
+                check_image(part.image_url.data, limits.max_image_pixels, f"messages[{i}].content[{j}].image_url")
+                parts.append({"type": "image", "data_b64": part.image_url.data_b64})
+        # The chat template knows "system" only; OpenAI's "developer" is the same thing.
+        messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": parts})
+    top_k = req.top_k if req.top_k is not None else -1
+    engine_request = {
+        "messages": messages,
+        "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": -1 if top_k == 0 else top_k,
+        "seed": req.seed,
+        "stop": req.stop or [],
+        "chat_template_kwargs": req.chat_template_kwargs or {},
+    }
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatRequest(engine_request, req.model, bool(req.stream), include_usage)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not part.startswith("#"):  # union tags, see ContentPart
+            path += f".{part}" if path else part
+    return path or None
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               list: "an array", dict: "an object", type(None): "null"}
+
+
+def _api_error(err: ValidationError) -> ApiError:
+    """The first validation problem as a 400 with a message naming the parameter."""
+    errors = err.errors(include_url=False)
+    e = errors[0]
+    kind, param, value = e["type"], _param(e["loc"]), e.get("input")
+    got = _JSON_TYPES.get(type(value), "")
+    if kind == "json_invalid":
+        return BadRequest(f"The request body is not valid JSON: {e['ctx']['error']}.", code="invalid_json")
+    if param is None and kind == "model_type":
+        return BadRequest(f"The request body must be a JSON object, got {got}.", code="invalid_type")
+    if kind == "missing":
+        message, code = f"Missing required parameter '{param}'.", "missing_required_parameter"
+    elif kind in _OWN_CODES:  # our rules' messages say it all
+        what = "type" if kind == "invalid_type" else "value"
+        message, code = f"Invalid {what} for '{param}': {e['msg']}.", kind
+    elif kind.endswith(("_type", "_parsing")):  # pydantic's type checks
+        message, code = f"Invalid type for '{param}': {e['msg']}" + (f" (got {got})." if got else "."), "invalid_type"
+    else:  # pydantic's value checks: ranges, literals, lengths
+        shown = json.dumps(value)[:80] if isinstance(value, (str, int, float)) else got
+        message, code = f"Invalid value for '{param}': {e['msg']} (got {shown}).", "invalid_value"
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this request.)"
+    return BadRequest(message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class CompletionMeta:
+    """What every object of one completion shares."""
+
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, model: str) -> CompletionMeta:
+        return cls(new_completion_id(), model, int(time.time()))
+
+
+def chat_completion(meta: CompletionMeta, content: str, reasoning: str, finish_reason: str,
+                    usage: dict[str, int]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def completion_chunk(meta: CompletionMeta, delta: dict[str, str], finish_reason: str | None = None,
+                     *, with_usage_field: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage_field:  # OpenAI: with include_usage every chunk carries "usage": null
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(meta: CompletionMeta, usage: dict[str, int]) -> dict[str, Any]:
+    return {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+            "choices": [], "usage": usage}
+
+
+def model_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model, created)]}
+
+
+def model_card(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "ds-qwen-vision"}

@@ -109,19 +109,21 @@ def engine_main(args) -> None:
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     bw = copy_bandwidth(device)  # before the cap: its buffers are not part of serving
+    results = {"rank": rank, "tp": world, "weights_gib": weights / GiB, "build_s": build_s,
+               "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
+               "budget_gib": args.budget_gib, "gpu": torch.cuda.get_device_name(device)}
     budget = args.budget_gib * GiB
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
-    runner = ModelRunner(model, processor, device)
+    t0 = time.perf_counter()
+    runner = ModelRunner(model, processor, device, max_slots=1, max_len=9472)  # 8k text + image + decode
+    results["runner_init_s"] = time.perf_counter() - t0  # cache allocation + CUDA graph capture
     img = image_bytes()
     n_img = 1024  # 1024x1024 px / (16 px patches * 2x2 merge)^2
 
     def prefill(ids, images=()):
-        runner.run(StepPlan(prefill=[Prefill(0, ids, list(images))], release=[0]))
+        runner.run(StepPlan(prefill=[Prefill(0, ids, list(images))]))
 
-    results = {"rank": rank, "tp": world, "weights_gib": weights / GiB, "build_s": build_s,
-               "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
-               "budget_gib": args.budget_gib, "gpu": torch.cuda.get_device_name(device)}
     text256 = prompt_ids(config, 256)
     image256 = prompt_ids(config, 256, n_img)
     prefill(text256)  # warm-up (kernels, autotuning)
@@ -132,40 +134,46 @@ def engine_main(args) -> None:
     results["image_preprocess_ms"] = 1e3 * statistics.median(timed(lambda: runner.image_inputs([img]), 3))
 
     # Decode after a 512-token prompt: one stream, greedy, the host reads each token (as the engine does).
-    runner.run(StepPlan(prefill=[Prefill(1, prompt_ids(config, 512, seed=1))]))
-    token, steps = 1000, []
-    for i in range(args.decode_tokens + 8):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        logits = runner.run(StepPlan(decode=[(1, token)]))[1]
-        token = int(torch.argmax(logits))
-        steps.append(time.perf_counter() - t)
-    steps = steps[8:]
+    def decode_steps(n):
+        runner.run(StepPlan(prefill=[Prefill(0, prompt_ids(config, 512, seed=1))]))
+        token, steps = 1000, []
+        for _ in range(n + 8):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
+            steps.append(time.perf_counter() - t)
+        return steps[8:]
+
+    steps = decode_steps(args.decode_tokens)
     results["decode_ms_per_token"] = 1e3 * statistics.median(steps)
     results["decode_ms_p90"] = 1e3 * sorted(steps)[int(0.9 * len(steps))]
+    results["cuda_graphs"] = runner.cuda_graphs
+    graph, runner.slots[0].graph = runner.slots[0].graph, None  # the same step without the graph
+    results["decode_eager_ms_per_token"] = 1e3 * statistics.median(decode_steps(16))
+    runner.slots[0].graph = graph
+    token = 1000
     if args.profile and rank == 0:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                token = int(torch.argmax(runner.run(StepPlan(decode=[(1, token)]))[1]))
+                token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
     elif args.profile:
         for _ in range(5):
-            token = int(torch.argmax(runner.run(StepPlan(decode=[(1, token)]))[1]))
-    runner.run(StepPlan(release=[1]))
+            token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
 
     # Peak memory: an 8k-token text prompt plus one 1024x1024 image, then a few decode steps.
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     long_ids = prompt_ids(config, 8192, n_img, seed=2)
     t = time.perf_counter()
-    logits = runner.run(StepPlan(prefill=[Prefill(2, long_ids, [img])]))[2]
+    logits = runner.run(StepPlan(prefill=[Prefill(0, long_ids, [img])]))[0]
     torch.cuda.synchronize()
     results["ttft_8k_image_ms"] = 1e3 * (time.perf_counter() - t)
     token = int(torch.argmax(logits))
     for _ in range(4):
-        token = int(torch.argmax(runner.run(StepPlan(decode=[(2, token)]))[2]))
+        token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
     results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
     results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
     results["prompt_tokens_8k_image"] = len(long_ids)

@@ -6,10 +6,15 @@ import sys
 def main(paths: list[str]) -> None:
     rows = []
     for path in paths:
-        r = json.load(open(path))
+        try:
+            r = json.load(open(path))
+        except FileNotFoundError:
+            continue
         if "ranks" in r:  # the engine: one entry per rank; times are the same step, take rank 0's
             r0 = r["ranks"][0]
-            rows.append((r["mode"], r0["gpu"], r0["floor_ms"], r0["decode_ms_per_token"],
+            graphs = "CUDA graphs" if r0.get("cuda_graphs") else "eager"
+            rows.append((f"{r['mode']} ({graphs}; eager step {r0['decode_eager_ms_per_token']:.1f} ms)", r0["gpu"],
+                         r0["floor_ms"], r0["decode_ms_per_token"],
                          f"{r0['ttft_text256_ms']:.0f} (256 text) / {r0['ttft_image1024_text256_ms']:.0f} (image+256)",
                          "/".join(f"{x['peak_reserved_gib_8k_image']:.2f}" for x in r["ranks"]),
                          "/".join(f"{x['weights_gib']:.2f}" for x in r["ranks"])))

@@ -74,6 +74,8 @@ class LimitsConfig(_Section):
     max_prompt_tokens: int = Field(8192, gt=0)
     max_new_tokens: int = Field(1024, gt=0)
     max_queue: int = Field(64, ge=1)
+    # Sequences generated together (cache slots, allocated at start for max_prompt_tokens + max_new_tokens each).
+    max_concurrent: int = Field(4, ge=1)
 
 
 class SecurityConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import queue
 import threading
 import time
@@ -66,12 +67,13 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, runner, channel, processor, limits, max_slots: int = 1):
+    def __init__(self, runner, channel, processor, limits):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
-        self.max_slots = max_slots  # sequences run together; one at a time until batched decode lands
+        self.max_slots = len(runner.slots)  # sequences generated together; new ones join at step boundaries
         self.eos_ids = self._eos_ids(runner.model)
-        self.context_len = runner.model.config.text_config.max_position_embeddings
+        # A sequence must fit its slot's cache, and the model's positions.
+        self.context_len = min(runner.max_len, runner.model.config.text_config.max_position_embeddings)
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=limits.max_queue)
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
@@ -79,6 +81,8 @@ class Engine:
         self.alive = True
         self.failure: str | None = None
         self.stopping = threading.Event()
+        self.drain_deadline = math.inf  # after stop(): monotonic time by which in-flight work must be over
+        self.busy_since: float | None = None  # monotonic start of the collective in progress (the watchdog's view)
         self.wake = threading.Event()
         self.registry = CollectorRegistry()
         r = self.registry
@@ -156,6 +160,10 @@ class Engine:
             yield RequestError(503, f"the engine is down: {self.failure}", type="server_error",
                                code="engine_down").event()
             return
+        if self.stopping.is_set():
+            yield RequestError(503, "the server is shutting down; retry on another replica or after a restart",
+                               type="server_error", code="shutting_down").event()
+            return
         try:
             seq = self.prepare(request)
         except RequestError as e:
@@ -190,31 +198,41 @@ class Engine:
                 self.wake.set()
 
     def health(self) -> dict:
-        ready = self.alive and len(self.ranks) == self.channel.world and all(r.get("ready") for r in self.ranks)
-        return {"ready": ready, "alive": self.alive, "failure": self.failure, "ranks": self.ranks,
-                "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
+        ready = (self.alive and not self.stopping.is_set() and len(self.ranks) == self.channel.world
+                 and all(r.get("ready") for r in self.ranks))
+        return {"ready": ready, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
+                "ranks": self.ranks, "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
 
     def metrics(self) -> str:
         return generate_latest(self.registry).decode()
 
     # ---- the loop (main thread of rank 0) ---------------------------------------------------------
     def run(self) -> None:
-        """Plan and run steps until stop(); on any failure fail every request and re-raise."""
+        """Plan and run steps until stop() and its drain are over; on any failure fail every request and re-raise.
+
+        After stop() the requests in flight or queued keep running until they are all done or the drain
+        deadline passes; those left then get a 503. Every collective sets `busy_since` while it runs, for the
+        watchdog (serve.py): a rank that died leaves the others spinning in the all-reduce, never raising.
+        """
         last_beat = 0.0
         try:
-            while not self.stopping.is_set():
+            while not (self.stopping.is_set() and (self.idle() or time.monotonic() >= self.drain_deadline)):
                 plan = self.plan()
                 if plan.empty():
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
+                        self.busy_since = time.monotonic()
                         self.heartbeat()
+                        self.busy_since = None
                         last_beat = time.monotonic()
                     self.wake.wait(0.05)
                     self.wake.clear()
                     continue
                 t0 = time.perf_counter()
+                self.busy_since = time.monotonic()
                 self.channel.broadcast(plan)
                 logits = self.runner.run(plan)
                 self.after_step(plan, logits)
+                self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
                 stepped = len(plan.prefill) + len(plan.decode)
@@ -223,8 +241,14 @@ class Engine:
         except BaseException as e:
             self.fail(f"{type(e).__name__}: {e}")
             raise
-        self.fail("the server is shutting down")
+        self.fail("the server shut down before this request finished (server.shutdown_grace_s)", "shutting_down")
+        self.busy_since = time.monotonic()
         self.channel.broadcast(StepPlan(stop=True))
+        self.busy_since = None
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing left to generate."""
+        return self.waiting.empty() and all(seq.done or seq.cancelled for seq in self.running.values())
 
     def heartbeat(self) -> None:
         self.channel.broadcast(StepPlan(heartbeat=True))
@@ -295,23 +319,28 @@ class Engine:
                                   "total_tokens": n_prompt + seq.generated}})
         self.m_requests.labels("completed").inc()
 
-    def fail(self, why: str) -> None:
-        """Every request in flight or queued gets a 503; the engine refuses new ones from now on."""
+    def fail(self, why: str, code: str = "engine_down") -> None:
+        """Every request in flight or queued gets a 503; the engine refuses new ones from now on.
+
+        Also called from the watchdog thread while the main thread is stuck in a step."""
         self.alive, self.failure = False, why
-        error = RequestError(503, f"the engine stopped: {why}", type="server_error", code="engine_down").event()
-        for seq in list(self.running.values()):
-            if not seq.done:
-                seq.done = True
-                seq.events.put(error)
+        error = RequestError(503, f"the engine stopped: {why}", type="server_error", code=code).event()
+        failed = [seq for seq in list(self.running.values()) if not (seq.done or seq.cancelled)]
         while True:
             try:
-                seq = self.waiting.get_nowait()
+                failed.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
+        for seq in failed:
             seq.done = True
             seq.events.put(error)
+            self.m_requests.labels("failed").inc()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests (503) and end run() once the work in flight is done, or after ``grace_s``.
+
+        Safe from a signal handler; a second call can only bring the deadline closer."""
+        self.drain_deadline = min(self.drain_deadline, time.monotonic() + grace_s)
         self.stopping.set()
         self.wake.set()
 

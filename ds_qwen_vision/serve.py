@@ -4,6 +4,12 @@
 
 Every rank loads its shard. Rank 0 runs the engine and the IPC server the HTTP front talks to;
 the other ranks run the plans rank 0 broadcasts until it tells them to stop.
+
+Exit codes: 0 after a requested stop (SIGTERM/SIGINT to rank 0: it drains for up to
+``server.shutdown_grace_s``, then stops the followers); EXIT_CRASH when anything breaks -- an exception
+on any rank, rank 0 gone (a follower's broadcast raises), or a step running longer than
+``server.step_timeout_s`` (a dead or hung rank) -- after every request in flight got its 503.  The
+launcher then stops the other ranks and launch.sh exits non-zero, so that a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -21,6 +29,10 @@ from .config import add_cli_args, config_from_args
 from .model import DTYPES, init_distributed, load_model, load_processor, log
 from .plan import ControlChannel
 from .runner import ModelRunner, follower_loop
+
+EXIT_CRASH = 1
+# How long the IPC threads get to deliver the 503s of a failure before the process ends.
+FLUSH_S = 0.5
 
 
 def main(argv=None) -> int:
@@ -36,28 +48,50 @@ def main(argv=None) -> int:
     model = load_model(model_dir, world, config.device, DTYPES[config.dtype])
     processor = load_processor(model_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
-    runner = ModelRunner(model, processor, device)
+    limits = config.limits
+    runner = ModelRunner(model, processor, device, max_slots=limits.max_concurrent,
+                         max_len=limits.max_prompt_tokens + limits.max_new_tokens)
     channel = ControlChannel()
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     if rank != 0:
-        follower_loop(runner, channel)
+        if follow(runner, channel, rank) != 0:
+            hard_exit(EXIT_CRASH)
         return 0
 
     from .engine import Engine
     from .ipc import IpcServer
 
     engine = Engine(runner, channel, processor, config.limits)
-    # SIGTERM/SIGINT: stop taking work, tell the followers to leave, exit 0.
+    grace_s = config.server.shutdown_grace_s
+
+    def on_signal(*_) -> None:
+        # SIGTERM/SIGINT: refuse new work, drain for up to grace_s, stop the followers, exit 0. A second
+        # signal cuts the drain short.
+        engine.stop(0.0 if engine.stopping.is_set() else grace_s)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: engine.stop())
+        signal.signal(sig, on_signal)
     engine.heartbeat()  # every rank reports ready before the socket opens
     Path(config.socket_path() + ".pid").write_text(str(os.getpid()))  # launch.sh signals rank 0 here
     ipc = IpcServer(config.socket_path(), engine)
     ipc.start()
+
+    crashing = threading.Lock()  # the watchdog and the main thread may both get here; the first one exits
+
+    def crash() -> None:
+        with crashing:
+            time.sleep(FLUSH_S)  # engine.fail() queued a 503 for every request; let the IPC threads send them
+            ipc.close()
+            hard_exit(EXIT_CRASH)
+
+    StepWatchdog(engine, config.server.step_timeout_s, crash).start()
     log(f"[rank 0] engine ready on {config.socket_path()}")
     try:
         engine.run()
+    except BaseException:  # run() has failed every request already
+        log(f"[rank 0] the engine loop failed; exiting\n{traceback.format_exc()}")
+        crash()
     finally:
         ipc.close()
         # Python restores the default handlers while it shuts down; a late SIGTERM would then kill this
@@ -65,6 +99,50 @@ def main(argv=None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+def follow(runner, channel, rank: int) -> int:
+    """A follower rank: run rank 0's plans until it says stop (0). An exception -- rank 0 gone (gloo's
+    broadcast raises when its peer's connection drops), an error in a plan -- is EXIT_CRASH."""
+    try:
+        follower_loop(runner, channel)
+    except BaseException:
+        log(f"[rank {rank}] stopped by an error; exiting\n{traceback.format_exc()}")
+        return EXIT_CRASH
+    return 0
+
+
+class StepWatchdog(threading.Thread):
+    """Rank 0's guard against a dead or hung rank, which raises nowhere: the CPU shared-memory all-reduce
+    spins forever waiting for a peer that is gone (NCCL blocks as long).
+
+    A collective (`Engine.busy_since`) running longer than ``timeout_s`` fails every request in flight or
+    queued with a 503 and calls ``on_hang``, which ends the process.  It works from a second thread because
+    the collectives release the GIL while they wait.
+    """
+
+    def __init__(self, engine, timeout_s: float, on_hang):
+        super().__init__(name="step-watchdog", daemon=True)
+        self.engine, self.timeout_s, self.on_hang = engine, timeout_s, on_hang
+
+    def run(self) -> None:
+        while True:
+            time.sleep(min(0.25, self.timeout_s / 4))
+            since = self.engine.busy_since
+            if since is not None and time.monotonic() - since > self.timeout_s:
+                why = f"a step took longer than server.step_timeout_s = {self.timeout_s:g} s (a rank is dead or hung)"
+                log(f"[rank 0] {why}; failing every request and exiting")
+                self.engine.fail(why, "rank_lost")
+                self.on_hang()
+                return
+
+
+def hard_exit(code: int) -> None:
+    """End the process now: a normal interpreter exit can block for good in the teardown of a process
+    group whose peer is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ class ModelRunner:
                 self.capture()
             except Exception as e:  # serve eagerly rather than not at all; every rank takes the same path
                 log(f"[rank {os.environ.get('RANK', '0')}] CUDA graph capture failed, decoding eagerly: {e!r}")
-                for slot in self.slots:
-                    slot.graph = slot.graph_logits = None
+                with torch.inference_mode():
+                    for slot in self.slots:
+                        slot.graph = slot.graph_logits = None
+                        slot.cache.reset()
                 self.cuda_graphs = False
 
     @torch.inference_mode()

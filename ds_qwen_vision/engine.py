@@ -349,7 +349,10 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     """Greedy at temperature 0; otherwise temperature, top-k, top-p, drawn with the request's own generator."""
     if s.temperature == 0 or generator is None:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / s.temperature
+    # Largest logit shifted to 0, in float64: any temperature > 0, however small (1e-300), then gives
+    # logits in [-inf, 0] and a valid distribution, never inf - inf = nan (which would fail the engine).
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / s.temperature
     if s.top_k and s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

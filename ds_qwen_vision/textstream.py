@@ -31,14 +31,14 @@ class TextStream:
         """Feed one generated token; returns the (reasoning, content) text now safe to release."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return "", ""
-        end = len(text) - self.holdback
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                text, end, self.stopped = text[:at], at, True
-                break
+        # A character split across tokens decodes as a trailing U+FFFD until its last byte arrives:
+        # release nothing from there on yet (if it never arrives, `finish` releases the U+FFFD, as a
+        # plain decode of the whole output shows it).
+        end = len(text.rstrip("\ufffd")) - self.holdback
+        # The earliest stop string wins: one token can complete two of them.
+        at = min((i for i in (text.find(s) for s in self.stop) if i != -1), default=-1)
+        if at != -1:
+            text, end, self.stopped = text[:at], at, True
         self.text = text
         return self._release(max(end, self.sent), final=self.stopped)
 

@@ -17,7 +17,9 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
+import uuid
 from collections.abc import Generator, Iterator
 from itertools import chain
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest,
                                multiprocess)
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ds_qwen_vision.config import DeployConfig, config_from_env
 from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, EngineClient, EngineUnavailable
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Routes that a load balancer / Prometheus reach without the API key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+# A client's X-Request-Id is echoed if it looks like an id; otherwise the response carries a new one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +189,8 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
     @app.before_request
     def _start_timer() -> None:
         g.started = time.perf_counter()
+        sent = request.headers.get("X-Request-Id", "")
+        g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
 
     @app.before_request
     def _authenticate() -> None:
@@ -207,11 +214,13 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
         metrics.requests.labels(route, request.method, str(resp.status_code)).inc()
         started_at = g.get("started", time.perf_counter())
         resp.call_on_close(lambda: metrics.latency.labels(route).observe(time.perf_counter() - started_at))
+        # Every answer, errors included, names the request it answers (for logs and for clients' retries).
+        resp.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
         return resp
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        chat = parse_chat_request(request.get_data(cache=False), limits)
+        chat = parse_chat_request(_request_body(config.server.max_body_bytes), limits)
         meta = CompletionMeta.new(chat.model)
         if chat.stream:
             return Response(SseStream(client, chat, meta), mimetype="text/event-stream",
@@ -250,6 +259,20 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _request_body(max_bytes: int) -> bytes:
+    """The request body; a 413 when it is over ``max_bytes``, chunked bodies included.
+
+    With a Content-Length werkzeug refuses an oversized body itself (MAX_CONTENT_LENGTH); a chunked
+    body has none, and werkzeug's stream then stops *silently* at the limit, which would make a
+    too-large body look like truncated JSON.  One more byte from the server's stream tells the two
+    apart.
+    """
+    body = request.get_data(cache=False)
+    if request.content_length is None and len(body) >= max_bytes and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return body
 
 
 def engine_ready(health: dict[str, Any]) -> bool:

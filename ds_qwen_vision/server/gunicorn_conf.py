@@ -26,6 +26,10 @@ threads = _server.threads
 timeout = _server.timeout_s
 graceful_timeout = math.ceil(_server.shutdown_grace_s)
 proc_name = "ds-qwen-vision-front"
+# launch.sh is the control interface.  gunicorn's own control socket (>= 25.1) defaults to one path per
+# user ($HOME/.gunicorn/gunicorn.ctl), so every front on the host would take it over from the others
+# and `gunicornc` would reach whichever started last.  (Older gunicorns ignore the unknown setting.)
+control_socket_disable = True
 
 # Everything (gunicorn's error and access logs, our modules' loggers) goes to stderr.
 logconfig_dict = {

@@ -7,11 +7,13 @@
 #
 # Exit codes (for a supervisor): 0 after a requested shutdown (SIGTERM/SIGINT) that finished cleanly;
 # 2 for a bad config or arguments; anything else means a rank or the front died: restart it.
+# SIGTERM drains: new requests get 503 while those in flight finish, for up to server.shutdown_grace_s.
 set -uo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
 # NVLink multicast can take a shared host's GPUs down; NCCL does fine without it.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+trap 'exit 0' TERM INT  # stopped before anything started: nothing to clean up
 
 config_json=$(python3 -m ds_qwen_vision.config "$@" --dump) || exit 2
 get() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v := v[k] for k in sys.argv[2].split(".")]; print(v)' "$config_json" "$1"; }
@@ -31,6 +33,21 @@ launcher_args=(--num_gpus "$tp" --master_port "${MASTER_PORT:-$(python3 -c 'impo
 [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
 # Own sessions (setsid): a terminal's Ctrl-C or a supervisor's SIGTERM reaches this script only, which then
 # asks rank 0 to drain and stop the followers; the launcher itself would SIGTERM every rank at once.
+stopping=0
+ranks=
+shutdown() {
+    stopping=1
+    # Rank 0 drains, then stops the followers; the front keeps answering meanwhile (503 to new requests) and
+    # is stopped once the ranks are gone. Until rank 0 is up there is nothing to drain: its whole process
+    # group (setsid: the launcher and every rank) goes at once.
+    if [[ -f "$socket.pid" ]]; then
+        kill -TERM "$(cat "$socket.pid")" 2>/dev/null
+    elif [[ -n "$ranks" ]]; then
+        kill -TERM -- "-$ranks" 2>/dev/null
+    fi
+}
+trap shutdown TERM INT
+
 setsid deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" &
 ranks=$!
 
@@ -38,8 +55,9 @@ ranks=$!
 until [[ -S "$socket" ]]; do
     if ! kill -0 "$ranks" 2>/dev/null; then
         wait "$ranks"; code=$?
+        (( stopping )) && exit 0
         echo "launch.sh: the model ranks exited ($code) before becoming ready" >&2
-        exit $(( code == 0 ? 1 : code ))
+        exit $(( code == 0 || code == 2 ? 1 : code ))
     fi
     sleep 0.5
 done
@@ -48,14 +66,6 @@ export DSQV_CONFIG_JSON="$config_json"
 export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d -t dsqv-metrics.XXXXXX)
 setsid gunicorn -c python:ds_qwen_vision.server.gunicorn_conf "ds_qwen_vision.server.app:create_app_from_env()" &
 front=$!
-
-stopping=0
-shutdown() {
-    stopping=1
-    [[ -f "$socket.pid" ]] && kill -TERM "$(cat "$socket.pid")" 2>/dev/null
-    kill -TERM "$front" 2>/dev/null
-}
-trap shutdown TERM INT
 
 # Whichever side ends first ends the other; `wait -n` returns early when a trapped signal arrives.
 while kill -0 "$ranks" 2>/dev/null && kill -0 "$front" 2>/dev/null; do
@@ -69,11 +79,14 @@ if kill -0 "$ranks" 2>/dev/null; then
 else
     kill -TERM "$front" 2>/dev/null
 fi
-wait "$ranks"; ranks_code=$?
-wait "$front"; front_code=$?
+# A signal arriving during `wait` makes it return early (128 + signal); wait again until the process is gone.
+reap() { local code; while :; do wait "$1"; code=$?; kill -0 "$1" 2>/dev/null || return "$code"; done; }
+reap "$ranks"; ranks_code=$?
+reap "$front"; front_code=$?
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 if (( stopping )) && (( ranks_code == 0 )); then
     exit 0
 fi
 echo "launch.sh: model ranks exited $ranks_code, HTTP front exited $front_code" >&2
-exit $(( ranks_code != 0 ? ranks_code : (front_code != 0 ? front_code : 1) ))
+code=$(( ranks_code != 0 ? ranks_code : (front_code != 0 ? front_code : 1) ))
+exit $(( code == 2 ? 1 : code ))  # 2 means a bad config to a supervisor, never a crash

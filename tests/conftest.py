@@ -34,3 +34,36 @@ def image_files(tmp_path_factory):
         p.write_bytes(make_image(w, h, seed=i))
         paths.append(str(p))
     return paths
+
+
+# The server of test_bad_input_corpus.py and of test_faults.py's client-disconnect test, started once:
+# an API key, small limits, one sequence at a time (so that a slot left busy would hold up the next
+# request). It is served as "fake-qwen" with test_server_api's limits, so that the hand-written corpus
+# of malformed requests there applies to it unchanged.
+HARDENED_KEY_ENV = "DSQV_TEST_HARDENED_KEY"
+HARDENED_CONFIG = {
+    "served_model_name": "fake-qwen",
+    "server": {"max_body_bytes": 300_000, "threads": 8, "shutdown_grace_s": 2},
+    "limits": {"max_images_per_request": 2, "max_image_pixels": 1_000_000, "max_prompt_tokens": 512,
+               "max_new_tokens": 1024, "max_queue": 8, "max_concurrent": 1},
+    "security": {"api_key_env": HARDENED_KEY_ENV, "allowed_image_url_prefixes": ["https://images.example/"]},
+}
+
+
+@pytest.fixture(scope="session")
+def hardened_server(tmp_path_factory):
+    """launch.sh with HARDENED_CONFIG; ``server.api_key`` is its key. Stopped (and must exit 0) at the end."""
+    import os
+    import secrets
+
+    from server_fixture import start_server
+
+    key = f"sk-{secrets.token_hex(16)}"
+    os.environ[HARDENED_KEY_ENV] = key  # read at start only: by launch.sh, the ranks and the front
+    try:
+        server = start_server(tmp_path_factory.mktemp("hardened"), HARDENED_CONFIG)
+    finally:
+        del os.environ[HARDENED_KEY_ENV]
+    server.api_key = key
+    yield server
+    server.stop()

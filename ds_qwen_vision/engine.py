@@ -131,7 +131,8 @@ class Engine:
             pil = [open_image(b) for b in images]
             inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt")
         except Exception as e:
-            raise RequestError(400, f"the image processor could not read an image: {e}", "messages") from None
+            raise RequestError(400, f"the image processor could not read an image: {e}", "messages",
+                               "invalid_image") from None
         input_ids = inputs["input_ids"][0].tolist()
         n_prompt = len(input_ids)
         limit = min(self.limits.max_prompt_tokens, self.context_len - 1)
@@ -157,12 +158,12 @@ class Engine:
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
         if not self.alive:
-            yield RequestError(503, f"the engine is down: {self.failure}", type="server_error",
+            yield RequestError(503, f"the engine is down: {self.failure}", type="service_unavailable_error",
                                code="engine_down").event()
             return
         if self.stopping.is_set():
             yield RequestError(503, "the server is shutting down; retry on another replica or after a restart",
-                               type="server_error", code="shutting_down").event()
+                               type="service_unavailable_error", code="shutting_down").event()
             return
         try:
             seq = self.prepare(request)
@@ -324,7 +325,7 @@ class Engine:
 
         Also called from the watchdog thread while the main thread is stuck in a step."""
         self.alive, self.failure = False, why
-        error = RequestError(503, f"the engine stopped: {why}", type="server_error", code=code).event()
+        error = RequestError(503, f"the engine stopped: {why}", type="service_unavailable_error", code=code).event()
         failed = [seq for seq in list(self.running.values()) if not (seq.done or seq.cancelled)]
         while True:
             try:

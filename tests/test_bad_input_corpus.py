@@ -240,7 +240,7 @@ def images() -> list[Case]:
     cases.append(Case("too_many_images:across_turns", req(user([one, one]), {"role": "assistant", "content": "ok"},
                                                           user([one])), 400, "too_many_images", "3 images", "messages"))
     # The front cannot know the processor's limits; the engine refuses with the processor's own reason.
-    cases.append(Case("processor:aspect_500", req(user(with_image(data_url(png(2000, 4))))), 400, None,
+    cases.append(Case("processor:aspect_500", req(user(with_image(data_url(png(2000, 4))))), 400, "invalid_image",
                       "aspect ratio must be smaller than 200", "messages", engine=True))
     return cases
 

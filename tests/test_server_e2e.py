@@ -515,7 +515,7 @@ MALFORMED = [
     ("image_too_many_pixels", "POST", "/v1/chat/completions", body(user([image(FLAT_OVER_LIMIT)])), 413,
      "image_too_large"),
     # Passes the front's checks; the checkpoint's image processor refuses it (before any rank sees it).
-    ("image_aspect_ratio", "POST", "/v1/chat/completions", body(user([text("x"), image(THIN)])), 400, None),
+    ("image_aspect_ratio", "POST", "/v1/chat/completions", body(user([text("x"), image(THIN)])), 400, "invalid_image"),
     ("max_tokens_zero", "POST", "/v1/chat/completions", body(max_tokens=0), 400, "invalid_value"),
     ("max_tokens_negative", "POST", "/v1/chat/completions", body(max_tokens=-3), 400, "invalid_value"),
     ("max_tokens_huge", "POST", "/v1/chat/completions", body(max_tokens=10**12), 400, "invalid_value"),

@@ -261,8 +261,7 @@ class Engine:
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done:
                     self.m_requests.labels("cancelled").inc()
-                del self.running[slot]
-                plan.release.append(slot)
+                del self.running[slot]  # the slot's next prefill resets its cache
             elif seq.next_token is not None:
                 plan.decode.append((slot, seq.next_token))
         free = [s for s in range(self.max_slots) if s not in self.running]

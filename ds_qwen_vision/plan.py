@@ -2,8 +2,8 @@
 
 Followers run exactly what a plan says and nothing else; they never look at requests, sample or
 branch on local state, so the ranks cannot drift apart. A plan is plain data (picklable) and covers
-a batch of sequences: several prefills (a new sequence, its prompt ids and image bytes), the decode
-tokens of running sequences, and the slots to free.
+a batch of sequences: several prefills (a new sequence, its prompt ids and image bytes) and the decode
+tokens of running sequences. A slot needs no freeing: a prefill resets its cache.
 """
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ class Prefill:
 class StepPlan:
     prefill: list[Prefill] = field(default_factory=list)
     decode: list[tuple[int, int]] = field(default_factory=list)  # (slot, token to feed)
-    release: list[int] = field(default_factory=list)             # slots whose sequences ended
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
     stop: bool = False             # followers leave their loop
 
     def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.release or self.heartbeat or self.stop)
+        return not (self.prefill or self.decode or self.heartbeat or self.stop)
 
 
 class ControlChannel:

@@ -257,7 +257,7 @@ def test_a_follower_exits_nonzero_on_any_error(then, runner_raises, code):
         def status(self):
             return {"ready": True}
 
-    assert follow(Runner(), ScriptedChannel([StepPlan(heartbeat=True), StepPlan(release=[0])], then), rank=1) == code
+    assert follow(Runner(), ScriptedChannel([StepPlan(heartbeat=True), StepPlan(decode=[(0, 1)])], then), rank=1) == code
     assert len(ran) == 1  # the heartbeat is answered, not run
 
 

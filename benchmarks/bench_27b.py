@@ -157,8 +157,8 @@ def engine_main(args) -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
     elif args.profile:
         for _ in range(5):
             token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))

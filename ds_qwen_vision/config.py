@@ -76,6 +76,9 @@ class LimitsConfig(_Section):
     max_queue: int = Field(64, ge=1)
     # Sequences generated together (cache slots, allocated at start for max_prompt_tokens + max_new_tokens each).
     max_concurrent: int = Field(4, ge=1)
+    # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
+    # chunks so that the sequences already generating keep getting a token every step.
+    prefill_chunk_tokens: int = Field(2048, ge=16)
 
 
 class SecurityConfig(_Section):

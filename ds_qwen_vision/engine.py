@@ -52,13 +52,15 @@ class Sampling:
 class Sequence:
     id: int
     input_ids: list[int]
-    images: list[bytes]
+    pixel_values: torch.Tensor | None   # the processor's output, handed to the runner (rank 0) at prefill
+    image_grid_thw: list[list[int]]
     sampling: Sampling
     stream: TextStream
     events: queue.Queue
     generator: torch.Generator | None
     created: float = field(default_factory=time.perf_counter)
     slot: int | None = None
+    prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
     next_token: int | None = None   # sampled, fed to the model in the next step
     generated: int = 0
     first_token_at: float | None = None
@@ -70,7 +72,7 @@ class Engine:
     def __init__(self, runner, channel, processor, limits):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
-        self.max_slots = len(runner.slots)  # sequences generated together; new ones join at step boundaries
+        self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
         self.eos_ids = self._eos_ids(runner.model)
         # A sequence must fit its slot's cache, and the model's positions.
         self.context_len = min(runner.max_len, runner.model.config.text_config.max_position_embeddings)
@@ -153,7 +155,9 @@ class Engine:
             generator = torch.Generator()
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
-        return Sequence(next(self.ids), input_ids, images, sampling, stream, queue.Queue(), generator)
+        pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        return Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [], sampling,
+                        stream, queue.Queue(), generator)
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -231,7 +235,8 @@ class Engine:
                 t0 = time.perf_counter()
                 self.busy_since = time.monotonic()
                 self.channel.broadcast(plan)
-                logits = self.runner.run(plan)
+                pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
+                logits = self.runner.run(plan, pixels)
                 self.after_step(plan, logits)
                 self.busy_since = None
                 dt = time.perf_counter() - t0
@@ -256,16 +261,21 @@ class Engine:
         self.ranks = self.channel.gather(self.runner.status())
 
     def plan(self) -> StepPlan:
+        """Every generating sequence decodes one token; prompts are prefilled within a token budget per
+        step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
+        budget = self.limits.prefill_chunk_tokens
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done:
                     self.m_requests.labels("cancelled").inc()
-                del self.running[slot]  # the slot's next prefill resets its cache
+                del self.running[slot]  # the slot's next prefill overwrites its state
+            elif seq.prefilled < len(seq.input_ids):
+                budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.next_token is not None:
                 plan.decode.append((slot, seq.next_token))
         free = [s for s in range(self.max_slots) if s not in self.running]
-        while free:
+        while free and budget > 0:
             try:
                 seq = self.waiting.get_nowait()
             except queue.Empty:
@@ -273,18 +283,37 @@ class Engine:
             if seq.cancelled:
                 self.m_requests.labels("cancelled").inc()
                 continue
-            seq.slot = free.pop(0)
+            seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
-            plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.images))
+            budget -= self.schedule_prefill(plan, seq, budget)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
 
+    @staticmethod
+    def schedule_prefill(plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns its length."""
+        start = seq.prefilled
+        end = min(len(seq.input_ids), start + budget)
+        if end <= start:
+            return 0
+        first = start == 0 and seq.pixel_values is not None
+        plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if start == 0 else [],
+                                    tuple(seq.pixel_values.shape) if first else None, start, end))
+        seq.prefilled = end
+        return end - start
+
     def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
         now = time.perf_counter()
-        for slot, row in logits.items():
+        if not logits:
+            return
+        # Greedy picks of every row in one device op and one copy to the host (a sync per step, not per row).
+        greedy = torch.stack(list(logits.values())).argmax(-1).tolist()
+        for (slot, row), best in zip(logits.items(), greedy):
             seq = self.running[slot]
-            token = sample(row, seq.sampling, seq.generator)
+            seq.pixel_values = None  # prefilled: the pixels are no longer needed
+            token = best if seq.sampling.temperature == 0 or seq.generator is None else \
+                sample(row, seq.sampling, seq.generator)
             seq.generated += 1
             self.m_tokens.inc()
             if seq.first_token_at is None:

@@ -2,8 +2,9 @@
 
 Followers run exactly what a plan says and nothing else; they never look at requests, sample or
 branch on local state, so the ranks cannot drift apart. A plan is plain data (picklable) and covers
-a batch of sequences: several prefills (a new sequence, its prompt ids and image bytes) and the decode
-tokens of running sequences. A slot needs no freeing: a prefill resets its cache.
+a batch of sequences: prefill chunks (a new sequence's prompt, or the next part of a long one) and the
+decode tokens of running sequences. A slot needs no freeing: a prefill overwrites all of its state.
+Image pixels do not travel in the plan: rank 0 broadcasts them on the model's own (device) group.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import torch.distributed as tdist
 class Prefill:
     slot: int
     input_ids: list[int]           # the whole prompt, image placeholders already expanded
-    images: list[bytes] = field(default_factory=list)  # raw bytes, in prompt order; every rank decodes them
+    image_grid_thw: list[list[int]] = field(default_factory=list)  # per image, in prompt order
+    pixels_shape: tuple[int, int] | None = None  # the processor's pixel_values, broadcast at start == 0
+    start: int = 0                 # this step runs prompt tokens [start, end); start > 0 continues a prompt
+    end: int | None = None         # None: to the end of the prompt
 
 
 @dataclass

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     processor = load_processor(model_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
     limits = config.limits
-    runner = ModelRunner(model, processor, device, max_slots=limits.max_concurrent,
+    runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
                          max_len=limits.max_prompt_tokens + limits.max_new_tokens)
     channel = ControlChannel()
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "

@@ -57,12 +57,12 @@ class FakeRunner:
         text = SimpleNamespace(max_position_embeddings=4096)
         self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos]),
                                      config=SimpleNamespace(text_config=text))
-        self.slots, self.max_len = [None] * slots, 4096
+        self.max_slots, self.max_len = slots, 4096
         self.token, self.delay_s, self.raise_at, self.hang_at = token, delay_s, raise_at, hang_at
         self.steps = 0
         self.unblock = threading.Event()
 
-    def run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+    def run(self, plan: StepPlan, pixels=None) -> dict[int, torch.Tensor]:
         self.steps += 1
         if self.steps == self.raise_at:
             raise RuntimeError(f"boom in step {self.steps}")

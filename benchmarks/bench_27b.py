@@ -94,7 +94,7 @@ def timed(fn, repeats: int) -> list[float]:
 def engine_main(args) -> None:
     from deepspeed import comm as dist
 
-    from ds_qwen_vision.model import build_sharded, init_distributed
+    from ds_qwen_vision.model import build_sharded, init_distributed, open_image
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
@@ -112,30 +112,33 @@ def engine_main(args) -> None:
     results = {"rank": rank, "tp": world, "weights_gib": weights / GiB, "build_s": build_s,
                "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
                "budget_gib": args.budget_gib, "gpu": torch.cuda.get_device_name(device)}
-    budget = args.budget_gib * GiB
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
-    t0 = time.perf_counter()
-    runner = ModelRunner(model, processor, device, max_slots=1, max_len=9472)  # 8k text + image + decode
-    results["runner_init_s"] = time.perf_counter() - t0  # cache allocation + CUDA graph capture
+    torch.cuda.set_per_process_memory_fraction(args.budget_gib * GiB / total, device)
+
+    # The image path as the server runs it: rank 0's engine decodes the bytes and runs the checkpoint's
+    # image processor (timed here); the runner broadcasts the pixels and runs the vision tower + prefill.
     img = image_bytes()
-    n_img = 1024  # 1024x1024 px / (16 px patches * 2x2 merge)^2
+    results["image_processor"] = type(processor.image_processor).__name__
 
-    def prefill(ids, images=()):
-        runner.run(StepPlan(prefill=[Prefill(0, ids, list(images))]))
+    def preprocess():
+        return processor.image_processor(images=[open_image(img)], return_tensors="pt")
 
-    text256 = prompt_ids(config, 256)
+    pre = preprocess()
+    pixels, grid = pre["pixel_values"], pre["image_grid_thw"].tolist()
+    n_img = grid[0][0] * grid[0][1] * grid[0][2] // 4  # 2x2 merge: 1,024 tokens for 1024x1024
+
+    def prefill(ids, with_image=False, slot=0):
+        if with_image:
+            item = Prefill(slot, ids, grid, tuple(pixels.shape))
+            return runner.run(StepPlan(prefill=[item]), {slot: pixels if rank == 0 else None})
+        return runner.run(StepPlan(prefill=[Prefill(slot, ids)]))
+
+    text256, text512 = prompt_ids(config, 256), prompt_ids(config, 512, seed=1)
     image256 = prompt_ids(config, 256, n_img)
-    prefill(text256)  # warm-up (kernels, autotuning)
-    prefill(image256, [img])
-    results["ttft_text256_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text256), args.repeats))
-    results["ttft_image1024_text256_ms"] = 1e3 * statistics.median(
-        timed(lambda: prefill(image256, [img]), args.repeats))
-    results["image_preprocess_ms"] = 1e3 * statistics.median(timed(lambda: runner.image_inputs([img]), 3))
 
     # Decode after a 512-token prompt: one stream, greedy, the host reads each token (as the engine does).
     def decode_steps(n):
-        runner.run(StepPlan(prefill=[Prefill(0, prompt_ids(config, 512, seed=1))]))
+        prefill(text512)
         token, steps = 1000, []
         for _ in range(n + 8):
             torch.cuda.synchronize()
@@ -144,31 +147,54 @@ def engine_main(args) -> None:
             steps.append(time.perf_counter() - t)
         return steps[8:]
 
+    # The same graphs without compiled norms (runner.compile_norms), then the runner as served.
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False)
+    results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
+    del runner
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472)  # 8k text + image + decode
+    results["runner_init_s"] = time.perf_counter() - t0  # state, norm compilation, CUDA graph capture
+    prefill(text256)  # warm-up (kernels, autotuning)
+    prefill(text512)
+    prefill(image256, True)
+    results["ttft_text256_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text256), args.repeats))
+    results["ttft_text512_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text512), args.repeats))
+    results["prefill_image1024_text256_ms"] = 1e3 * statistics.median(
+        timed(lambda: prefill(image256, True), args.repeats))
+    results["image_preprocess_ms"] = 1e3 * statistics.median(timed(preprocess, args.repeats))
+    results["ttft_image1024_text256_ms"] = results["prefill_image1024_text256_ms"] + results["image_preprocess_ms"]
+    try:  # the torchvision backend can resize and normalize on the GPU
+        gpu_pre = lambda: processor.image_processor(images=[open_image(img)], return_tensors="pt", device=device)
+        gpu_pre()
+        results["image_preprocess_on_gpu_ms"] = 1e3 * statistics.median(timed(gpu_pre, args.repeats))
+        results["pixels_max_abs_diff_gpu"] = float((gpu_pre()["pixel_values"].cpu() - pixels).abs().max())
+    except Exception as e:
+        results["image_preprocess_on_gpu_ms"] = repr(e)
+
     steps = decode_steps(args.decode_tokens)
     results["decode_ms_per_token"] = 1e3 * statistics.median(steps)
     results["decode_ms_p90"] = 1e3 * sorted(steps)[int(0.9 * len(steps))]
     results["cuda_graphs"] = runner.cuda_graphs
-    graph, runner.slots[0].graph = runner.slots[0].graph, None  # the same step without the graph
+    graphs, runner.graphs = runner.graphs, {}  # the same step without the graph
     results["decode_eager_ms_per_token"] = 1e3 * statistics.median(decode_steps(16))
-    runner.slots[0].graph = graph
-    token = 1000
-    if args.profile and rank == 0:
+    runner.graphs = graphs
+    if args.profile:
+        profile_decode(runner, rank, StepPlan)
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
-    elif args.profile:
-        for _ in range(5):
-            token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            prefill(text512)
+            torch.cuda.synchronize()
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70),
+                  flush=True)
 
     # Peak memory: an 8k-token text prompt plus one 1024x1024 image, then a few decode steps.
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     long_ids = prompt_ids(config, 8192, n_img, seed=2)
     t = time.perf_counter()
-    logits = runner.run(StepPlan(prefill=[Prefill(0, long_ids, [img])]))[0]
+    logits = prefill(long_ids, True)[0]
     torch.cuda.synchronize()
     results["ttft_8k_image_ms"] = 1e3 * (time.perf_counter() - t)
     token = int(torch.argmax(logits))
@@ -177,11 +203,71 @@ def engine_main(args) -> None:
     results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
     results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
     results["prompt_tokens_8k_image"] = len(long_ids)
+
+    # Concurrency: `streams` requests of 512 prompt tokens arrive together, each generates 256 tokens.
+    # Scheduled as the engine does (engine.Engine.plan): prompts prefilled within a token budget per step
+    # (limits.prefill_chunk_tokens) into the lowest free slots, every generating slot decodes each step,
+    # greedy picks of all rows in one device op and one host copy.
+    del runner
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    budget = args.streams_budget_gib * GiB
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    runner = ModelRunner(model, device, max_slots=args.streams, max_len=512 + 256)
+    prompts = [prompt_ids(config, 512, seed=100 + i) for i in range(args.streams)]
+
+    def serve_streams():
+        prefilled, generated, nxt = [0] * args.streams, [0] * args.streams, [None] * args.streams
+        decode_times = []
+        while min(generated) < 256:
+            plan, room = StepPlan(), args.chunk
+            for i in range(args.streams):
+                if prefilled[i] < 512 and room > 0:
+                    end = min(512, prefilled[i] + room)
+                    plan.prefill.append(Prefill(i, prompts[i], start=prefilled[i], end=end))
+                    room -= end - prefilled[i]
+                    prefilled[i] = end
+                elif nxt[i] is not None and generated[i] < 256:
+                    plan.decode.append((i, nxt[i]))
+            t = time.perf_counter()
+            logits = runner.run(plan)
+            picks = torch.stack(list(logits.values())).argmax(-1).tolist() if logits else []
+            if not plan.prefill:
+                decode_times.append((len(plan.decode), time.perf_counter() - t))
+            for slot, token in zip(logits, picks):
+                nxt[slot] = token
+                generated[slot] += 1
+        return decode_times
+
+    serve_streams()  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    decode_times = serve_streams()
+    wall = time.perf_counter() - t
+    full = [dt for n, dt in decode_times if n == args.streams]
+    results.update({"streams": args.streams, "streams_wall_s": wall,
+                    "streams_tokens_per_s": args.streams * 256 / wall,
+                    "streams_decode_step_ms": 1e3 * statistics.median(full),
+                    "streams_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
+                    "streams_budget_gib": args.streams_budget_gib, "state_gib": runner.state.nbytes() / GiB})
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
         args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": gathered}, indent=1))
         print(json.dumps(gathered, indent=1))
+
+
+def profile_decode(runner, rank, StepPlan) -> None:
+    """torch.profiler over 5 decode steps (graph replays; CUPTI sees the kernels inside the graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token = 1000
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
+    if rank == 0:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90),
+              flush=True)
 
 
 def baseline_main(args) -> None:
@@ -237,6 +323,15 @@ def baseline_main(args) -> None:
               "warmup_s": warm, "ttft_text512_ms": 1e3 * statistics.median(r[0] for r in runs),
               "decode_ms_per_token": 1e3 * statistics.median([d for r in runs for d in r[1]]),
               "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB}
+    if args.baseline == "eager" and args.streams:  # the same concurrency, as one batch of equal prompts
+        batch = torch.tensor([prompt_ids(config, 512, seed=100 + i) for i in range(args.streams)], device=device)
+        kwargs.update(max_new_tokens=256, min_new_tokens=256)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(batch, **kwargs)
+        torch.cuda.synchronize()
+        result.update(streams=args.streams, streams_tokens_per_s=args.streams * 256 / (time.perf_counter() - t))
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
@@ -249,6 +344,9 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--budget-gib", type=float, default=28.0, help="per-process device memory cap (engine mode)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 5 decode steps")
+    p.add_argument("--streams", type=int, default=16, help="concurrent requests (512 prompt, 256 new tokens)")
+    p.add_argument("--streams-budget-gib", type=float, default=29.5, help="per-process cap for the streams run")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per step (limits.prefill_chunk_tokens)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsqv-bench")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

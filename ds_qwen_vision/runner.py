@@ -86,8 +86,9 @@ class CacheView:
     """The `past_key_values` transformers' layers see: rows of SlotState.
 
     Prefill: one row, prompt tokens [start, start + n) (start > 0 continues a chunked prefill).
-    Decode: rows [0, b), one token each, written at `positions`; only rows with `active` keep their
-    new GDN state. Implements the part of transformers' Cache interface that Qwen3.5 layers call.
+    Decode: rows [0, b), one token each, written at `positions`; with `active`, only those rows keep
+    their new GDN state (None: every row decodes). Implements the part of transformers' Cache
+    interface that Qwen3.5 layers call.
     """
 
     def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
@@ -114,11 +115,11 @@ class CacheView:
         return False
 
     def get_conv_state(self, layer_idx, state_idx=0):
-        if self.positions is not None:
+        if self.active is not None:
             scratch = self.state.conv_scratch[self.rows]
             scratch.copy_(self.state.conv[layer_idx][self.rows])
             return scratch
-        return self.state.conv[layer_idx][self.rows] if self.start > 0 else None
+        return self.state.conv[layer_idx][self.rows] if self.positions is not None or self.start > 0 else None
 
     def get_recurrent_state(self, layer_idx, state_idx=0):
         return self.state.recurrent[layer_idx][self.rows] if self.positions is not None or self.start > 0 else None
@@ -135,19 +136,34 @@ class CacheView:
 
     def update_recurrent_state(self, new, layer_idx, state_idx=0, **kwargs):
         recurrent = self.state.recurrent[layer_idx][self.rows]
-        if self.positions is None:
+        if self.active is None:
             recurrent.copy_(new)
             return recurrent
         keep = self.active.view(-1, 1, 1, 1)
-        recurrent.copy_(torch.where(keep, new, recurrent))
+        torch.where(keep, new, recurrent, out=recurrent)
         conv = self.state.conv[layer_idx][self.rows]  # this layer's conv step is done by now
-        conv.copy_(torch.where(keep.view(-1, 1, 1), self.state.conv_scratch[self.rows], conv))
+        torch.where(keep.view(-1, 1, 1), self.state.conv_scratch[self.rows], conv, out=conv)
         return recurrent
+
+
+def compile_norms(model) -> None:
+    """torch.compile the language model's RMSNorms: ~8 elementwise kernels each become one.
+
+    A token passes 209 of them (2 per layer, q/k norms, the GDN output norm, the final one): about
+    half of the ~3,300 kernels of a decode step. All instances of a class share one compiled graph
+    (transformers' modules are inlined, their weights are inputs), with dynamic batch/sequence sizes,
+    so compilation happens once per class and shape rank, not per layer or per prompt length.
+    """
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
+
+    for module in model.model.language_model.modules():
+        if isinstance(module, (Qwen3_5RMSNorm, Qwen3_5RMSNormGated)):
+            module.compile(dynamic=True, fullgraph=True)
 
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -160,6 +176,8 @@ class ModelRunner:
             # cuDNN's SDPA re-plans for every new KV length, ~18 ms of host time per call (measured on
             # H100); the flash / memory-efficient kernels that prefill uses need no planning.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        if device.type == "cuda" if fuse is None else fuse:
+            compile_norms(model)
         self.state = SlotState(model, max_slots, max_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
@@ -182,7 +200,8 @@ class ModelRunner:
     def _decode_forward(self, b: int) -> torch.Tensor:
         """One token for rows [0, b): logits [b, 1, vocab]. Reads only step_in, so it can be captured."""
         ids, positions, mrope, active = self.step_in[:, :b]
-        view = CacheView(self.state, slice(0, b), positions=positions, active=active.bool())
+        # b = 1 runs only when slot 0 decodes: no row to mask (144 fewer kernels per step at 64 layers)
+        view = CacheView(self.state, slice(0, b), positions=positions, active=active.bool() if b > 1 else None)
         mask = (self.key_index[None, :] <= positions[:, None])[:, None, None, :]
         return self.model(input_ids=ids[:, None], position_ids=mrope[None, :, None].expand(3, b, 1),
                           past_key_values=view, use_cache=True, logits_to_keep=1,

@@ -16,6 +16,7 @@ itself overwrites before it ever attends to it.
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import torch.distributed as tdist
@@ -156,9 +157,17 @@ def compile_norms(model) -> None:
     """
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
 
+    # One compiled function per class: Module.compile() would compile the shared Module._call_impl, and
+    # all classes and shapes together would exhaust dynamo's recompile limit (8 per code object).
+    # Each class still sees a few variants (3D / 4D inputs, size-1 batch or sequence specialised).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    compiled = {}
     for module in model.model.language_model.modules():
-        if isinstance(module, (Qwen3_5RMSNorm, Qwen3_5RMSNormGated)):
-            module.compile(dynamic=True, fullgraph=True)
+        cls = type(module)
+        if cls in (Qwen3_5RMSNorm, Qwen3_5RMSNormGated):
+            if cls not in compiled:
+                compiled[cls] = torch.compile(cls.forward, dynamic=True)
+            module.forward = types.MethodType(compiled[cls], module)
 
 
 class ModelRunner:

@@ -122,3 +122,11 @@ def test_refusals(setup):
         runner.run(StepPlan(prefill=[Prefill(0, [1] * 256)]))
     with pytest.raises(ValueError, match="does not continue"):
         runner.run(StepPlan(prefill=[Prefill(1, [1] * 20, start=10, end=20)]))
+
+
+def test_compiled_norms_answer_the_same(setup, tiny_ckpt):
+    """fuse=True (the CUDA default): torch.compile'd RMSNorms, batch sizes 1 and 4, chunked prefill."""
+    _, x, expected = setup
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)  # compile patches modules
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=256, fuse=True)
+    assert drive(runner, [(0, 0, x[0]), (1, 3, x[1])], chunk=6) == expected[:2]

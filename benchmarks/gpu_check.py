@@ -4,6 +4,10 @@
     python benchmarks/gpu_check.py ref --dir D --out OUT/ref.pt     # transformers, one GPU
     deepspeed --num_gpus 2 benchmarks/gpu_check.py tp --dir D --out OUT/tp2.pt
     python benchmarks/gpu_check.py compare OUT/ref.pt OUT/tp2.pt
+    # the serving path: both prompts at once through ModelRunner (16-token prefill chunks, batched
+    # CUDA-graph decode with idle rows, compiled norms, pixels broadcast from rank 0)
+    deepspeed --num_gpus 2 benchmarks/gpu_check.py runner --dir D --out OUT/runner.pt
+    python benchmarks/gpu_check.py compare OUT/ref.pt OUT/runner.pt
 
 Passes when the 32 greedy tokens are identical, or where they first differ each side's token is
 within the other's top-5 (bf16 sums in another order may flip a near-tie).
@@ -47,9 +51,39 @@ def generate(model, processor, device) -> list[dict]:
     return out
 
 
+def serve(model, processor, device, rank: int) -> list[dict]:
+    """Both cases together through the runner, in slots 1 and 2 of 4 (rows 0 and 3 idle in the batch)."""
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
+    runner = ModelRunner(model, device, max_slots=4, max_len=1024)
+    jobs = {slot: chat_inputs(processor, messages, images) for slot, (messages, images) in enumerate(cases(), 1)}
+    done = dict.fromkeys(jobs, 0)
+    out = {slot: {"tokens": [], "top5": []} for slot in jobs}
+    while any(len(o["tokens"]) < NEW_TOKENS for o in out.values()):
+        plan, pixels = StepPlan(), {}
+        for slot, x in jobs.items():
+            ids = x["input_ids"][0].tolist()
+            if done[slot] < len(ids):
+                end = min(len(ids), done[slot] + 16)
+                if done[slot] == 0 and "pixel_values" in x:
+                    plan.prefill.append(Prefill(slot, ids, x["image_grid_thw"].tolist(),
+                                                tuple(x["pixel_values"].shape), 0, end))
+                    pixels[slot] = x["pixel_values"] if rank == 0 else None
+                else:
+                    plan.prefill.append(Prefill(slot, ids, start=done[slot], end=end))
+                done[slot] = end
+            elif len(out[slot]["tokens"]) < NEW_TOKENS:
+                plan.decode.append((slot, out[slot]["tokens"][-1]))
+        for slot, row in runner.run(plan, pixels).items():
+            out[slot]["tokens"].append(int(row.argmax()))
+            out[slot]["top5"].append(row.topk(5).indices.tolist())
+    return [out[slot] for slot in jobs]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("role", choices=["build", "ref", "tp", "compare"])
+    p.add_argument("role", choices=["build", "ref", "tp", "runner", "compare"])
     p.add_argument("files", nargs="*")
     p.add_argument("--dir", type=Path)
     p.add_argument("--out", type=Path)
@@ -67,6 +101,13 @@ def main() -> None:
         rank, world = init_distributed("cuda")
         model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
         result = generate(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()))
+        if rank == 0:
+            torch.save(result, a.out)
+    elif a.role == "runner":
+        from ds_qwen_vision.model import init_distributed, load_model
+        rank, world = init_distributed("cuda")
+        model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
+        result = serve(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), rank)
         if rank == 0:
             torch.save(result, a.out)
     else:

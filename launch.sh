@@ -29,7 +29,10 @@ if [[ "$model" == "demo" ]]; then
 fi
 
 rm -f "$socket" "$socket.pid"
-launcher_args=(--num_gpus "$tp" --master_port "${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}")
+master_port=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+launcher_args=(--num_gpus "$tp" --master_port "$master_port")
+# DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank in /dev/shm).
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*' EXIT
 [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
 # Own sessions (setsid): a terminal's Ctrl-C or a supervisor's SIGTERM reaches this script only, which then
 # asks rank 0 to drain and stop the followers; the launcher itself would SIGTERM every rank at once.

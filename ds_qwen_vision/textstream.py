@@ -21,6 +21,10 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        # Incremental detokenization (vLLM's scheme): each token decodes a short window of recent ids, not
+        # the whole output again. ids[:read_at] are final text (`done`); ids[prefix_at:read_at] give the
+        # decoder the left context that the next token's text depends on.
+        self.done, self.prefix_at, self.read_at = "", 0, 0
         self.text = ""          # everything decoded so far (special tokens skipped), cut at a stop string
         self.sent = 0           # characters of self.text already released
         self.in_reasoning = in_reasoning
@@ -30,17 +34,31 @@ class TextStream:
     def add(self, token: int) -> tuple[str, str]:
         """Feed one generated token; returns the (reasoning, content) text now safe to release."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decoded()
         # A character split across tokens decodes as a trailing U+FFFD until its last byte arrives:
         # release nothing from there on yet (if it never arrives, `finish` releases the U+FFFD, as a
         # plain decode of the whole output shows it).
         end = len(text.rstrip("\ufffd")) - self.holdback
-        # The earliest stop string wins: one token can complete two of them.
-        at = min((i for i in (text.find(s) for s in self.stop) if i != -1), default=-1)
+        # The earliest stop string wins: one token can complete two of them. Only the text this token
+        # may have completed one in is searched (earlier text was searched before).
+        since = max(0, len(self.text.rstrip("\ufffd")) - self.holdback)
+        stable = text.rstrip("\ufffd")  # a trailing U+FFFD may still become another character
+        at = min((i for i in (stable.find(s, since) for s in self.stop) if i != -1), default=-1)
         if at != -1:
             text, end, self.stopped = text[:at], at, True
         self.text = text
         return self._release(max(end, self.sent), final=self.stopped)
+
+    def _decoded(self) -> str:
+        """The whole output's text, as tokenizer.decode(ids) gives it, decoding only the recent window."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
+        new = window[len(prefix):]
+        if new.endswith("\ufffd"):  # a character still incomplete: these ids stay in the window
+            return self.done + new
+        self.done += new
+        self.prefix_at, self.read_at = self.read_at, len(self.ids)
+        return self.done
 
     def finish(self) -> tuple[str, str]:
         """The sequence ended: release whatever was held back."""

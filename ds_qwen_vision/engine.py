@@ -157,8 +157,8 @@ class Engine:
                             top_p=request.get("top_p", 1.0), top_k=request.get("top_k", -1),
                             seed=request.get("seed"), stop=list(request.get("stop") or []))
         generator = None
-        if sampling.temperature > 0:
-            generator = torch.Generator()
+        if sampling.temperature > 0:  # on the logits' device: sampling stays there (engine.sample)
+            generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
@@ -315,13 +315,17 @@ class Engine:
         now = time.perf_counter()
         if not logits:
             return
-        # Greedy picks of every row in one device op and one copy to the host (a sync per step, not per row).
-        greedy = torch.stack(list(logits.values())).argmax(-1).tolist()
-        for (slot, row), best in zip(logits.items(), greedy):
+        # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
+        # with its request's generator), then one copy to the host: one sync per step, not per row.
+        rows = torch.stack(list(logits.values()))
+        picks = rows.argmax(-1)
+        for i, slot in enumerate(logits):
+            seq = self.running[slot]
+            if seq.sampling.temperature > 0 and seq.generator is not None:
+                picks[i] = sample(rows[i], seq.sampling, seq.generator)
+        for slot, token in zip(logits, picks.tolist()):
             seq = self.running[slot]
             seq.pixel_values = None  # prefilled: the pixels are no longer needed
-            token = best if seq.sampling.temperature == 0 or seq.generator is None else \
-                sample(row, seq.sampling, seq.generator)
             seq.generated += 1
             self.m_tokens.inc()
             if seq.first_token_at is None:
@@ -382,13 +386,14 @@ class Engine:
         self.wake.set()
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise temperature, top-k, top-p, drawn with the request's own generator."""
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token (a 0-d tensor on the logits' device, no host sync): greedy at temperature 0; otherwise
+    temperature, top-k, top-p, drawn with the request's own generator (on the same device)."""
     if s.temperature == 0 or generator is None:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     # Largest logit shifted to 0, in float64: any temperature > 0, however small (1e-300), then gives
     # logits in [-inf, 0] and a valid distribution, never inf - inf = nan (which would fail the engine).
-    logits = logits.double().cpu()
+    logits = logits.double()
     logits = (logits - logits.max()) / s.temperature
     if s.top_k and s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -398,6 +403,6 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         drop = cumulative - sorted_probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs[drop] = 0
+        sorted_probs = sorted_probs.masked_fill(drop, 0)  # (boolean indexing would sync with the host)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -9,7 +9,7 @@ rows of that state, so no forward allocates or copies a cache.
 A step is (1) prefill chunks, each of one slot, run eagerly (their shapes vary), then (2) one decode
 forward over the rows [0, b) holding every decoding slot, b rounded up to a captured batch size. On
 CUDA that decode is a CUDA graph replay, all-reduces included: one launch instead of ~3,300 kernels
-from Python. Rows that are not decoding this step compute too (shapes are fixed) but leave their state
+from Python, fewer still with the RMSNorms compiled (compile_norms). Rows that are not decoding this step compute too (shapes are fixed) but leave their state
 as it was: GDN state writes are masked per row, and their KV write lands on a position that the row
 itself overwrites before it ever attends to it.
 """

@@ -39,7 +39,8 @@ import select
 import socket
 import stat
 import threading
-from collections.abc import Generator, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,13 @@ class _LineReader:
 # ---------------------------------------------------------------------------------------------
 
 
+POLL_S = 0.5  # how often a waiting generate checks whether its HTTP client is still there
+
+
+class ClientGone(Exception):
+    """The HTTP client left while its (non-streamed) generation was waiting for events."""
+
+
 class EngineUnavailable(Exception):
     """The engine cannot be reached, hung up mid-call, or did not answer in time."""
 
@@ -164,18 +172,26 @@ class EngineClient:
         self.read_timeout = read_timeout
         self.unary_timeout = unary_timeout
 
-    def generate(self, request: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+    def generate(self, request: dict[str, Any],
+                 client_gone: Callable[[], bool] | None = None) -> Generator[dict[str, Any], None, None]:
         """Events of one generation, up to and including the terminal one.
 
         Connects on the first ``next()``.  ``close()`` on the returned generator closes the
-        socket, which the engine sees as a cancellation.
+        socket, which the engine sees as a cancellation. ``client_gone``, checked every
+        ``POLL_S`` while waiting for an event, ends the generation the same way (raising
+        ClientGone) once it says the caller's own client has left.
         """
         sock = self._connect()
         try:
             self._send(sock, {"op": "generate", "request": request}, self.read_timeout)
             reader = _LineReader(sock)
+            checked = time.monotonic()
             while True:
-                event = self._read(sock, reader, self.read_timeout)
+                event = self._read(sock, reader, self.read_timeout, client_gone)
+                if client_gone is not None and time.monotonic() - checked >= POLL_S:  # events keep coming
+                    checked = time.monotonic()
+                    if client_gone():
+                        raise ClientGone("the HTTP client closed its connection")
                 if event.get("event") not in (EVENT_ERROR, EVENT_START, EVENT_DELTA, EVENT_DONE):
                     raise EngineUnavailable(f"engine sent an unknown event: {str(event)[:200]}")
                 yield event
@@ -224,10 +240,21 @@ class EngineClient:
         except OSError as e:
             raise EngineUnavailable(f"engine connection lost while sending: {e.strerror or e}") from None
 
-    def _read(self, sock: socket.socket, reader: _LineReader, timeout: float | None) -> dict[str, Any]:
-        sock.settimeout(timeout)
+    def _read(self, sock: socket.socket, reader: _LineReader, timeout: float | None,
+              client_gone: Callable[[], bool] | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            message = reader.read_message()
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+                sock.settimeout(left if client_gone is None else min(POLL_S, left or POLL_S))
+                try:
+                    message = reader.read_message()  # its buffer survives a timeout mid-message
+                    break
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    if client_gone is not None and client_gone():
+                        raise ClientGone("the HTTP client closed its connection") from None
         except TimeoutError:
             raise EngineUnavailable(f"engine did not answer within {timeout:g} s") from None
         except OSError as e:

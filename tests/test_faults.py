@@ -8,8 +8,11 @@ and a client that disconnects (on the session's hardened server, see conftest).
 """
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import socket
+import urllib.parse
 import threading
 import time
 from types import SimpleNamespace
@@ -408,5 +411,24 @@ def test_a_client_leaving_mid_stream_cancels_its_generation_and_frees_the_slot(h
     assert freed_s < 2.0
     nxt = post(base, chat(model, "hi", max_tokens=4, temperature=0), key=key)
     assert nxt.status == 200 and nxt.seconds < 5, (nxt.status, nxt.seconds)  # not behind ~1000 tokens
+    cancelled = metric(get(base, "/metrics").body.decode(), "dsqv_engine_requests_total", outcome="cancelled")
+    assert cancelled == cancelled_before + 1
+
+
+def test_a_client_leaving_a_non_streamed_request_cancels_it_too(hardened_server):
+    """Nothing is written to a non-streamed client until the end: the front watches its socket instead."""
+    base, key, model = hardened_server.base_url, hardened_server.api_key, hardened_server.config["served_model_name"]
+    cancelled_before = metric(get(base, "/metrics").body.decode(), "dsqv_engine_requests_total", outcome="cancelled")
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat(model, LONG_PROMPTS[0], max_tokens=1024,
+                                                                 temperature=0)),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    wait_until(lambda: health(base)[1]["engine"]["in_flight"] == 1, 10, "the request is generating")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client vanishes without reading a byte
+    conn.close()
+
+    freed_s = wait_until(lambda: health(base)[1]["engine"]["in_flight"] == 0, 5, "the slot is freed")
+    assert freed_s < 2.5  # the front polls every 0.5 s, the engine drops it at its next step
     cancelled = metric(get(base, "/metrics").body.decode(), "dsqv_engine_requests_total", outcome="cancelled")
     assert cancelled == cancelled_before + 1

@@ -78,7 +78,7 @@ class FakeEngine:
         return "# HELP dsqv_engine_queue_depth Requests waiting.\n# TYPE dsqv_engine_queue_depth gauge\n" \
                "dsqv_engine_queue_depth 0.0\n"
 
-    def generate(self, request: dict):
+    def generate(self, request: dict, client_gone=None):
         self.requests.append(request)
         text = last_user_text(request)
         if "engine:429" in text:
@@ -446,7 +446,7 @@ def test_engine_dies_mid_stream(sock_dir):
 
 def test_unexpected_failure_is_a_json_500(socket_path):
     class BrokenClient(EngineClient):
-        def generate(self, request):
+        def generate(self, request, client_gone=None):
             raise RuntimeError("a bug")
 
     c = create_app(make_config(socket_path), client=BrokenClient(socket_path)).test_client()

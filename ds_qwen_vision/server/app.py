@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Generator, Iterator
@@ -30,7 +31,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ds_qwen_vision.config import DeployConfig, config_from_env
-from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, EngineClient, EngineUnavailable
+from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, ClientGone, EngineClient, EngineUnavailable
 from ds_qwen_vision.server.errors import (EngineDown, ModelNotFound, Unauthorized, from_engine_event,
                                           register_error_handlers)
 from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, chat_completion,
@@ -58,10 +59,10 @@ def _engine_down(e: EngineUnavailable, when: str) -> EngineDown:
     return EngineDown(f"The model engine is unavailable {when}; retry later.")
 
 
-def _open_stream(client: EngineClient, chat: ChatRequest) -> tuple[dict[str, Any], Events]:
+def _open_stream(client: EngineClient, chat: ChatRequest, client_gone=None) -> tuple[dict[str, Any], Events]:
     """Send the request and wait for its first event, so that a refusal (queue full, prompt too
     long, engine down) is still a plain HTTP error even for a streaming request."""
-    events = client.generate(chat.engine_request)
+    events = client.generate(chat.engine_request, client_gone=client_gone)
     try:
         first = next(events)
     except EngineUnavailable as e:
@@ -73,7 +74,9 @@ def _open_stream(client: EngineClient, chat: ChatRequest) -> tuple[dict[str, Any
 
 
 def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> dict[str, Any]:
-    first, events = _open_stream(client, chat)
+    # Nothing is written to the client until the end, so its leaving is noticed by watching its socket:
+    # the generation is then cancelled (its slot freed) instead of running to max_tokens for nobody.
+    first, events = _open_stream(client, chat, _http_client_gone(request.environ.get("gunicorn.socket")))
     content: list[str] = []
     reasoning: list[str] = []
     try:
@@ -91,6 +94,22 @@ def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> d
     finally:
         events.close()
     raise EngineDown("The model engine ended the generation without a result.")  # EngineClient prevents it
+
+
+def _http_client_gone(sock: socket.socket | None):
+    """A check that the HTTP client has closed its connection (None without gunicorn's socket)."""
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:  # a closed peer reads as EOF; a pipelined next request reads as data: still there
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -185,6 +204,11 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app, config.server.max_body_bytes)
+
+    @app.errorhandler(ClientGone)
+    def _client_left(e: ClientGone) -> Response:
+        log.info("client left before its completion was ready; generation cancelled")
+        return Response(status=499)  # nginx's "client closed request": nobody reads it
 
     @app.before_request
     def _start_timer() -> None:

@@ -28,6 +28,12 @@ if [[ "$model" == "demo" ]]; then
     python3 -m ds_qwen_vision.checkpoint --out "$demo_dir" --preset tiny --seed 0 >/dev/null || exit 1
 fi
 
+# A socket that answers belongs to a running deployment (same server.ipc_socket, i.e. the same port by
+# default): removing it would cut that deployment's front off its engine. Only a stale one goes.
+if python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$socket" 2>/dev/null; then
+    echo "launch.sh: $socket belongs to a running deployment; stop it first or set server.ipc_socket / --port" >&2
+    exit 2
+fi
 rm -f "$socket" "$socket.pid"
 master_port=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 launcher_args=(--num_gpus "$tp" --master_port "$master_port")

@@ -19,7 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from transformers.image_processing_backends import TorchvisionBackend
 
-from .model import open_image
+from .model import log, open_image
 from .plan import Prefill, StepPlan
 from .textstream import TextStream, prompt_opens_thinking
 
@@ -79,7 +79,7 @@ class Engine:
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
         device = getattr(runner, "device", None)
         self.image_device = {"device": device} if getattr(device, "type", None) == "cuda" and \
-            isinstance(processor.image_processor, TorchvisionBackend) else {}
+            isinstance(processor.image_processor, TorchvisionBackend) and self._processes_on(device) else {}
         # A sequence must fit its slot's cache, and the model's positions.
         self.context_len = min(runner.max_len, runner.model.config.text_config.max_position_embeddings)
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=limits.max_queue)
@@ -104,6 +104,19 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+
+    def _processes_on(self, device) -> bool:
+        """Whether the processor takes images on `device` (probed once, so that a failure there can
+        never turn good images into 400s: the host path is used instead)."""
+        from PIL import Image
+
+        try:
+            self.processor(text=[self.processor.image_token], images=[Image.new("RGB", (64, 64))],
+                           return_tensors="pt", device=device)
+            return True
+        except Exception as e:
+            log(f"[rank 0] image processor on {device} failed ({e!r}); images are processed on the host")
+            return False
 
     @staticmethod
     def _eos_ids(model) -> set[int]:

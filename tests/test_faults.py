@@ -12,9 +12,11 @@ import http.client
 import json
 import signal
 import socket
-import urllib.parse
+import subprocess
 import threading
 import time
+import urllib.parse
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -432,3 +434,16 @@ def test_a_client_leaving_a_non_streamed_request_cancels_it_too(hardened_server)
     assert freed_s < 2.5  # the front polls every 0.5 s, the engine drops it at its next step
     cancelled = metric(get(base, "/metrics").body.decode(), "dsqv_engine_requests_total", outcome="cancelled")
     assert cancelled == cancelled_before + 1
+
+
+def test_a_second_launch_on_a_running_deployments_socket_refuses_and_leaves_it_running(hardened_server, tmp_path):
+    """Starting again with the same server.ipc_socket (the same port, by default) must not cut the running
+    deployment's front off its engine: launch.sh exits 2 (a config problem) before starting anything."""
+    config = tmp_path / "same.json"
+    config.write_text(json.dumps(hardened_server.config))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(repo / "launch.sh"), "--config", str(config)], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "belongs to a running deployment" in proc.stderr
+    assert health(hardened_server.base_url)[0] == 200

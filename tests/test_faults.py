@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -442,8 +443,9 @@ def test_a_second_launch_on_a_running_deployments_socket_refuses_and_leaves_it_r
     config = tmp_path / "same.json"
     config.write_text(json.dumps(hardened_server.config))
     repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, **{hardened_server.config["security"]["api_key_env"]: hardened_server.api_key})
     proc = subprocess.run([str(repo / "launch.sh"), "--config", str(config)], cwd=repo, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "belongs to a running deployment" in proc.stderr
     assert health(hardened_server.base_url)[0] == 200

@@ -254,7 +254,8 @@ class ModelRunner:
             logits = self._decode_forward(b)
         for slot, _ in tokens:
             self.length[slot] += 1
-        return {slot: logits[slot, -1].float() for slot, _ in tokens}
+        rows = logits[:, -1].float()  # one cast for the batch, not one kernel per slot
+        return {slot: rows[slot] for slot, _ in tokens}
 
     # ---- prefill --------------------------------------------------------------------------------------
     def pixels(self, item: Prefill, pixel_values: torch.Tensor | None) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_qwen_vision.checkpoint import build_checkpoint, demo_dir  # noqa: E402
 from ds_qwen_vision.engine import Sampling, sample  # noqa: E402
 from ds_qwen_vision.model import load_processor  # noqa: E402
-from ds_qwen_vision.textstream import TextStream  # noqa: E402
+from ds_qwen_vision.engine.textstream import TextStream  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_qwen_vision.model import load_processor
-from ds_qwen_vision.textstream import TextStream
+from ds_qwen_vision.engine.textstream import TextStream
 
 TEXTS = ["Hello, world! héllo wörld", "世界你好，一二三四五六七八九十", "emoji 🙂🚀 and ZWJ 👩‍👩‍👧 done",
          "tabs\tand\nnew lines\n\n end", "<think>reasoning here</think>\n\nthe answer"]

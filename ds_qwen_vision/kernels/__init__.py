@@ -1,0 +1,1 @@
+"""Custom and fused kernels, each in one file with its CPU reference path."""

@@ -21,8 +21,10 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
 from ..plan import Prefill, StepPlan
+from .grammar import GrammarError, Grammars
 from .sampling import Sampling, sample
 from .textstream import TextStream, prompt_opens_thinking
+from .tools import ToolCallParser
 
 HEARTBEAT_S = 1.0
 
@@ -50,6 +52,11 @@ class Sequence:
     stream: TextStream
     events: queue.Queue
     generator: torch.Generator | None
+    # Constrained decoding (engine/grammar.py): this row's next-token mask needs its previous token
+    # accepted first, so a constrained row cannot be sampled one step behind the device; a loop that
+    # overlaps host work with the next step must run the steps with such rows synchronously.
+    grammar: object | None = None      # an xgrammar GrammarMatcher
+    tools: ToolCallParser | None = None  # tool calls read out of the content (engine/tools.py)
     created: float = field(default_factory=time.perf_counter)
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
@@ -66,6 +73,7 @@ class Engine:
         self.tokenizer = processor.tokenizer
         self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
         self.eos_ids = self._eos_ids(runner.model)
+        self.grammars = Grammars(self.tokenizer, runner.model.config.text_config.vocab_size, self.eos_ids)
         # transformers' torchvision image processor resizes and normalises on the GPU when asked: the same
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
         device = getattr(runner, "device", None)
@@ -131,12 +139,14 @@ class Engine:
                     else:
                         parts.append({"type": "text", "text": part["text"]})
                 content = parts
-            messages.append({"role": message["role"], "content": content})
+            messages.append({**message, "content": content})  # tool_calls, tool_call_id as the template reads them
         if len(images) > self.limits.max_images_per_request:
             raise RequestError(400, f"at most {self.limits.max_images_per_request} images per request", "messages")
+        # tool_choice "none": the model is not told about the tools, so it answers in text.
+        tools = request.get("tools") if request.get("tool_choice") != "none" else None
         try:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                        **request.get("chat_template_kwargs", {}))
+            prompt = self.processor.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                        tokenize=False, **request.get("chat_template_kwargs", {}))
         except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         try:
@@ -164,12 +174,18 @@ class Engine:
         if sampling.temperature > 0:  # on the logits' device: sampling stays there (engine.sample)
             generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+        thinking = prompt_opens_thinking(prompt)
+        stream = TextStream(self.tokenizer, sampling.stop, thinking)
+        try:
+            compiled = self.grammars.compile(request, thinking)
+        except GrammarError as e:
+            raise RequestError(400, str(e), e.param, "invalid_schema") from None
+        parser = ToolCallParser(tools, request.get("parallel_tool_calls", True)) if tools else None
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
         return Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [], sampling,
-                        stream, queue.Queue(), generator)
+                        stream, queue.Queue(), generator, self.grammars.matcher(compiled), parser)
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -322,6 +338,9 @@ class Engine:
         # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
         # with its request's generator), then one copy to the host: one sync per step, not per row.
         rows = torch.stack(list(logits.values()))
+        constrained = [self.running[slot].grammar for slot in logits]
+        if any(m is not None for m in constrained):  # before any read of the rows: the host fills the masks while the device computes
+            self.grammars.apply(rows, self.grammars.fill(constrained))
         picks = rows.argmax(-1)
         for i, slot in enumerate(logits):
             seq = self.running[slot]
@@ -336,28 +355,42 @@ class Engine:
                 seq.first_token_at = now
                 self.m_ttft.observe(now - seq.created)
             finish = None
-            if token in self.eos_ids:
+            if seq.grammar is not None and not seq.grammar.accept_token(token):
+                finish = "stop"  # cannot happen (the token was picked under the grammar's mask); never loop on it
+            elif token in self.eos_ids:
                 finish = "stop"
             else:
                 reasoning, content = seq.stream.add(token)
                 self.emit(seq, reasoning, content)
-                if seq.stream.stopped:
+                if seq.stream.stopped or (seq.tools is not None and seq.tools.done):
                     finish = "stop"
                 elif seq.generated >= seq.sampling.max_tokens:
                     finish = "length"
             if finish:
-                self.emit(seq, *seq.stream.finish())
+                self.emit(seq, *seq.stream.finish(), final=True)
                 self.finish(seq, finish)
             else:
                 seq.next_token = token
 
     @staticmethod
-    def emit(seq: Sequence, reasoning: str, content: str) -> None:
-        if reasoning or content:
-            seq.events.put({"event": "delta", "content": content, "reasoning_content": reasoning})
+    def emit(seq: Sequence, reasoning: str, content: str, final: bool = False) -> None:
+        calls: list[dict] = []
+        if seq.tools is not None:  # only the content: a call written inside the reasoning is not a call
+            content, calls = seq.tools.feed(content)
+            if final:
+                rest, more = seq.tools.finish()
+                content, calls = content + rest, calls + more
+        if reasoning or content or calls:
+            event = {"event": "delta", "content": content, "reasoning_content": reasoning}
+            if calls:
+                event["tool_calls"] = calls
+            seq.events.put(event)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
+        if reason == "stop" and seq.tools is not None and seq.tools.calls:
+            reason = "tool_calls"
+
         n_prompt = len(seq.input_ids)
         seq.events.put({"event": "done", "finish_reason": reason,
                         "usage": {"prompt_tokens": n_prompt, "completion_tokens": seq.generated,

@@ -34,8 +34,9 @@ from ds_qwen_vision.config import DeployConfig, config_from_env
 from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, ClientGone, EngineClient, EngineUnavailable
 from ds_qwen_vision.server.errors import (EngineDown, ModelNotFound, Unauthorized, from_engine_event,
                                           register_error_handlers)
-from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, chat_completion,
-                                            completion_chunk, model_card, model_list, parse_chat_request, usage_chunk)
+from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, assemble_tool_calls,
+                                            chat_completion, completion_chunk, model_card, model_list,
+                                            parse_chat_request, usage_chunk)
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,16 @@ def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> d
     first, events = _open_stream(client, chat, _http_client_gone(request.environ.get("gunicorn.socket")))
     content: list[str] = []
     reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
     try:
         for event in chain([first], events):
             if event["event"] == EVENT_DELTA:
                 content.append(event.get("content") or "")
                 reasoning.append(event.get("reasoning_content") or "")
+                calls += event.get("tool_calls") or []
             elif event["event"] == EVENT_DONE:
                 return chat_completion(meta, "".join(content), "".join(reasoning), event["finish_reason"],
-                                       event["usage"])
+                                       event["usage"], assemble_tool_calls(calls))
             elif event["event"] == EVENT_ERROR:
                 raise from_engine_event(event)
     except EngineUnavailable as e:
@@ -134,7 +137,7 @@ class SseStream:
             yield _sse(completion_chunk(meta, {"role": "assistant", "content": ""}, with_usage_field=usage_field))
             for event in chain([self._first], self._events):
                 if event["event"] == EVENT_DELTA:
-                    delta = {k: event[k] for k in ("content", "reasoning_content") if event.get(k)}
+                    delta = {k: event[k] for k in ("content", "reasoning_content", "tool_calls") if event.get(k)}
                     if delta:
                         yield _sse(completion_chunk(meta, delta, with_usage_field=usage_field))
                 elif event["event"] == EVENT_DONE:

@@ -326,7 +326,7 @@ def tools_and_formats() -> list[Case]:
              "tools[0].function.name"),
         Case("tools:name_tag", req(tools=fn(name="a>b")), 400, v, "not a valid function name", "tools[0].function.name"),
         Case("tools:duplicate", req(tools=[TOOL, TOOL]), 400, v, "two tools are named", "tools"),
-        Case("tools:parameters_list", req(tools=fn(parameters=[])), 400, t, "valid dictionary",
+        Case("tools:parameters_list", req(tools=fn(parameters=[])), 400, t, "should be an object",
              "tools[0].function.parameters"),
         Case("tools:parameters_array", req(tools=fn(parameters={"type": "array"})), 400, v, "of type 'object'",
              "tools[0].function.parameters"),
@@ -350,7 +350,7 @@ def tools_and_formats() -> list[Case]:
         Case("tool_call:arguments_array", req(user("hi"), {"role": "assistant", "tool_calls": [
             {**call, "function": {"name": "get_weather", "arguments": "[1]"}}]}), 400, v, "JSON object",
             "messages[1].tool_calls[0].function.arguments"),
-        Case("tool_call:not_list", req(user("hi"), {"role": "assistant", "tool_calls": call}), 400, t, "valid list",
+        Case("tool_call:not_list", req(user("hi"), {"role": "assistant", "tool_calls": call}), 400, t, "valid array",
              "messages[1].tool_calls"),
         Case("response_format:string", req(response_format="json"), 400, t, "response_format",
              "response_format"),
@@ -361,7 +361,7 @@ def tools_and_formats() -> list[Case]:
         Case("response_format:no_name", req(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
              400, m, "name", "response_format.json_schema.name"),
         Case("response_format:schema_list", req(response_format={"type": "json_schema", "json_schema": {
-            "name": "x", "schema": [1]}}), 400, t, "valid dictionary", "response_format.json_schema.schema"),
+            "name": "x", "schema": [1]}}), 400, t, "should be an object", "response_format.json_schema.schema"),
     ]
     # Valid JSON, but schemas xgrammar cannot compile: refused by the engine, naming the field.
     bad_schemas = {"unknown_type": {"type": "object", "properties": {"a": {"type": "strin"}}},

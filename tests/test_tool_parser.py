@@ -111,3 +111,31 @@ def test_single_call_when_not_parallel():
     text = call("noop") + "\n" + call("get_weather", city="Quito")
     content, calls, parser = streamed(text, [len(call("noop")) + 3], parallel=False)
     assert [c["name"] for c in calls] == ["noop"] and parser.done and content == ""
+
+
+def test_a_call_inside_the_reasoning_is_not_a_call(tiny_ckpt):
+    """The engine's own path (TextStream → Engine.emit): a call written while thinking stays reasoning."""
+    import queue
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ds_qwen_vision.engine.engine import Engine
+    from ds_qwen_vision.engine.textstream import TextStream
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    inside, after = call("noop"), call("get_weather", city="Oslo")
+    text = f"Maybe {inside} no.</think>\n\nOK {after}"
+    seq = SimpleNamespace(stream=TextStream(tok, [], in_reasoning=True), tools=ToolCallParser(TOOLS),
+                          events=queue.Queue())
+    ids = tok(text)["input_ids"]
+    for i, token in enumerate(ids):
+        Engine.emit(seq, *seq.stream.add(token), final=False)
+    Engine.emit(seq, *seq.stream.finish(), final=True)
+    events = list(seq.events.queue)
+    reasoning = "".join(e["reasoning_content"] for e in events)
+    content = "".join(e["content"] for e in events)
+    deltas = [d for e in events for d in e.get("tool_calls", [])]
+    assert reasoning == f"Maybe {inside} no."
+    assert content == "OK "
+    assert [d["function"]["name"] for d in deltas if "id" in d] == ["get_weather"]

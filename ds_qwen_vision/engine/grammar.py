@@ -82,7 +82,9 @@ class Grammars:
         ``qwen_xml`` style checks each ``<parameter=...>`` value against the tool's schema), but with
         nothing allowed between or after the calls: that tag's "required" admits free text around them,
         which the chat template forbids ("ONLY reply in the following format with NO suffix") and which
-        a model would otherwise keep writing until max_tokens.
+        a model would otherwise keep writing until max_tokens. And the closing ``</function>``
+        follows the last parameter's own newline, as the template renders a call: that tag wants one more
+        newline before it, which a call without parameters (``<function=f>\n</function>``) does not have.
         """
         chosen = list(enumerate(tools))  # (index in the request, tool)
         if isinstance(choice, dict):
@@ -94,7 +96,7 @@ class Grammars:
             body = JSONSchemaFormat(json_schema=fn.get("parameters") or {"type": "object"}, style="qwen_xml",
                                     max_whitespace_cnt=MAX_WHITESPACE)
             tags.append(TagFormat(begin=f"{CALL_OPEN}\n<function={fn['name']}>\n", content=body,
-                                  end=f"\n</function>\n{CALL_CLOSE}"))
+                                  end=f"</function>\n{CALL_CLOSE}"))
         calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
         try:
             grammar = xgr.Grammar.from_structural_tag(StructuralTag(format=calls))

@@ -90,7 +90,7 @@ def test_thinking_comes_first_then_the_constraint(setup):
 def test_json_schema_strict_and_not(setup):
     tok, g, _, _ = setup
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    fmt = lambda strict: {"response_format": {"type": "json_schema", "json_schema": {  # noqa: E731
+    fmt = lambda strict: {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": schema, "strict": strict}}}
     assert accepts(g, fmt(True), False, '{"a": 1}', tok)
     assert not accepts(g, fmt(True), False, '{"a": 1, "b": 2}', tok)
@@ -112,7 +112,7 @@ def test_uncompilable_schemas_name_their_parameter(setup):
 
 
 def test_unconstrained_rows_are_left_alone(setup):
-    tok, g, _, vocab = setup
+    _, g, _, vocab = setup
     m = g.matcher(g.compile({"response_format": {"type": "json_object"}}, False))
     rows = torch.randn(3, vocab)
     before = rows.clone()

@@ -139,3 +139,10 @@ def test_a_call_inside_the_reasoning_is_not_a_call(tiny_ckpt):
     assert reasoning == f"Maybe {inside} no."
     assert content == "OK "
     assert [d["function"]["name"] for d in deltas if "id" in d] == ["get_weather"]
+
+
+def test_cut_inside_a_tag_leaves_no_content():
+    text = call("get_weather", city="Rome")
+    for cut in (text.index("</function>") + 2, text.index("</tool_call>") + 3, text.index("<parameter=") + 4):
+        content, calls = whole(text[:cut])
+        assert content == "" and [name for name, _ in calls] == ["get_weather"], (cut, content)

@@ -26,8 +26,15 @@ from typing import Any
 
 import torch
 import xgrammar as xgr
-from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchemaFormat, SequenceFormat, StructuralTag,
-                                     TagFormat, TagsWithSeparatorFormat)
+from xgrammar.structural_tag import (
+    AnyTextFormat,
+    ConstStringFormat,
+    JSONSchemaFormat,
+    SequenceFormat,
+    StructuralTag,
+    TagFormat,
+    TagsWithSeparatorFormat,
+)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -101,12 +108,12 @@ class Grammars:
         try:
             grammar = xgr.Grammar.from_structural_tag(StructuralTag(format=calls))
             return self.compiler.compile_grammar(xgr.Grammar.concat(self._reasoning, grammar) if thinking else grammar)
-        except Exception as e:
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar: RuntimeError; pydantic: ValueError
             # Find the tool whose schema is at fault, so that the error names it.
             for i, tool in chosen:
                 try:
                     xgr.Grammar.from_json_schema(tool["function"].get("parameters") or {"type": "object"})
-                except Exception as e2:
+                except (RuntimeError, ValueError, TypeError) as e2:
                     raise GrammarError(f"the grammar engine cannot compile this schema: {_short(e2)}",
                                        f"tools[{i}].function.parameters") from None
             raise GrammarError(f"the grammar engine cannot compile these tools: {_short(e)}", "tools") from None
@@ -117,7 +124,7 @@ class Grammars:
             if thinking:
                 grammar = xgr.Grammar.concat(self._reasoning, grammar)
             return self.compiler.compile_grammar(grammar)
-        except Exception as e:
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar: RuntimeError; pydantic: ValueError
             raise GrammarError(f"the grammar engine cannot compile this schema: {_short(e)}", param) from None
 
     def matcher(self, compiled: xgr.CompiledGrammar | None) -> xgr.GrammarMatcher | None:

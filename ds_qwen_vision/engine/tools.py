@@ -205,9 +205,12 @@ class ToolCallParser:
             self.n_params += 1
             self.buf = rest[at + skip:]
             return
-        if not final and (not self.buf or self.buf.startswith(PARAM_OPEN)
-                          or any(t.startswith(self.buf) for t in (PARAM_OPEN, FUNCTION_CLOSE))):
+        maybe_tag = self.buf.startswith(PARAM_OPEN) or any(t.startswith(self.buf)
+                                                           for t in (PARAM_OPEN, FUNCTION_CLOSE))
+        if not final and (not self.buf or maybe_tag):
             return  # a tag still arriving
+        if final and maybe_tag:
+            self.buf = ""  # cut off inside the call: the start of a tag is part of it, not content
         # Anything else ends the call with what it has; the text is content again.
         self._close_call(deltas)
         self.state = TEXT
@@ -216,8 +219,10 @@ class ToolCallParser:
         head = self.buf.lstrip()
         if head.startswith(CALL_CLOSE):
             self.buf = head[len(CALL_CLOSE):]
-        elif CALL_CLOSE.startswith(head) and not final:
-            return
+        elif CALL_CLOSE.startswith(head):
+            if not final:
+                return
+            self.buf = ""  # cut off inside the closing tag
         else:
             self.buf = head  # no closing tag: the call is complete anyway
         self.state, self.after_call = TEXT, True

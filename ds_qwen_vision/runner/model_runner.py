@@ -20,6 +20,7 @@ import os
 import torch
 import torch.distributed as tdist
 
+from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION
 from ..kernels.norms import compile_norms
 from ..model import log
@@ -44,6 +45,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
+        gdn_kernel.install(model)  # decode (and verify) GDN layers: kernels/gdn.py; prefill: transformers'
         self.state = SlotState(model, max_slots, max_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)

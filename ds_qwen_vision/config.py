@@ -94,6 +94,14 @@ class SecurityConfig(_Section):
         return v
 
 
+class SpeculativeConfig(_Section):
+    """Speculative decoding (runner/speculative.py): drafts of `num_tokens` tokens per step, all verified in
+    one forward. `mtp`: the checkpoint's multi-token-prediction head (refused at start on a checkpoint
+    without mtp.* weights); `ngram`: prompt lookup in the sequence's own tokens."""
+    method: Literal["none", "mtp", "ngram"] = "none"
+    num_tokens: int = Field(3, ge=1, le=7)  # k; T = k + 1 positions per verify (decode attention takes <= 8)
+
+
 class DeployConfig(_Section):
     model: str = Field(DEMO_MODEL, min_length=1)
     served_model_name: str | None = Field(None, min_length=1)
@@ -103,6 +111,7 @@ class DeployConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> DeployConfig:

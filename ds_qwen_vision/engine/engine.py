@@ -22,6 +22,7 @@ from transformers.image_processing_backends import TorchvisionBackend
 from ..model import log, open_image
 from ..plan import Prefill, StepPlan
 from .sampling import Sampling, sample
+from .speculative import Speculator, target_probs
 from .textstream import TextStream, prompt_opens_thinking
 
 HEARTBEAT_S = 1.0
@@ -58,6 +59,7 @@ class Sequence:
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
 
 
 class Engine:
@@ -95,6 +97,8 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
+        self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -285,7 +289,10 @@ class Engine:
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.next_token is not None:
-                plan.decode.append((slot, seq.next_token))
+                if self.spec is not None:
+                    self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
+                else:
+                    plan.decode.append((slot, seq.next_token))
         free = [s for s in range(self.max_slots) if s not in self.running]
         while free and budget > 0:
             try:
@@ -297,7 +304,11 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            if self.spec is not None:
+                self.spec.start(seq)
             budget -= self.schedule_prefill(plan, seq, budget)
+        if self.spec is not None:
+            self.spec.merge(plan)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
@@ -319,37 +330,53 @@ class Engine:
         now = time.perf_counter()
         if not logits:
             return
-        # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
-        # with its request's generator), then one copy to the host: one sync per step, not per row.
-        rows = torch.stack(list(logits.values()))
-        picks = rows.argmax(-1)
-        for i, slot in enumerate(logits):
+        # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py).
+        verified = {slot: logits.pop(slot) for slot, _ in plan.verify}
+        picks = []
+        if logits:
+            # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
+            # with its request's generator), then one copy to the host: one sync per step, not per row.
+            rows = torch.stack(list(logits.values()))
+            picked = rows.argmax(-1)
+            for i, slot in enumerate(logits):
+                seq = self.running[slot]
+                if seq.sampling.temperature > 0 and seq.generator is not None:
+                    picked[i] = sample(rows[i], seq.sampling, seq.generator)
+            picks = [(slot, [token]) for slot, token in zip(logits, picked.tolist())]
+        for slot, rows in verified.items():
             seq = self.running[slot]
-            if seq.sampling.temperature > 0 and seq.generator is not None:
-                picks[i] = sample(rows[i], seq.sampling, seq.generator)
-        for slot, token in zip(logits, picks.tolist()):
+            probs = lambda x, s: target_probs(x, s.temperature, s.top_p, s.top_k)  # noqa: E731
+            picks.append((slot, self.spec.tokens(seq, rows, self.runner.verified[slot], probs)))
+        for slot, tokens in picks:
             seq = self.running[slot]
             seq.pixel_values = None  # prefilled: the pixels are no longer needed
-            seq.generated += 1
-            self.m_tokens.inc()
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.m_ttft.observe(now - seq.created)
-            finish = None
-            if token in self.eos_ids:
+            for token in tokens:
+                if self.deliver(seq, token, now):
+                    break
+
+    def deliver(self, seq: Sequence, token: int, now: float) -> bool:
+        """One new token of seq: text events, stop checks; True when the sequence has finished."""
+        seq.generated += 1
+        self.m_tokens.inc()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.m_ttft.observe(now - seq.created)
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            reasoning, content = seq.stream.add(token)
+            self.emit(seq, reasoning, content)
+            if seq.stream.stopped:
                 finish = "stop"
-            else:
-                reasoning, content = seq.stream.add(token)
-                self.emit(seq, reasoning, content)
-                if seq.stream.stopped:
-                    finish = "stop"
-                elif seq.generated >= seq.sampling.max_tokens:
-                    finish = "length"
-            if finish:
-                self.emit(seq, *seq.stream.finish())
-                self.finish(seq, finish)
-            else:
-                seq.next_token = token
+            elif seq.generated >= seq.sampling.max_tokens:
+                finish = "length"
+        if finish:
+            self.emit(seq, *seq.stream.finish())
+            self.finish(seq, finish)
+            return True
+        seq.next_token = token
+        return False
 
     @staticmethod
     def emit(seq: Sequence, reasoning: str, content: str) -> None:

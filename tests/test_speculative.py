@@ -291,3 +291,39 @@ def test_checkpoint_without_mtp_serves_plain_and_refuses_mtp(tmp_path, setup):
     model = load_model(bare, 1, "cpu", torch.float32, show_progress=False)
     with pytest.raises(ValueError, match="mtp"):
         ModelRunner(model, torch.device("cpu"), max_slots=1, max_len=64, speculative={"method": "mtp", "num_tokens": 2})
+
+
+def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp_path):
+    """Real DeepSpeed ranks at tp=2: the MTP head sharded by the table, drafts identical on both ranks (the
+    verify would desync otherwise), greedy tokens with mtp and ngram equal to transformers' generate."""
+    import json
+    from pathlib import Path
+
+    from ranks import launch
+
+    reference = setup[0]
+    processor = load_processor(tiny_ckpt)
+    cases = [{"images": [], "messages": [{"role": "user", "content": "Tell me a story about the sea."}]},
+             {"images": image_files[:1], "messages": [{"role": "user", "content": [{"type": "image"},
+                                                                                  {"type": "text", "text": "What?"}]}]},
+             {"images": [], "messages": [{"role": "user", "content": "First."}, {"role": "assistant", "content": "Yes."},
+                                         {"role": "user", "content": "And then?"}]}]
+    expected, oracle = [], []
+    for c in cases:
+        x = chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]])
+        with torch.inference_mode():
+            out = reference.generate(**x, max_new_tokens=N + K, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+        oracle.append(out)
+        expected.append(out[:N])
+    spec = {"model": tiny_ckpt, "new_tokens": N, "out": str(tmp_path), "cases": cases, "oracle": oracle}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launch(2, [str(Path(__file__).parent / "spec_worker.py"), str(tmp_path / "spec.json")],
+           cwd=str(Path(__file__).parent))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["mtp"] == expected and r["ngram"] == expected
+        assert r["ngram_stats"]["accepted"] > 0 and r["mtp_stats"]["drafts"] > 0
+    c = reference.config.text_config
+    q = ranks[0]["mtp_params"]["mtp.layers.0.self_attn.q_proj.weight"]
+    assert q[0] == 2 * c.num_attention_heads * c.head_dim // 2  # whole heads per rank
+    assert ranks[0]["mtp_params"]["mtp.fc.weight"] == [c.hidden_size, 2 * c.hidden_size]  # replicated

@@ -327,3 +327,46 @@ def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp
     q = ranks[0]["mtp_params"]["mtp.layers.0.self_attn.q_proj.weight"]
     assert q[0] == 2 * c.num_attention_heads * c.head_dim // 2  # whole heads per rank
     assert ranks[0]["mtp_params"]["mtp.fc.weight"] == [c.hidden_size, 2 * c.hidden_size]  # replicated
+
+
+def test_server_with_mtp_speculation_answers_like_transformers(tmp_path_factory):
+    """launch.sh with speculative mtp (tp=2): two concurrent greedy chats (one multi-turn, one streamed)
+    answer transformers' generate; /metrics counts drafts per position."""
+    import concurrent.futures
+    import json
+    import urllib.request
+
+    from ds_qwen_vision.checkpoint import demo_dir
+    from server_fixture import start_server
+
+    server = start_server(tmp_path_factory.mktemp("spec-server"),
+                          {"speculative": {"method": "mtp", "num_tokens": 2}, "limits": {"max_concurrent": 2}})
+    try:
+        processor = load_processor(str(demo_dir()))
+        reference = Qwen3_5ForConditionalGeneration.from_pretrained(str(demo_dir()), dtype=torch.float32).eval()
+        chats = [[{"role": "user", "content": "Tell me about the sea."}],
+                 [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Count to five."}]]
+        expected = []
+        for messages in chats:
+            x = chat_inputs(processor, messages, [], {"enable_thinking": False})
+            with torch.inference_mode():
+                out = reference.generate(**x, max_new_tokens=N, do_sample=False)[0, x["input_ids"].shape[1]:]
+            expected.append(processor.tokenizer.decode(out.tolist(), skip_special_tokens=True))
+
+        def ask(messages):
+            body = {"model": "ds-qwen-vision-demo", "messages": messages, "max_tokens": N, "temperature": 0,
+                    "chat_template_kwargs": {"enable_thinking": False}}
+            req = urllib.request.Request(f"{server.base_url}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, chats)) == expected
+        with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+        assert 'dsqv_spec_position_drafts_total{position="2"}' in metrics
+        assert "dsqv_spec_draft_tokens_total" in metrics
+    finally:
+        assert server.stop() == 0, server.log()

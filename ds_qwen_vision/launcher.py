@@ -94,7 +94,8 @@ def heads_problems(model_dir: Path, tp: int) -> list[str]:
         return [f"model: cannot read {path}: {e.strerror or e}"]
     except ValueError as e:
         return [f"model: {path} is not valid JSON: {e}"]
-    from .tp_policy import check_divisible  # torch: only here, the config itself stays light
+    # tp_policy imports torch: only here, so that reading the config stays light.
+    from .tp_policy import check_divisible
 
     try:
         check_divisible(SimpleNamespace(**raw.get("text_config", raw)), tp)

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -75,8 +74,8 @@ def test_the_launcher_arguments(tiny_ckpt):
     assert len(ports) == 5
 
     # What the launcher gets is bash that sets exactly these values.
-    out = subprocess.run(["bash", "-c", 'eval "$1"; printf "%s\\n" "${launcher_args[@]}" "$master_port" '
-                          '"${#lock_gpus[@]}" "${lock_gpus[@]}"', "-", plan.to_bash()],
+    script = 'eval "$1"; printf "%s\\n" "${launcher_args[@]}" "$master_port" "${#lock_gpus[@]}" "${lock_gpus[@]}"'
+    out = subprocess.run(["bash", "-c", script, "-", plan.to_bash()],
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [*plan.launcher_args, str(plan.master_port), "4", "4", "5", "6", "7"]
     assert LaunchPlan(["--num_gpus", "1"], 1).to_bash().endswith("lock_gpus=()\n")

@@ -102,6 +102,14 @@ class LimitsConfig(_Section):
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
+    # Choices per request (`n`): each is its own sequence, in its own cache slot.
+    max_n: int = Field(4, ge=1)
+
+
+class SamplingConfig(_Section):
+    # A request's omitted temperature / top_p / top_k / min_p / repetition_penalty come from the checkpoint's
+    # generation_config.json (as vLLM does); false: OpenAI's defaults (1, 1, off, 0, 1).
+    generation_config_defaults: bool = True
 
 
 class SecurityConfig(_Section):
@@ -125,6 +133,7 @@ class DeployConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")

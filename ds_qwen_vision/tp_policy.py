@@ -191,7 +191,7 @@ def fuse_projections(model) -> None:
 
     Runs after sharding (on this rank's shards; the cut is the table's, see verify_shards) and before
     loading. Values are kept, so it also works on a model that already holds weights. Meta weights are
-    left alone. The fused weight is a plain attribute, not a parameter: parameters() still counts each
+    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute, not a parameter: parameters() still counts each
     weight once, through its member.
     """
     for layer in model.model.language_model.layers:
@@ -210,6 +210,10 @@ def fuse_projections(model) -> None:
                 offset += w.shape[0]
             setattr(parent, FUSED_WEIGHT, fused)
             setattr(parent, FUSED_SPLITS, tuple(w.shape[0] for w in weights))
+            if fused.is_cuda:
+                # DeepSpeed allocated each member in its own allocator segment; hand those back now, or
+                # the fusing would hold every projection twice (reserved) by the last layer.
+                torch.cuda.empty_cache()
 
 
 def fused_weight(module) -> torch.Tensor | None:
@@ -218,14 +222,16 @@ def fused_weight(module) -> torch.Tensor | None:
     if fused is None:
         return None
     # A member whose weight was replaced after fusing no longer aliases the fused storage: refuse it.
+    # Pointer arithmetic only: this runs in every forward, and prefill is bound by host time.
     members = next(m for m in FUSED_PROJECTIONS.values() if hasattr(module, m[0]))
-    offset = 0
-    for name in members:
+    row_bytes = fused.stride(0) * fused.element_size()
+    address = fused.data_ptr()
+    for name, rows in zip(members, getattr(module, FUSED_SPLITS)):
         w = getattr(module, name).weight
-        if w.data_ptr() != fused[offset:].data_ptr() or w.shape[0] + offset > fused.shape[0]:
+        if w.data_ptr() != address or w.shape[0] != rows:
             return None
-        offset += w.shape[0]
-    return fused if offset == fused.shape[0] else None
+        address += rows * row_bytes
+    return fused
 
 
 @torch.no_grad()

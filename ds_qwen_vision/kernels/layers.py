@@ -17,7 +17,11 @@ from __future__ import annotations
 import types
 
 import torch
+from transformers.models.qwen3_5.modeling_qwen3_5 import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
+                                                          eager_attention_forward)
 
+from ..tp_policy import FUSED_PROJECTIONS, fused_weight
+from . import gemv
 from .elementwise import add_rms_norm, compiled, sigmoid_gate, silu_mul
 from .projections import fused_projection
 
@@ -28,9 +32,6 @@ def mlp_forward(self, x):
 
 
 def attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-    from transformers.models.qwen3_5.modeling_qwen3_5 import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
-                                                              eager_attention_forward)
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q, k, v = fused_projection(self, hidden_states, ("q_proj", "k_proj", "v_proj"))
@@ -81,3 +82,8 @@ def install_fused_forwards(model, compiled_chains: bool | None = None) -> None:
         if hasattr(layer, "self_attn"):
             layer.self_attn._dsqv_sigmoid_gate = compiled(sigmoid_gate, compiled_chains)
             layer.self_attn.forward = types.MethodType(attention_forward, layer.self_attn)
+        if compiled_chains:  # cuBLAS or the Triton skinny GEMM for each fused weight shape, whichever is faster
+            for kind in FUSED_PROJECTIONS:
+                weight = fused_weight(getattr(layer, kind)) if hasattr(layer, kind) else None
+                if weight is not None:
+                    gemv.choose(weight)

@@ -6,18 +6,24 @@ runs a batch of 2 with an idle row). Saves them with the hook's tally of which p
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from ds_qwen_vision.config import AllReduceConfig
 from ds_qwen_vision.kernels import allreduce
-from ds_qwen_vision.model import chat_inputs, init_distributed, load_model, load_processor
+from ds_qwen_vision.model import (
+    chat_inputs,
+    init_distributed,
+    load_model,
+    load_processor,
+)
 from ds_qwen_vision.plan import Prefill, StepPlan
 from ds_qwen_vision.runner import ModelRunner
 
 
 def main(spec_path: str) -> None:
-    spec = json.load(open(spec_path))
+    spec = json.loads(Path(spec_path).read_text())
     rank, world = init_distributed("cpu")
     model = load_model(spec["model"], world, "cpu", torch.float32, show_progress=False)
     processor = load_processor(spec["model"])

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import launch
 from transformers import Qwen3_5ForConditionalGeneration
 
 from ds_qwen_vision.config import ConfigError, load_config
 from ds_qwen_vision.kernels.allreduce import PeerAllReduce, refusal
 from ds_qwen_vision.model import chat_inputs, load_processor
-from ranks import launch
 
 HIDDEN, VOCAB = 5120, 248_320  # the 27B's hidden size and vocabulary (the tp=2 lm_head all-reduces full logits)
 MiB = 1 << 20

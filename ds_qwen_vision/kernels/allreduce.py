@@ -41,7 +41,6 @@ on CPU ranks gloo / DeepSpeed's shared-memory kernel, untouched. Training-mode a
 from __future__ import annotations
 
 import os
-import warnings
 from collections import Counter
 
 import torch
@@ -220,11 +219,9 @@ def _peer_buffer(device, group, world: int, mode: str, max_bytes: int) -> torch.
 
             if hasattr(symm_mem, "set_backend"):
                 symm_mem.set_backend("CUDA")
-            if hasattr(symm_mem, "is_symm_mem_enabled_for_group") and \
-                    not symm_mem.is_symm_mem_enabled_for_group(group.group_name):
-                with warnings.catch_warnings():  # needed before torch 2.9, a deprecated no-op after
-                    warnings.simplefilter("ignore")
-                    symm_mem.enable_symm_mem_for_group(group.group_name)
+            enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+            if enable is not None and not getattr(enable, "__deprecated__", None):
+                enable(group.group_name)  # older torch: the group's store must be registered first
             buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(buffer, group.group_name)
             if handle.has_multicast_support() or handle.multicast_ptr != 0:

@@ -125,6 +125,23 @@ class SecurityConfig(_Section):
         return v
 
 
+class AllReduceConfig(_Section):
+    # The decode step's small all-reduces over peer GPU memory instead of NCCL (kernels/allreduce.py: PyTorch
+    # symmetric memory, never NVLink multicast); NCCL keeps larger messages, and CPU ranks their own path.
+    # Off until a 2-GPU run shows it beats NCCL in the decode step (benchmarks/allreduce_bench.py).
+    peer_memory: Literal["off", "one_shot", "two_shot"] = "off"
+    # Largest message (and the buffer each rank allocates): 1 MiB holds a decode step's hidden states up to
+    # 102 rows (5,120 bf16 each) and the tp=2 lm_head's logits of 2 rows (248,320 bf16 each).
+    max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 bytes (the kernels' vector width)")
+        return v
+
+
 class DeployConfig(_Section):
     model: str = Field(DEMO_MODEL, min_length=1)
     served_model_name: str | None = Field(None, min_length=1)
@@ -135,6 +152,7 @@ class DeployConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> DeployConfig:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from ds_qwen_vision.engine.sampling import Sampling
-from ds_qwen_vision.engine.speculative import Speculator, target_probs
+from ds_qwen_vision.engine.speculative import Speculator
 from ds_qwen_vision.plan import Prefill, StepPlan
 
 
@@ -88,13 +88,19 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
         verified = {slot for slot, _ in plan.verify}
         for slot, row in logits.items():
             seq = seqs[slot_job[slot]]
-            if slot in verified:
-                probs = lambda x, s: target_probs(x, s.temperature, s.top_p, s.top_k)  # noqa: E731
-                tokens = spec.tokens(seq, row, runner.verified[slot], probs)
-            elif seq.sampling.temperature > 0:
-                from ds_qwen_vision.engine.sampling import sample
-                tokens = [int(sample(row, seq.sampling, seq.generator))]
-            else:
+            tokens = None
+            if slot in verified:  # as Engine.after_step: drafts accepted, or the row's first position
+                drafts = spec.drafts(seq, runner.verified[slot])
+                if drafts:
+                    tokens = spec.tokens(seq, row, drafts)
+                else:
+                    seq.spec.accept = 0
+                    row = row[0]
+            if tokens is None and not seq.sampling.greedy:
+                from ds_qwen_vision.engine.sampling import RowParams, sample
+                params = RowParams.build([seq.sampling], [seq.generator], row.shape[-1], row.device)
+                tokens = sample(row[None], params).tokens.tolist()
+            elif tokens is None:
                 tokens = [int(torch.argmax(row))]
             for token in tokens:
                 seq.out.append(token)

@@ -96,21 +96,14 @@ def accept_sampled(drafts: list[int], probs: torch.Tensor, generator: torch.Gene
     return drafts[:a] + [int(torch.multinomial(last / last.sum(), 1, generator=generator))]
 
 
-def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = -1) -> torch.Tensor:
-    """The distribution plain sampling draws from (engine/sampling.sample's transform: temperature, top-k,
-    top-p, in float64), for every row of logits [T, vocab]."""
-    logits = logits.double()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+def target_probs(logits: torch.Tensor, sampling) -> torch.Tensor:
+    """The distribution plain sampling draws from at each of the rows of logits [T, vocab]: the sampler's own
+    transform (engine/sampling.filter_logits: temperature, top-k, top-p, min-p) with the request's values."""
+    from .sampling import RowParams, filter_logits
+
+    rows = logits.float()
+    params = RowParams.build([sampling] * rows.shape[0], [None] * rows.shape[0], rows.shape[-1], rows.device)
+    return filter_logits(rows, params).softmax(dim=-1).double()
 
 
 @dataclass
@@ -135,7 +128,11 @@ class Speculator:
                                       "(acceptance = accepted / drafts per position)", ["position"], registry=registry)
 
     def start(self, seq) -> None:
-        seq.spec = SeqSpec(index=NgramIndex(seq.input_ids) if self.method == "ngram" else None)
+        # Penalties and logprobs depend on each token's predecessors (and need the sampler's per-token state):
+        # such sequences decode one token a step (in a verify batch they take its first position only).
+        s = seq.sampling
+        plain = not (s.penalised or s.logprobs)
+        seq.spec = SeqSpec(index=NgramIndex(seq.input_ids) if self.method == "ngram" else None, drafting=plain)
 
     def schedule(self, plan, seq) -> None:
         """The sequence's part of the plan: the accept of its last verify, then a verify or a plain decode."""
@@ -165,30 +162,33 @@ class Speculator:
             plan.verify.extend((slot, [token]) for slot, token in plan.decode)
             plan.decode = []
 
-    def tokens(self, seq, logits: torch.Tensor, verified: list[int], sample_probs) -> list[int]:
-        """The tokens a verified row gives the sequence (accepted drafts, then the target's own)."""
-        s = seq.spec
-        drafts = verified[1:]
+    def drafts(self, seq, verified: list[int]) -> list[int]:
+        """The drafts of a verified row the sequence can use: none if it does not draft, none past max_tokens."""
+        if not seq.spec.drafting:
+            return []
         room = seq.sampling.max_tokens - seq.generated
-        drafts = drafts[:max(0, room - 1)]
-        if seq.sampling.temperature > 0 and seq.generator is not None:
-            probs = sample_probs(logits[:len(drafts) + 1], seq.sampling)
-            out = accept_sampled(drafts, probs, seq.generator)
-        else:
+        return verified[1:][:max(0, room - 1)]
+
+    def tokens(self, seq, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        """The tokens a verified row gives the sequence (accepted drafts, then the target's own);
+        logits [T, vocab] of the row, drafts as drafts() gave them."""
+        s = seq.spec
+        if seq.sampling.greedy or seq.generator is None:
             out = accept_greedy(drafts, logits[:len(drafts) + 1].argmax(-1).tolist())
+        else:
+            out = accept_sampled(drafts, target_probs(logits[:len(drafts) + 1], seq.sampling), seq.generator)
         a = len(out) - 1
         s.accept = a
         if self.method == "ngram":
             s.index.extend(out[:-1])  # the last one is fed next step (schedule() adds it)
-        if drafts:
-            s.verifies += 1
-            s.accepted += a
-            self.m_drafts.inc(len(drafts))
-            self.m_accepted.inc(a)
-            for i in range(len(drafts)):
-                self.m_pos_drafts.labels(str(i + 1)).inc()
-                if i < a:
-                    self.m_pos_accepted.labels(str(i + 1)).inc()
-            if s.verifies >= STOP_AFTER and s.accepted / s.verifies < STOP_BELOW and self.method == "ngram":
-                s.drafting = False
+        s.verifies += 1
+        s.accepted += a
+        self.m_drafts.inc(len(drafts))
+        self.m_accepted.inc(a)
+        for i in range(len(drafts)):
+            self.m_pos_drafts.labels(str(i + 1)).inc()
+            if i < a:
+                self.m_pos_accepted.labels(str(i + 1)).inc()
+        if s.verifies >= STOP_AFTER and s.accepted / s.verifies < STOP_BELOW and self.method == "ngram":
+            s.drafting = False
         return out

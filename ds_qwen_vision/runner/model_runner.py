@@ -20,17 +20,21 @@ import os
 import torch
 import torch.distributed as tdist
 
+from ..kernels import allreduce as peer_allreduce
 from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION
+from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import Prefill, StepPlan
+from ..tp_policy import tp_group
 from .slot_state import CacheView, SlotState
 
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
-                 cuda_graphs: bool | None = None, fuse: bool | None = None, speculative: dict | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
+                 speculative: dict | None = None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -45,6 +49,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
+            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
         gdn_kernel.install(model)  # decode (and verify) GDN layers: kernels/gdn.py; prefill: transformers'
         spec = speculative or {}
         spec_method, spec_k = spec.get("method", "none"), spec.get("num_tokens", 0)
@@ -59,6 +64,8 @@ class ModelRunner:
         self.key_index = torch.arange(self.kv_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
+            peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked

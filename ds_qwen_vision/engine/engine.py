@@ -176,7 +176,7 @@ class Engine:
         sampling = Sampling.from_request(request, self.sampling_defaults, max_tokens)
         if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
             raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
-                               "stop_token_ids")
+                               "stop_token_ids", "invalid_value")
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()

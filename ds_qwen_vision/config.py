@@ -102,6 +102,14 @@ class LimitsConfig(_Section):
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
+    # Choices per request (`n`): each is its own sequence, in its own cache slot.
+    max_n: int = Field(4, ge=1)
+
+
+class SamplingConfig(_Section):
+    # A request's omitted temperature / top_p / top_k / min_p / repetition_penalty come from the checkpoint's
+    # generation_config.json (as vLLM does); false: OpenAI's defaults (1, 1, off, 0, 1).
+    generation_config_defaults: bool = True
 
 
 class SecurityConfig(_Section):
@@ -117,6 +125,23 @@ class SecurityConfig(_Section):
         return v
 
 
+class AllReduceConfig(_Section):
+    # The decode step's small all-reduces over peer GPU memory instead of NCCL (kernels/allreduce.py: PyTorch
+    # symmetric memory, never NVLink multicast); NCCL keeps larger messages, and CPU ranks their own path.
+    # Off until a 2-GPU run shows it beats NCCL in the decode step (benchmarks/allreduce_bench.py).
+    peer_memory: Literal["off", "one_shot", "two_shot"] = "off"
+    # Largest message (and the buffer each rank allocates): 1 MiB holds a decode step's hidden states up to
+    # 102 rows (5,120 bf16 each) and the tp=2 lm_head's logits of 2 rows (248,320 bf16 each).
+    max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 bytes (the kernels' vector width)")
+        return v
+
+
 class DeployConfig(_Section):
     model: str = Field(DEMO_MODEL, min_length=1)
     served_model_name: str | None = Field(None, min_length=1)
@@ -125,7 +150,9 @@ class DeployConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> DeployConfig:

@@ -20,16 +20,19 @@ import os
 import torch
 import torch.distributed as tdist
 
+from ..kernels import allreduce as peer_allreduce
 from ..kernels.decode_attention import ATTENTION
+from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import Prefill, StepPlan
+from ..tp_policy import tp_group
 from .slot_state import CacheView, SlotState
 
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
-                 cuda_graphs: bool | None = None, fuse: bool | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -44,6 +47,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
+            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
         self.state = SlotState(model, max_slots, max_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
@@ -53,6 +57,8 @@ class ModelRunner:
         self.key_index = torch.arange(max_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
+            peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs:
             try:

@@ -22,6 +22,7 @@ import torch.distributed as tdist
 
 from ..kernels import allreduce as peer_allreduce
 from ..kernels.decode_attention import ATTENTION
+from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import Prefill, StepPlan
@@ -46,6 +47,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
+            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
         self.state = SlotState(model, max_slots, max_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)

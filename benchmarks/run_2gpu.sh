@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16 on 2 GPUs (written for 2xH200), in parts that each fit one device command (10 minutes):
 #   bash benchmarks/run_2gpu.sh OUT 1     all-reduce bench (messages + the 27B decode step with the peer path off,
-#                                         one_shot, two_shot) and GPU correctness at tp=2 (gpu_check.py)  ~5-6 min
+#                                         one_shot, two_shot) and GPU correctness at tp=2 (gpu_check.py: the
+#                                         serving path with NCCL and with one_shot, plain generate)       ~7 min
 #   bash benchmarks/run_2gpu.sh OUT 2     the tp=2 benchmark with its baselines (run_27b.sh)             ~6-7 min
 #   bash benchmarks/run_2gpu.sh OUT 3     the served benchmark through HTTP (bench_served.py --out DIR, plus --tp 2
 #                                         where it has that option; skipped when absent)
@@ -73,12 +74,21 @@ run_part() {  # run_part N: the stages of part N under its budget
         local d="$scratch/gpu_check_ckpt"
         stage gpu_check_build 60 python3 benchmarks/gpu_check.py build --dir "$d" &&
         stage gpu_check_ref 120 python3 benchmarks/gpu_check.py ref --dir "$d" --out "$work/ref.pt" &&
-        { stage gpu_check_tp 120 deepspeed --num_gpus 2 benchmarks/gpu_check.py tp --dir "$d" --out "$work/tp2.pt";
-          stage gpu_check_tp_compare 60 python3 benchmarks/gpu_check.py compare "$work/ref.pt" "$work/tp2.pt";
-          # shellcheck disable=SC2086
+        { # shellcheck disable=SC2086
           stage gpu_check_runner 180 deepspeed --num_gpus 2 benchmarks/gpu_check.py runner --dir "$d" \
               --out "$work/runner.pt" ${GPU_CHECK_ARGS:-};
-          stage gpu_check_runner_compare 60 python3 benchmarks/gpu_check.py compare "$work/ref.pt" "$work/runner.pt"; }
+          stage gpu_check_runner_compare 60 python3 benchmarks/gpu_check.py compare "$work/ref.pt" "$work/runner.pt"
+          # the serving path again with the decode all-reduces over peer memory: against transformers, and
+          # against the NCCL runner just above (same sums at tp=2, so the tokens should be identical)
+          # shellcheck disable=SC2086
+          stage gpu_check_runner_peer 180 deepspeed --num_gpus 2 benchmarks/gpu_check.py runner --dir "$d" \
+              --out "$work/runner_peer.pt" --allreduce one_shot ${GPU_CHECK_ARGS:-};
+          stage gpu_check_runner_peer_compare 60 python3 benchmarks/gpu_check.py compare "$work/ref.pt" \
+              "$work/runner_peer.pt"
+          stage gpu_check_peer_vs_nccl_compare 60 python3 benchmarks/gpu_check.py compare "$work/runner.pt" \
+              "$work/runner_peer.pt"
+          stage gpu_check_tp 120 deepspeed --num_gpus 2 benchmarks/gpu_check.py tp --dir "$d" --out "$work/tp2.pt"
+          stage gpu_check_tp_compare 60 python3 benchmarks/gpu_check.py compare "$work/ref.pt" "$work/tp2.pt"; }
         for f in "$work"/gpu_check_*compare.log; do [ -f "$f" ] && { note "--- $(basename "$f")"; cat "$f" >> "$summary"; }; done
         ;;
     2)

@@ -218,12 +218,18 @@ def _peer_buffer(device, group, world: int, mode: str, max_bytes: int) -> torch.
             import torch.distributed._symmetric_memory as symm_mem
 
             if hasattr(symm_mem, "set_backend"):
-                symm_mem.set_backend("CUDA")
+                try:
+                    symm_mem.set_backend("CUDA")
+                except RuntimeError:  # already chosen (TORCH_SYMMMEM pins it too); checked below
+                    pass
             enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
             if enable is not None and not getattr(enable, "__deprecated__", None):
                 enable(group.group_name)  # older torch: the group's store must be registered first
             buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(buffer, group.group_name)
+            backend = symm_mem.get_backend(device) if hasattr(symm_mem, "get_backend") else None
+            if backend not in (None, "CUDA"):
+                why = f"symmetric memory backend {backend} (this path uses CUDA's)"
             if handle.has_multicast_support() or handle.multicast_ptr != 0:
                 why = "the buffer came with multicast support; refused"
         except Exception as e:  # noqa: BLE001 -- any failure keeps NCCL

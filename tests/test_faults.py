@@ -58,9 +58,9 @@ class FakeRunner:
     """The runner's interface without a model: every stepped slot's logits pick token ``token``.
     ``delay_s`` per step; ``raise_at`` / ``hang_at``: that step raises / blocks until ``unblock``."""
 
-    def __init__(self, token: int, eos: int, vocab_size: int, slots: int = 1, delay_s: float = 0.0,
+    def __init__(self, token: int, eos: int, slots: int = 1, delay_s: float = 0.0,
                  raise_at: int | None = None, hang_at: int | None = None):
-        text = SimpleNamespace(max_position_embeddings=4096, vocab_size=vocab_size)
+        text = SimpleNamespace(max_position_embeddings=4096)
         self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos]),
                                      config=SimpleNamespace(text_config=text))
         self.max_slots, self.max_len = slots, 4096
@@ -147,7 +147,7 @@ def make_engine(processor):
     engines = []
 
     def make(**runner_kw) -> Engine:
-        runner = FakeRunner(token, eos=token + 1, vocab_size=len(processor.tokenizer), **runner_kw)
+        runner = FakeRunner(token, eos=token + 1, **runner_kw)
         engine = Engine(runner, FakeChannel(), processor, LimitsConfig(max_queue=4, max_new_tokens=4000))
         engines.append(engine)
         return engine

@@ -127,9 +127,9 @@ def test_a_call_inside_the_reasoning_is_not_a_call(tiny_ckpt):
     inside, after = call("noop"), call("get_weather", city="Oslo")
     text = f"Maybe {inside} no.</think>\n\nOK {after}"
     seq = SimpleNamespace(stream=TextStream(tok, [], in_reasoning=True), tools=ToolCallParser(TOOLS),
-                          events=queue.Queue())
+                          events=queue.Queue(), index=0, sampling=SimpleNamespace(logprobs=False))
     ids = tok(text)["input_ids"]
-    for i, token in enumerate(ids):
+    for token in ids:
         Engine.emit(seq, *seq.stream.add(token), final=False)
     Engine.emit(seq, *seq.stream.finish(), final=True)
     events = list(seq.events.queue)

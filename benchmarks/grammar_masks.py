@@ -5,7 +5,9 @@ step without a grammar (the baseline: pick the tokens of unmasked logits), measu
     python benchmarks/grammar_masks.py                       # the demo checkpoint's tokenizer (1,306 tokens)
     python benchmarks/grammar_masks.py --model /models/Qwen3.6-27B --device cuda --out benchmarks/results/X.json
 
-The rows are driven by random logits under their masks (a random model, so the text itself means
+`fill` is the host's part (xgrammar's matchers, every constrained row); `apply` is the device's: the
+additive mask `Engine.token_mask` hands the sampler (zeros, then xgrammar's kernel sets the disallowed
+tokens to -inf) and its addition to the logits. The rows are driven by random logits under their masks (a random model, so the text itself means
 nothing); every step's mask depends on the token picked before it, as in serving. Costs depend on the
 grammar's state (inside a free string a mask is cheap, at a JSON key it is not): the figures are means
 over whole constrained outputs, restarted when one ends.
@@ -55,9 +57,12 @@ def run(grammars: Grammars, request: dict, batch: int, steps: int, vocab: int, d
         t0 = time.perf_counter()
         torch.argmax(logits.clone(), -1).tolist()  # baseline: the step's pick without a grammar
         t1 = time.perf_counter()
-        mask = grammars.fill(matchers)
+        bits = grammars.fill(matchers)
         t2 = time.perf_counter()
-        grammars.apply(logits, mask)
+        # what Engine.token_mask hands the sampler (which adds it to the logits)
+        mask = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        grammars.apply(mask, bits)
+        logits = logits + mask
         sync()
         t3 = time.perf_counter()
         picks = torch.argmax(logits, -1).tolist()

@@ -454,11 +454,7 @@ class Engine:
         row is constrained. The host fills the bitmasks before anything reads the rows, so on a GPU that
         work overlaps the forward still running."""
         matchers = [seq.grammar for seq in seqs]
-        if all(m is None for m in matchers):
-            return None
-        mask = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
-        self.grammars.apply(mask, self.grammars.fill(matchers))
-        return mask
+        return None if all(m is None for m in matchers) else self.grammars.additive_mask(matchers, rows)
 
     def logprob_entries(self, picked: Picked, tokens: list[int], rows: list[Sampling]) -> list[dict | None] | None:
         """OpenAI logprob entries of the rows that asked for them (None for the others)."""

@@ -142,6 +142,13 @@ class Grammars:
         self.batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], mask, rows)
         return mask
 
+    def additive_mask(self, matchers: list[xgr.GrammarMatcher | None], rows: torch.Tensor) -> torch.Tensor:
+        """The sampler's mask for `rows` ([R, V] logits, one per matcher): 0 where a token is allowed, -inf
+        where not; all 0 for the rows without a matcher. Filled on the host, set on the rows' device."""
+        mask = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
+        self.apply(mask, self.fill(matchers))
+        return mask
+
     def apply(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
         """Disallowed tokens to -inf, in place, on the rows' device (xgrammar's kernel for it)."""
         xgr.apply_token_bitmask_inplace(rows, mask.to(rows.device, non_blocking=True),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import random
 import statistics
@@ -157,6 +158,17 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None):
     return out, seconds, stats
 
 
+def same_prefix(out: list[int], plain: list[int]) -> int:
+    """How many leading tokens equal plain decoding's. In fp32 all of them (the CPU tests); in bf16 a verify's
+    [k+1]-row GEMMs round differently from the 1-row step's, so a near tie can flip a random-weight argmax."""
+    n = 0
+    for a, b in zip(out, plain):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def timed_steps(runner, plan_fn, repeats: int, device) -> float:
     """Median seconds of runner.run(plan_fn()) (host read of the result included, as the engine reads it)."""
     from ds_qwen_vision.plan import StepPlan  # noqa: F401
@@ -275,7 +287,7 @@ def main() -> None:
             for name, profile in PROFILES.items():
                 index = Oracle(n_prompt, continuation, profile, vocab)
                 out, seconds, stats = generate(r, prompt, args.tokens, index=index, device=device)
-                assert out == continuation[:args.tokens], f"{name}: speculation changed the greedy output"
+                stats["same_tokens_as_plain"] = same_prefix(out, continuation)
                 rows.append({"run": f"ngram k=3, {name} (drafter handed the target's continuation)",
                              "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
                              "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
@@ -301,11 +313,12 @@ def main() -> None:
     del r
     r = runner("mtp", 3)
     out, seconds, stats = generate(r, prompt, args.tokens, device=device)
-    assert out == continuation[:args.tokens], "mtp: speculation changed the greedy output"
+    stats["same_tokens_as_plain"] = same_prefix(out, continuation)
     rows.append({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),
                  "floor_ms": floor_ms, "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label,
                  **stats})
     del r, model
+    gc.collect()  # the runners' hooks and graphs reference the model in cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -370,3 +370,16 @@ def test_server_with_mtp_speculation_answers_like_transformers(tmp_path_factory)
         assert "dsqv_spec_draft_tokens_total" in metrics
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_sequence_whose_drafts_fail_stops_drafting(setup, ngram_runner):
+    """At 0% acceptance the row verifies STOP_AFTER times, then decodes one token a step (plain steps)."""
+    from ds_qwen_vision.engine.speculative import STOP_AFTER
+
+    _, x, expected, long = setup
+    n = STOP_AFTER + 6
+    with torch.inference_mode():
+        ref = setup[0].generate(**x[0], max_new_tokens=n + K, do_sample=False)[0, x[0]["input_ids"].shape[1]:].tolist()
+    stats = {}
+    assert drive(ngram_runner, [(0, 0, x[0])], n, stats=stats, oracle=[ref], profile=(0.0,)) == [ref[:n]]
+    assert stats["drafts"] == STOP_AFTER * K and stats["accepted"] == 0

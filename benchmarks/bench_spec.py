@@ -158,6 +158,31 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None):
     return out, seconds, stats
 
 
+@torch.inference_mode()
+def gdn_paths_agree(model, device) -> dict:
+    """kernels/gdn.py's CUDA path (flash-linear-attention per position) against its reference path, one layer,
+    T = 4 from a random state: the largest differences of the output and of the states after each position."""
+    from ds_qwen_vision.kernels import gdn as kernel
+
+    layer = next(l.linear_attn for l in model.model.language_model.layers if hasattr(l, "linear_attn"))
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(2, 4, layer.hidden_size, generator=g, device=device, dtype=torch.bfloat16)
+    conv = torch.randn(2, layer.conv_dim, layer.conv_kernel_size, generator=g, device=device, dtype=torch.bfloat16)
+    rec = 0.1 * torch.randn(2, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim, generator=g, device=device)
+    fla = kernel._fla_recurrent
+    out, _, states = kernel.gdn_multi_token(layer, h, conv, rec)
+    kernel._fla_recurrent = None
+    try:
+        ref, _, ref_states = kernel.gdn_multi_token(layer, h, conv, rec)
+    finally:
+        kernel._fla_recurrent = fla
+    return {"run": "check: GDN multi-token forward, CUDA path vs reference path (one layer, T=4)",
+            "fla": fla is not None, "decode_ms_per_token": None,
+            "max_abs_diff_out": float((out.float() - ref.float()).abs().max()),
+            "max_abs_out": float(ref.float().abs().max()),
+            "max_abs_diff_states": float((states - ref_states).abs().max())}
+
+
 def same_prefix(out: list[int], plain: list[int]) -> int:
     """How many leading tokens equal plain decoding's. In fp32 all of them (the CPU tests); in bf16 a verify's
     [k+1]-row GEMMs round differently from the 1-row step's, so a near tie can flip a random-weight argmax."""
@@ -263,6 +288,8 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     label = "random weights: acceptance (and so this figure) depends on content"
+    if device.type == "cuda":
+        rows.append(gdn_paths_agree(model, device))
 
     def runner(method="none", k=1):
         return ModelRunner(model, device, max_slots=1, max_len=max_len, speculative={"method": method, "num_tokens": k})

@@ -306,6 +306,7 @@ def main() -> None:
         r.run(StepPlan(prefill=[Prefill(0, prompt)]))
         drafts = continuation[1:k + 1]
         step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]] + drafts)]), args.repeats, device)
+        verify4_ms = 1e3 * step
         # no accept between them: every timed verify runs at the same position
         rows.append({"run": f"verify step, {k + 1} positions (k={k})", "step_ms": 1e3 * step,
                      "over_plain_step": 1e3 * step / plain_ms, "floor_ms": floor_ms,
@@ -326,15 +327,20 @@ def main() -> None:
 
     r = runner("mtp", 3)
     r.run(StepPlan(prefill=[Prefill(0, prompt)]))
-    r.spec.verify_in_host = torch.tensor([[continuation[0]] * 4])
+    # the served step: the head's 3 drafts and the 4-position verify, one graph on CUDA
+    step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]])]), args.repeats, device)
+    rows.append({"run": "mtp verify step, 4 positions, drafts included (k=3)", "step_ms": 1e3 * step,
+                 "over_plain_step": 1e3 * step / plain_ms, "draft_ms": 1e3 * step - verify4_ms,
+                 "decode_ms_per_token": None, "floor_ms": floor_ms})
+    r.spec._mtp_prepare(1, [0], torch.tensor([continuation[0]]))
     times = []
     for _ in range(args.repeats + 3):
         sync(device)
         t = time.perf_counter()
-        r.spec._mtp_drafts(1, [0])
+        r.spec._mtp_forward(1)
         sync(device)
         times.append(time.perf_counter() - t)
-    rows.append({"run": "MTP draft step (k=3 drafts, one row)", "step_ms": 1e3 * statistics.median(times[3:]),
+    rows.append({"run": "MTP draft step alone, eager (k=3 drafts, one row)", "step_ms": 1e3 * statistics.median(times[3:]),
                  "over_plain_step": 1e3 * statistics.median(times[3:]) / plain_ms, "decode_ms_per_token": None,
                  "floor_ms": floor_ms})
     del r

@@ -279,7 +279,7 @@ class Engine:
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
-                stepped = len(plan.prefill) + len(plan.decode)
+                stepped = len(plan.prefill) + len(plan.decode) + len(plan.verify)
                 if stepped:
                     self.m_tps.set(stepped / dt)
         except BaseException as e:

@@ -79,12 +79,13 @@ class Speculation:
     def accept(self, accepts: list[tuple[int, int]]) -> None:
         """The previous verify's first i + 1 tokens of each (slot, i) are the sequence's: keep that state."""
         device = self.runner.device
+        for slot, i in accepts:
+            if not 0 <= i < self.t:
+                raise ValueError(f"slot {slot}: accepted position {i} outside the verified {self.t}")
         slots = torch.tensor([s for s, _ in accepts], device=device)
         index = torch.tensor([i for _, i in accepts], device=device)
         self.runner.state.select_steps(slots, index)
         for slot, i in accepts:
-            if not 0 <= i < self.t:
-                raise ValueError(f"slot {slot}: accepted position {i} outside the verified {self.t}")
             self.runner.length[slot] += i + 1
             if self.mtp is not None:
                 self.pend_n[slot] = i + 1

@@ -383,3 +383,29 @@ def test_a_sequence_whose_drafts_fail_stops_drafting(setup, ngram_runner):
     stats = {}
     assert drive(ngram_runner, [(0, 0, x[0])], n, stats=stats, oracle=[ref], profile=(0.0,)) == [ref[:n]]
     assert stats["drafts"] == STOP_AFTER * K and stats["accepted"] == 0
+
+
+def test_launch_refuses_mtp_on_a_checkpoint_without_it(tmp_path):
+    """launch.sh: exit 2 (a config error) before any rank starts."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    bare = build_checkpoint(tmp_path / "bare", preset="tiny", seed=0, mtp=False)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": str(bare), "device": "cpu", "speculative": {"method": "mtp", "num_tokens": 2},
+                               "server": {"ipc_socket": str(tmp_path / "s.sock")}}))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(repo / "launch.sh"), "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has no mtp.* weights" in proc.stderr, proc.stderr
+
+
+def test_shard_table_covers_every_mtp_key_once(tiny_ckpt):
+    from test_shard_policy import checkpoint_shapes
+
+    from ds_qwen_vision.tp_policy import rules_for
+
+    keys = [k for k in checkpoint_shapes(tiny_ckpt) if k.startswith("mtp.")]
+    assert len(keys) > 10
+    for key in keys:
+        assert len(rules_for(key)) == 1, key

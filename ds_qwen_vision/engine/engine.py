@@ -4,6 +4,12 @@ Requests arrive from the IPC threads (`Engine.generate`), are checked against th
 template, image processor, token limits) before they are queued, and are then run by the main loop
 (`Engine.run`), which broadcasts a StepPlan per step so every rank runs the same forward. Nothing about
 a request reaches the other ranks until it has passed every check.
+
+The loop keeps one step in flight: it plans, broadcasts and launches step N+1, then reads step N's
+tokens (already sampled on the device, and already fed to step N+1 there) and does the host work --
+detokenization, stop strings, events -- while the GPU runs N+1. A sequence that ends at step N (end of
+sequence, a stop string) is therefore computed once more in step N+1; that token is dropped, never
+emitted. max_tokens is counted when steps are scheduled, so it costs no extra step.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
-from ..plan import Prefill, StepPlan
+from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .sampling import Sampling, sample
 from .textstream import TextStream, prompt_opens_thinking
 
@@ -53,11 +59,25 @@ class Sequence:
     created: float = field(default_factory=time.perf_counter)
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
-    next_token: int | None = None   # sampled, fed to the model in the next step
+    in_flight: int = 0              # tokens scheduled whose value the host has not read yet
     generated: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+
+
+class Step:
+    """A launched step: its outputs (slot, sequence or None) in order, and their tokens being copied to
+    the host. `wait()` returns them once the device has them."""
+
+    def __init__(self, outputs: list[tuple[int, Sequence | None]], host: torch.Tensor | None = None,
+                 event=None):
+        self.outputs, self.host, self.event = outputs, host, event
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist() if self.host is not None else []
 
 
 class Engine:
@@ -77,6 +97,13 @@ class Engine:
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.ranks: list[dict] = []
+        # Start-up phase: serve.py sets "warming_up" while runner/warmup.py runs, then "ready". Until
+        # then /health is 503 and requests are refused (503), so no request ever meets a compilation.
+        self.phase = "ready"
+        self.warmup: str | None = None  # warm-up progress, for /health
+        # Prompt tokens prefilled per step: limits.prefill_chunk_tokens, or what warm-up derived from
+        # limits.max_gap_steps and the measured step times.
+        self.prefill_budget = limits.prefill_chunk_tokens
         self.alive = True
         self.failure: str | None = None
         self.stopping = threading.Event()
@@ -108,6 +135,11 @@ class Engine:
         except Exception as e:
             log(f"[rank 0] image processor on {device} failed ({e!r}); images are processed on the host")
             return False
+
+    def image_unit(self) -> int:
+        """Pixels per side of one merged image token (patch size x spatial merge)."""
+        vision = self.runner.model.config.vision_config
+        return vision.patch_size * vision.spatial_merge_size
 
     @staticmethod
     def _eos_ids(model) -> set[int]:
@@ -181,6 +213,10 @@ class Engine:
             yield RequestError(503, "the server is shutting down; retry on another replica or after a restart",
                                type="service_unavailable_error", code="shutting_down").event()
             return
+        if self.phase != "ready":
+            yield RequestError(503, f"the server is starting ({self.phase}); retry once /health is 200",
+                               type="service_unavailable_error", code=self.phase).event()
+            return
         try:
             seq = self.prepare(request)
         except RequestError as e:
@@ -215,9 +251,9 @@ class Engine:
                 self.wake.set()
 
     def health(self) -> dict:
-        ready = (self.alive and not self.stopping.is_set() and len(self.ranks) == self.channel.world
-                 and all(r.get("ready") for r in self.ranks))
-        return {"ready": ready, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
+        ready = (self.alive and not self.stopping.is_set() and self.phase == "ready"
+                 and len(self.ranks) == self.channel.world and all(r.get("ready") for r in self.ranks))
+        return {"ready": ready, "phase": self.phase, "warmup": self.warmup, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
                 "ranks": self.ranks, "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
 
     def metrics(self) -> str:
@@ -232,10 +268,17 @@ class Engine:
         watchdog (serve.py): a rank that died leaves the others spinning in the all-reduce, never raising.
         """
         last_beat = 0.0
+        pending: Step | None = None  # the step in flight, its tokens not read yet
         try:
             while not (self.stopping.is_set() and (self.idle() or time.monotonic() >= self.drain_deadline)):
                 plan = self.plan()
                 if plan.empty():
+                    if pending is not None:  # nothing more to launch before its tokens are known
+                        self.busy_since = time.monotonic()
+                        self.consume(pending)
+                        pending = None
+                        self.busy_since = None
+                        continue
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         self.busy_since = time.monotonic()
                         self.heartbeat()
@@ -246,10 +289,11 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 self.busy_since = time.monotonic()
-                self.channel.broadcast(plan)
                 pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-                logits = self.runner.run(plan, pixels)
-                self.after_step(plan, logits)
+                step = self.launch(plan, pixels, self.running)
+                if pending is not None:  # step N's tokens, while the device runs step N+1
+                    self.consume(pending)
+                pending = step
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
@@ -276,7 +320,7 @@ class Engine:
         """Every generating sequence decodes one token; prompts are prefilled within a token budget per
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
-        budget = self.limits.prefill_chunk_tokens
+        budget = self.prefill_budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done:
@@ -284,8 +328,10 @@ class Engine:
                 del self.running[slot]  # the slot's next prefill overwrites its state
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
-            elif seq.next_token is not None:
-                plan.decode.append((slot, seq.next_token))
+            elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
+                # its previous token is on the device already (sampled there, maybe not read yet)
+                plan.decode.append((slot, FROM_DEVICE))
+                seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
         while free and budget > 0:
             try:
@@ -313,43 +359,71 @@ class Engine:
         plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if start == 0 else [],
                                     tuple(seq.pixel_values.shape) if first else None, start, end))
         seq.prefilled = end
+        if end == len(seq.input_ids):
+            seq.in_flight += 1  # the prompt's last chunk gives the first token
         return end - start
 
-    def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
-        now = time.perf_counter()
+    def launch(self, plan: StepPlan, pixels: dict[int, torch.Tensor], seqs: dict[int, Sequence] | None = None) -> Step:
+        """Broadcast and run one step; its tokens are picked and fed to the next step on the device, and
+        start on their way to the host (`Step.wait`). `seqs`: the sequence of each slot, for sampling
+        (None: greedy, as warm-up runs)."""
+        self.channel.broadcast(plan)
+        logits = self.runner.run(plan, pixels)
         if not logits:
-            return
-        # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
-        # with its request's generator), then one copy to the host: one sync per step, not per row.
+            return Step([])
+        slots = list(logits)
+        outputs = [(slot, (seqs or {}).get(slot)) for slot in slots]
+        picks = self.pick(logits, [seq for _, seq in outputs])
+        self.runner.feed(slots, picks)
+        if picks.device.type == "cuda":  # pinned + an event: the host reads them when it needs them
+            host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            host.copy_(picks, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return Step(outputs, host, event)
+        return Step(outputs, picks)
+
+    @staticmethod
+    def pick(logits: dict[int, torch.Tensor], seqs: list[Sequence | None]) -> torch.Tensor:
+        """Every row's token, picked where the logits are (greedy: one argmax for all rows; sampled: each
+        with its request's generator): no host sync."""
         rows = torch.stack(list(logits.values()))
         picks = rows.argmax(-1)
-        for i, slot in enumerate(logits):
-            seq = self.running[slot]
-            if seq.sampling.temperature > 0 and seq.generator is not None:
+        for i, seq in enumerate(seqs):
+            if seq is not None and seq.sampling.temperature > 0 and seq.generator is not None:
                 picks[i] = sample(rows[i], seq.sampling, seq.generator)
-        for slot, token in zip(logits, picks.tolist()):
-            seq = self.running[slot]
-            seq.pixel_values = None  # prefilled: the pixels are no longer needed
-            seq.generated += 1
-            self.m_tokens.inc()
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.m_ttft.observe(now - seq.created)
-            finish = None
-            if token in self.eos_ids:
+        return picks
+
+    def consume(self, step: Step) -> None:
+        """The host's side of a step, one step late: its tokens into text and events."""
+        tokens = step.wait()
+        now = time.perf_counter()
+        for (_, seq), token in zip(step.outputs, tokens):
+            if seq is None or seq.done or seq.cancelled:
+                continue  # computed after the sequence ended (one step late): never emitted
+            seq.in_flight -= 1
+            self.accept(seq, token, now)
+
+    def accept(self, seq: Sequence, token: int, now: float) -> None:
+        seq.pixel_values = None  # prefilled: the pixels are no longer needed
+        seq.generated += 1
+        self.m_tokens.inc()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.m_ttft.observe(now - seq.created)
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            reasoning, content = seq.stream.add(token)
+            self.emit(seq, reasoning, content)
+            if seq.stream.stopped:
                 finish = "stop"
-            else:
-                reasoning, content = seq.stream.add(token)
-                self.emit(seq, reasoning, content)
-                if seq.stream.stopped:
-                    finish = "stop"
-                elif seq.generated >= seq.sampling.max_tokens:
-                    finish = "length"
-            if finish:
-                self.emit(seq, *seq.stream.finish())
-                self.finish(seq, finish)
-            else:
-                seq.next_token = token
+            elif seq.generated >= seq.sampling.max_tokens:
+                finish = "length"
+        if finish:
+            self.emit(seq, *seq.stream.finish())
+            self.finish(seq, finish)
 
     @staticmethod
     def emit(seq: Sequence, reasoning: str, content: str) -> None:

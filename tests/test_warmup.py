@@ -102,6 +102,7 @@ def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
     assert all(r and r[-1]["event"] == "done" for r in results), results
     assert runner.shapes - warm == set(), f"met after warm-up: {runner.shapes - warm}"
     assert unique_graphs() == graphs, "a request compiled a graph that warm-up did not"
+    assert runner.status()["graphs_compiled_after_ready"] == 0
 
 
 def test_prefill_budget_keeps_the_gap_within_max_gap_steps():

@@ -25,7 +25,7 @@ from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .slot_state import CacheView, SlotState
-from .warmup import decode_class, prefill_class, vision_class
+from .warmup import decode_class, prefill_classes, vision_class
 
 
 class ModelRunner:
@@ -55,6 +55,13 @@ class ModelRunner:
         # rank receives it over the model's group (feed), so no rank's host waits for a token.
         self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.shapes: set[tuple] = set()  # the shape classes this runner has met (runner/warmup.py)
+        gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
+        self.gdn_heads = tuple(sorted({gdn[0].num_k_heads, gdn[0].num_v_heads})) if gdn else ()
+        self.ready = False           # set once warm-up is over: compilations after it are counted
+        self.graphs_at_ready = 0
+        self.compiles_after_ready: list[str] = []
+        if device.type == "cuda":
+            self._count_triton_compiles()
         self.key_index = torch.arange(max_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -150,7 +157,7 @@ class ModelRunner:
             self.pending[item.slot] = self.prompt_inputs(item, self.pixels(item, pixel_values))
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
-        self.shapes.add(prefill_class(item.start, end - item.start))
+        self.shapes |= prefill_classes(item.start, end - item.start, self.gdn_heads)
         embeds, positions = self.pending[item.slot]
         mask = None  # from the start of the cache: plain causal attention (SDPA's is_causal)
         if item.start > 0:
@@ -195,8 +202,10 @@ class ModelRunner:
         """Execute one plan; returns the next-token logits ([vocab], float32) of each slot that has one:
         decoded slots, and slots whose prompt is complete. `pixels` (rank 0 only): the image pixels of
         each slot starting a prefill with images."""
-        if plan.reset:
+        if plan.reset:  # the end of warm-up (runner/warmup.py), on every rank
             self.reset()
+            self.ready = True
+            self.graphs_at_ready = _dynamo_graphs()
             return {}
         logits = {}
         for item in plan.prefill:
@@ -233,6 +242,22 @@ class ModelRunner:
         self.rope_delta = [0] * self.max_slots
         self.pending.clear()
 
+    def _count_triton_compiles(self) -> None:
+        """Record every Triton kernel variant this process loads or compiles after ready: warm-up meant
+        there would be none (its cache hook runs on each in-memory miss; returning None compiles)."""
+        try:
+            from triton import knobs
+        except ImportError:  # an older Triton: nothing counted
+            return
+        previous = knobs.runtime.jit_cache_hook
+
+        def hook(*args, **kwargs):
+            if self.ready:
+                self.compiles_after_ready.append(str(kwargs.get("repr", "?"))[:200])
+            return previous(*args, **kwargs) if previous is not None else None
+
+        knobs.runtime.jit_cache_hook = hook
+
     def status(self) -> dict:
         """This rank's health report: ready, and device memory in use."""
         rank = int(os.environ.get("RANK", "0"))
@@ -244,7 +269,17 @@ class ModelRunner:
         else:
             with open("/proc/self/statm") as f:
                 mem = {"rss_bytes": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
-        return {"rank": rank, "ready": True, "device": str(self.device), "cuda_graphs": self.cuda_graphs, **mem}
+        return {"rank": rank, "ready": True, "device": str(self.device), "cuda_graphs": self.cuda_graphs,
+                "compiles_after_ready": len(self.compiles_after_ready),
+                "graphs_compiled_after_ready": _dynamo_graphs() - self.graphs_at_ready if self.ready else 0,
+                "first_compiles_after_ready": self.compiles_after_ready[:3], **mem}
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (the compiled norms)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def follower_loop(runner: ModelRunner, channel) -> None:

@@ -5,16 +5,22 @@ What compiles or tunes on first use, and what it is keyed on (hence the classes 
 - the compiled RMSNorms (kernels/norms.py, `dynamic=True`): dynamo specialises sizes 0 and 1, so a
   prefill of 1 token and one of several, a decode batch of 1 and one of several, are different graphs;
 - Triton kernels (FLA's Gated DeltaNet chunk kernels, inductor's): Triton specialises every integer
-  argument on `== 1` and `% 16 == 0`, and the sequence length is one; FLA's autotune keys are head
-  counts and dims (fixed for a deployment) and its chunk size;
+  argument on `== 1` and `% 16 == 0`, and the sequence length is one; FLA's chunk kernels' autotune
+  keys are head counts and dims (fixed for a deployment) and its chunk size, but its L2 norm of q/k
+  and its gated RMSNorm (`FusedRMSNormGated`, which transformers uses when FLA is installed) run over
+  rows = tokens x heads and key their autotune (and a constexpr) on NB = ceil(rows / 2048): one
+  variant per bucket of ~2048 / heads tokens (at the 27B's 48 value heads, tp=1: every ~43 tokens);
 - decode batch sizes: one CUDA graph each (captured at start) and their first replays;
 - SDPA (flash for a first chunk, memory-efficient with a mask for a continuing one), cuBLAS, the
   vision tower's conv and attention: nothing compiles, but each kernel's first launch loads it; the
   vision tower runs eagerly for any grid, so a smallest and a largest image (the largest the limits
   let through, which is also the prefill's peak memory) cover it.
-So a prefill chunk's class is (first or continuing, length 1 / a multiple of 16 / other): finite,
-whatever lengths the scheduler cuts. The runner records the classes it meets (`ModelRunner.shapes`);
-a test serves varied requests after warm-up and checks that none is new.
+So a prefill chunk of n tokens has the classes (first or continuing, length 1 / a multiple of 16 /
+other) and, per GDN head count h of this rank, (h, ceil(n h / 2048), the class of n h): finite whatever
+lengths the scheduler cuts (~50 for the 27B). Warm-up runs each at its largest length. The runner
+records the classes it meets (`ModelRunner.shapes`); a test serves varied requests after warm-up and
+checks that none is new. On CUDA the runner also counts Triton compilations after ready
+(`compiles_after_ready` in /health's rank reports): the check on the GPU that this list is complete.
 
 Warm-up runs as ordinary plans broadcast by rank 0 (followers run them like any other), sampling
 included, and ends with a `reset` plan that zeroes every slot, so nothing of it leaks into requests.
@@ -35,8 +41,10 @@ def length_class(n: int) -> str:
     return "1" if n == 1 else "x16" if n % 16 == 0 else "other"
 
 
-def prefill_class(start: int, n: int) -> tuple:
-    return ("prefill", "continue" if start > 0 else "first", length_class(n))
+def prefill_classes(start: int, n: int, heads: tuple[int, ...] = ()) -> set[tuple]:
+    """The classes of a prefill chunk of n tokens from `start`; `heads`: this rank's GDN head counts."""
+    return {("prefill", "continue" if start > 0 else "first", length_class(n))} | \
+        {("rows", h, -(-n * h // 2048), length_class(n * h)) for h in heads}
 
 
 def decode_class(batch: int) -> tuple:
@@ -138,9 +146,15 @@ class WarmUp:
         x16 = max(16, cap // 16 * 16)
         cont = max(16, min(x16, (longest - 16) // 16 * 16))  # continuing chunks start at 16
         stages = []
-        # Prefill: each class at its largest size (the largest is also the peak of the prefill's workspace).
+        # Prefill: each class at its largest length (the largest is also the peak of the prefill's workspace).
         # A first chunk of 1 token happens too: a new prompt gets what is left of a step's budget.
-        for n in (x16, x16 - 1, 1):
+        first, covered = [], set()
+        for n in range(cap, 0, -1):
+            classes = prefill_classes(0, n, runner.gdn_heads)
+            if not classes <= covered:
+                first.append(n)
+                covered |= classes
+        for n in first:
             stages.append((f"prefill, first chunk of {n}", lambda n=n: self.prompt(n)))
         for n in (cont, cont - 1, 1):
             stages.append((f"prefill, continuing chunk of {n}", lambda n=n: self.prompt(16, n)))

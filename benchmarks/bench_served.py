@@ -1,20 +1,24 @@
 """The served benchmark: launch.sh driven by streaming HTTP clients, beside the runner alone, in one call.
 
-    # GPU (one card, tp=1): 27B widths (hidden 5120, vocab 248,320, 27B vision tower), --layers of the 64
-    python benchmarks/bench_served.py --layers 16 --out benchmarks/results
+    # GPU (one card, tp=1): 27B widths (hidden 5120, vocab 248,320, 27B vision tower), 16 of the 64 layers;
+    # three calls, each under ten minutes (--step all runs them in one):
+    python benchmarks/bench_served.py --step build --out benchmarks/results      # the checkpoint, ~18 GB
+    python benchmarks/bench_served.py --step prebuild --out benchmarks/results   # cold start: fills the caches
+    python benchmarks/bench_served.py --step bench --out benchmarks/results      # runner alone + served
     # CPU check of the script itself (minutes): the loadtest preset
-    python benchmarks/bench_served.py --preset loadtest --device cpu --dtype float32 --streams 4 \\
-        --prompt-tokens 64 --new-tokens 16 --out /tmp/served
+    python benchmarks/bench_served.py --preset loadtest --layers 8 --device cpu --dtype float32 --streams 4 \\
+        --prompt-tokens 64 --new-tokens 16 --max-prompt 512 --chunk 256 --out /tmp/served
 
 Steps, all on the same real-format checkpoint (built once, random weights, `checkpoint.build_checkpoint`):
-1. the runner alone (a subprocess, the baseline): one stream's decode step with the host reading every
-   token, and `--streams` prompts served by a tight loop scheduled like Engine.plan (no HTTP, no IPC,
-   no detokenization);
-2. launch.sh from an empty compile cache: `startup_s` (start to /health 200, the phases seen on the way),
-   the first request's time to first token, then the same request warm; one stream's ms per token;
-   three bursts of `--streams` concurrent streams (tokens/s, every stream's inter-token gaps, the
-   first burst included); SIGTERM;
-3. launch.sh again on the now-filled cache: `startup_cached_s`.
+- build: the checkpoint (cached: a second build returns at once);
+- prebuild: `launch.sh --prebuild` on an empty compile cache (OUT/compile-cache): a fresh machine's
+  start-up, load + warm-up with every compilation and autotune, timed (`startup_cold_s`);
+- bench: the runner alone (a subprocess, the baseline): one stream's decode step with the host reading
+  every token, and `--streams` prompts served by a tight loop scheduled like Engine.plan (no HTTP, no
+  IPC, no detokenization); then launch.sh on the filled cache: `startup_s` (start to /health 200, the
+  phases seen on the way), the first request's time to first token, then the same request warm; one
+  stream's ms per token; three bursts of `--streams` concurrent streams (tokens/s, every stream's
+  inter-token gaps, the first burst included); what still compiled after ready (from /health); SIGTERM.
 Writes OUT/DATE-CARD-tp1-served.json. Weights are random: the token counts (and so the figures) do
 not depend on content except where a stream meets an end-of-sequence token, which its usage shows.
 """
@@ -160,24 +164,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]:
+    """The deployment config (the same limits for prebuild and bench: the same shapes) and launch.sh's env."""
+    cfg = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
+           "tensor_parallel": {"tp_size": 1},
+           "server": {"port": port, "ipc_socket": str(workdir / f"{tag}.sock"), "threads": 64,
+                      "step_timeout_s": 600},
+           "limits": {"max_concurrent": args.streams, "max_prompt_tokens": args.max_prompt,
+                      "max_new_tokens": args.new_tokens, "prefill_chunk_tokens": args.chunk,
+                      "max_gap_steps": args.max_gap_steps, "max_images_per_request": 1}}
+    path = workdir / f"{tag}.json"
+    path.write_text(json.dumps(cfg))
+    env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.out / "compile-cache"))
+    for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(k, None)
+    return path, env
+
+
+def prebuild_main(args) -> dict:
+    """A fresh machine's start-up: launch.sh --prebuild on an empty compile cache."""
+    work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
+    shutil.rmtree(args.out / "compile-cache", ignore_errors=True)
+    path, env = server_config(args, work, "prebuild", free_port())
+    t = time.perf_counter()
+    proc = subprocess.run([str(REPO / "launch.sh"), "--prebuild", "--config", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    out = {"startup_cold_s": time.perf_counter() - t, "returncode": proc.returncode,
+           "warmup_log": [line for line in proc.stderr.splitlines() if "warm-up" in line or "loaded" in line]}
+    (args.out / "prebuild.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1), flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"launch.sh --prebuild exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 class Served:
-    def __init__(self, args, workdir: Path, cache: Path, tag: str):
+    def __init__(self, args, workdir: Path, tag: str):
         self.port = free_port()
-        cfg = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
-               "tensor_parallel": {"tp_size": 1},
-               "server": {"port": self.port, "ipc_socket": str(workdir / f"{tag}.sock"), "threads": 64,
-                          "step_timeout_s": 600},
-               "limits": {"max_concurrent": args.streams, "max_prompt_tokens": args.max_prompt,
-                          "max_new_tokens": args.new_tokens, "prefill_chunk_tokens": args.chunk,
-                          "max_gap_steps": args.max_gap_steps, "max_images_per_request": 1}}
-        (workdir / f"{tag}.json").write_text(json.dumps(cfg))
-        env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(cache))
-        for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-            env.pop(k, None)
+        path, env = server_config(args, workdir, tag, self.port)
         self.log = workdir / f"{tag}.log"
         self.t0 = time.perf_counter()
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen([str(REPO / "launch.sh"), "--config", str(workdir / f"{tag}.json")],
+            self.proc = subprocess.Popen([str(REPO / "launch.sh"), "--config", str(path)],
                                          cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         self.phases: dict[str, float] = {}
 
@@ -251,11 +280,9 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
 
 def served_main(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
-    cache = args.out / "compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)  # a fresh machine: nothing compiled yet
     texts = prompts(args.model, args.prompt_tokens, args.streams * 3 + 2)
     out = {}
-    server = Served(args, work, cache, "cold")
+    server = Served(args, work, "served")
     server.model_name = str(args.model)
     try:
         out["startup_s"] = server.wait_ready(args.startup_timeout)
@@ -273,15 +300,16 @@ def served_main(args) -> dict:
         out["served_streams_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in bursts)
         out["max_inter_token_gap_ms"] = max(b["max_gap_ms"] for b in bursts)
         out["median_inter_token_gap_ms"] = statistics.median(b["median_gap_ms"] for b in bursts)
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        c.request("GET", "/health")
+        ranks = json.loads(c.getresponse().read())["engine"]["ranks"]
+        out["compiles_after_ready"] = [r.get("compiles_after_ready") for r in ranks]
+        out["graphs_compiled_after_ready"] = [r.get("graphs_compiled_after_ready") for r in ranks]
+        out["first_compiles_after_ready"] = [r.get("first_compiles_after_ready") for r in ranks]
         log = server.log.read_text()
         out["warmup_log"] = [line for line in log.splitlines() if "warm-up" in line][-3:]
     finally:
         server.stop()
-    again = Served(args, work, cache, "cached")
-    try:
-        out["startup_cached_s"] = again.wait_ready(args.startup_timeout)
-    finally:
-        again.stop()
     shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -289,8 +317,9 @@ def served_main(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the results JSON (and the compile cache)")
+    p.add_argument("--step", default="all", choices=["build", "prebuild", "bench", "all"])
     p.add_argument("--preset", default="27b", help="checkpoint.PRESETS widths")
-    p.add_argument("--layers", type=int, default=None, help="text layers (a multiple of 4; default: the preset's)")
+    p.add_argument("--layers", type=int, default=16, help="text layers (a multiple of 4; 0: the preset's)")
     p.add_argument("--ckpt-dir", type=Path, default=None)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -307,7 +336,15 @@ def main() -> None:
     if args.runner_out:
         return runner_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.layers = args.layers or None
     args.model = checkpoint(args)
+    if args.step == "build":
+        return
+    if args.step in ("prebuild", "all"):
+        prebuild_main(args)
+        if args.step == "prebuild":
+            return
+    cold = json.loads((args.out / "prebuild.json").read_text()) if (args.out / "prebuild.json").exists() else {}
     runner_json = args.out / "runner-alone.json"
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--model", str(args.model),
@@ -322,7 +359,7 @@ def main() -> None:
     rows = [
         {"run": f"ds-qwen-vision served (launch.sh + HTTP streaming clients), {args.preset} widths, {layers} layers",
          "decode_ms_per_token": served["served_ms_per_token"], "floor_ms": runner.get("floor_ms"),
-         "startup_s": served["startup_s"], "startup_cached_s": served["startup_cached_s"],
+         "startup_s": served["startup_s"], "startup_cold_s": cold.get("startup_cold_s"),
          "startup_phases_s": served["startup_phases_s"],
          "first_request_ttft_s": served["first_request_ttft_s"], "warm_request_ttft_s": served["warm_request_ttft_s"],
          "served_ms_per_token": served["served_ms_per_token"], "runner_ms_per_token": runner["runner_ms_per_token"],
@@ -330,8 +367,11 @@ def main() -> None:
          f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"],
          "max_inter_token_gap_ms": served["max_inter_token_gap_ms"],
          "median_inter_token_gap_ms": served["median_inter_token_gap_ms"],
+         "compiles_after_ready": served["compiles_after_ready"],
+         "graphs_compiled_after_ready": served["graphs_compiled_after_ready"],
+         "first_compiles_after_ready": served["first_compiles_after_ready"],
          "bursts": served["bursts"], "served_one_stream_tokens": served["served_one_stream_tokens"],
-         "warmup_log": served["warmup_log"]},
+         "warmup_log": served["warmup_log"], "cold_warmup_log": cold.get("warmup_log", [])[-3:]},
         {"run": "runner alone (baseline: ModelRunner steps in a tight loop, same checkpoint, same call)",
          "decode_ms_per_token": runner["runner_ms_per_token"], "floor_ms": runner.get("floor_ms"),
          "runner_ms_per_token": runner["runner_ms_per_token"],

@@ -56,12 +56,12 @@ class ModelRunner:
         self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.shapes: set[tuple] = set()  # the shape classes this runner has met (runner/warmup.py)
         gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
-        self.gdn_heads = tuple(sorted({gdn[0].num_k_heads, gdn[0].num_v_heads})) if gdn else ()
+        # FLA's q/k L2 norm runs over rows = tokens x key heads (runner/warmup.py)
+        self.gdn_heads = (gdn[0].num_k_heads,) if gdn else ()
         self.ready = False           # set once warm-up is over: compilations after it are counted
         self.graphs_at_ready = 0
         self.compiles_after_ready: list[str] = []
-        if device.type == "cuda":
-            self._count_triton_compiles()
+        self.counting_compiles = device.type == "cuda" and self._count_triton_compiles()
         self.key_index = torch.arange(max_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -242,13 +242,13 @@ class ModelRunner:
         self.rope_delta = [0] * self.max_slots
         self.pending.clear()
 
-    def _count_triton_compiles(self) -> None:
+    def _count_triton_compiles(self) -> bool:
         """Record every Triton kernel variant this process loads or compiles after ready: warm-up meant
         there would be none (its cache hook runs on each in-memory miss; returning None compiles)."""
         try:
             from triton import knobs
         except ImportError:  # an older Triton: nothing counted
-            return
+            return False
         previous = knobs.runtime.jit_cache_hook
 
         def hook(*args, **kwargs):
@@ -257,6 +257,7 @@ class ModelRunner:
             return previous(*args, **kwargs) if previous is not None else None
 
         knobs.runtime.jit_cache_hook = hook
+        return True
 
     def status(self) -> dict:
         """This rank's health report: ready, and device memory in use."""
@@ -270,7 +271,7 @@ class ModelRunner:
             with open("/proc/self/statm") as f:
                 mem = {"rss_bytes": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
         return {"rank": rank, "ready": True, "device": str(self.device), "cuda_graphs": self.cuda_graphs,
-                "compiles_after_ready": len(self.compiles_after_ready),
+                "compiles_after_ready": len(self.compiles_after_ready) if self.counting_compiles else None,
                 "graphs_compiled_after_ready": _dynamo_graphs() - self.graphs_at_ready if self.ready else 0,
                 "first_compiles_after_ready": self.compiles_after_ready[:3], **mem}
 

@@ -6,18 +6,18 @@ What compiles or tunes on first use, and what it is keyed on (hence the classes 
   prefill of 1 token and one of several, a decode batch of 1 and one of several, are different graphs;
 - Triton kernels (FLA's Gated DeltaNet chunk kernels, inductor's): Triton specialises every integer
   argument on `== 1` and `% 16 == 0`, and the sequence length is one; FLA's chunk kernels' autotune
-  keys are head counts and dims (fixed for a deployment) and its chunk size, but its L2 norm of q/k
-  and its gated RMSNorm (`FusedRMSNormGated`, which transformers uses when FLA is installed) run over
-  rows = tokens x heads and key their autotune (and a constexpr) on NB = ceil(rows / 2048): one
-  variant per bucket of ~2048 / heads tokens (at the 27B's 48 value heads, tp=1: every ~43 tokens);
+  keys are head counts and dims (fixed for a deployment) and its chunk size, but its L2 norm of q and
+  k (`use_qk_l2norm_in_kernel`) runs over rows = tokens x key heads and keys its autotune (and a
+  constexpr) on NB = ceil(rows / 2048): one variant per bucket of 2048 / heads tokens (the 27B's 16 key
+  heads at tp=1: every 128 tokens);
 - decode batch sizes: one CUDA graph each (captured at start) and their first replays;
 - SDPA (flash for a first chunk, memory-efficient with a mask for a continuing one), cuBLAS, the
   vision tower's conv and attention: nothing compiles, but each kernel's first launch loads it; the
   vision tower runs eagerly for any grid, so a smallest and a largest image (the largest the limits
   let through, which is also the prefill's peak memory) cover it.
 So a prefill chunk of n tokens has the classes (first or continuing, length 1 / a multiple of 16 /
-other) and, per GDN head count h of this rank, (h, ceil(n h / 2048), the class of n h): finite whatever
-lengths the scheduler cuts (~50 for the 27B). Warm-up runs each at its largest length. The runner
+other) and, for this rank's GDN key heads h, (h, ceil(n h / 2048), the class of n h): finite whatever
+lengths the scheduler cuts (~20 chunks for the 27B). Warm-up runs each at its largest length. The runner
 records the classes it meets (`ModelRunner.shapes`); a test serves varied requests after warm-up and
 checks that none is new. On CUDA the runner also counts Triton compilations after ready
 (`compiles_after_ready` in /health's rank reports): the check on the GPU that this list is complete.

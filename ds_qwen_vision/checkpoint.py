@@ -40,7 +40,7 @@ import torch
 # what makes a directory a valid cache entry.
 MARKER_FILE = "ds_qwen_vision_build.json"
 # Bump whenever the builder's output changes so that stale caches are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -731,14 +731,15 @@ def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtyp
 
     ids = token_ids()
     model = _build_model(preset, seed).to(dtype)
-    # Real generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
-    # <|endoftext|>.  The real one samples (temperature 0.6, top_p 0.95, top_k 20); greedy
-    # keeps test generations deterministic.
+    # Qwen3.6's generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
+    # <|endoftext|>, sample with temperature 0.6, top_p 0.95, top_k 20 -- the defaults the
+    # server applies to requests that leave them out (tests that need determinism ask for
+    # temperature 0, or pass do_sample=False to transformers' generate).
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
+        do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
     )
     # Writes config.json, generation_config.json, model-0000i-of-0000n.safetensors and
     # model.safetensors.index.json with the official key names.

@@ -115,11 +115,17 @@ def _image_only_processor_class():
 
 
 def open_image(data: bytes):
-    """Decode image bytes the way transformers' own loader does (EXIF orientation applied, RGB)."""
+    """Decode image bytes as Qwen's own preprocessing sees them: EXIF orientation applied, RGB, and an
+    image with transparency (an alpha channel, or a palette / colour key marked transparent) composited
+    over white, as qwen-vl-utils and vLLM do -- a bare convert("RGB") would show the colours hidden
+    under transparent pixels instead."""
     from PIL import Image, ImageOps
 
     image = Image.open(io.BytesIO(data))
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
     limits = config.limits
     runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
-                         max_len=limits.max_prompt_tokens + limits.max_new_tokens)
+                         max_len=limits.max_prompt_tokens + limits.max_new_tokens, allreduce=config.allreduce)
     channel = ControlChannel(limits.max_concurrent)
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from .engine import Engine
     from .runner.warmup import warm_up
 
-    engine = Engine(runner, channel, processor, config.limits)
+    engine = Engine(runner, channel, processor, config.limits, config.sampling.generation_config_defaults)
     engine.phase = "warming_up"
     if ipc is not None:
         ipc.handler = engine  # health and requests from now on: 503s with the phase until ready

@@ -109,6 +109,9 @@ def test_config_json_matches_real_schema(tiny_dir, tokenizer):
     ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert generation["eos_token_id"] == ids
     assert generation["pad_token_id"] == ids[1]
+    # Qwen3.6's sampling defaults, which the server applies to requests that leave them out.
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"], generation["top_k"]) == \
+        (True, 0.6, 0.95, 20)
 
 
 def test_loads_without_missing_or_unexpected_keys(tiny_dir):

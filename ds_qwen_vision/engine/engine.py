@@ -6,10 +6,11 @@ template, image processor, token limits) before they are queued, and are then ru
 a request reaches the other ranks until it has passed every check.
 
 The loop keeps one step in flight: it plans, broadcasts and launches step N+1, then reads step N's
-tokens (already sampled on the device, and already fed to step N+1 there) and does the host work --
-detokenization, stop strings, events -- while the GPU runs N+1. A sequence that ends at step N (end of
-sequence, a stop string) is therefore computed once more in step N+1; that token is dropped, never
-emitted. max_tokens is counted when steps are scheduled, so it costs no extra step.
+tokens (already picked on the device, and already fed to step N+1 there) and does the host work --
+detokenization, stop strings, logprob entries, events -- while the GPU runs N+1. A sequence that ends
+at step N (end of sequence, a stop string or token) is therefore computed once more in step N+1; that
+token is dropped, never emitted. max_tokens is counted when steps are scheduled, so it costs no extra
+step. A step whose picks need the host's view of the tokens so far (`synchronous`) waits for them first.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
 from ..plan import FROM_DEVICE, Prefill, StepPlan
-from .sampling import Sampling, sample
+from .logprobs import TokenBytes
+from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
 from .textstream import TextStream, prompt_opens_thinking
 
 HEARTBEAT_S = 1.0
@@ -60,32 +62,60 @@ class Sequence:
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
     in_flight: int = 0              # tokens scheduled whose value the host has not read yet
+    picked: int = 0                 # tokens picked on the device so far (the host reads them one step later)
     generated: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    index: int = 0                  # the choice it is (a request with n choices has n sequences)
+    group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
+    pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
 
 
 class Step:
-    """A launched step: its outputs (slot, sequence or None) in order, and their tokens being copied to
-    the host. `wait()` returns them once the device has them."""
+    """A launched step: its outputs (slot, sequence or None) in order, and its picks being copied to the
+    host (pinned memory, an event). `wait()` returns them (a Picked of host tensors) once they are there."""
 
-    def __init__(self, outputs: list[tuple[int, Sequence | None]], host: torch.Tensor | None = None,
-                 event=None):
-        self.outputs, self.host, self.event = outputs, host, event
+    def __init__(self, outputs: list[tuple[int, Sequence | None]], picked: Picked | None = None, event=None):
+        self.outputs, self.picked, self.event = outputs, picked, event
 
-    def wait(self) -> list[int]:
+    def wait(self) -> Picked | None:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.tolist() if self.host is not None else []
+        return self.picked
+
+
+def to_host(picked: Picked) -> tuple[Picked, object]:
+    """Start copying a step's picks to the host without waiting for them: (host Picked, CUDA event)."""
+    if picked.tokens.device.type != "cuda":
+        return picked, None
+
+    def copy(t):
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    host = Picked(copy(picked.tokens), copy(picked.logprob), copy(picked.top_ids), copy(picked.top_logprobs))
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class Engine:
-    def __init__(self, runner, channel, processor, limits):
+    def __init__(self, runner, channel, processor, limits, generation_config_defaults: bool = True):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
         self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
         self.eos_ids = self._eos_ids(runner.model)
+        # What a request leaves out comes from the checkpoint's generation_config (config key
+        # sampling.generation_config_defaults), as vLLM does.
+        self.sampling_defaults = generation_defaults(runner.model.generation_config) \
+            if generation_config_defaults else {}
+        self.vocab_size = getattr(runner.model.config.text_config, "vocab_size", None)
+        self.penalties = PenaltyState(self.max_slots)
+        self.token_bytes = TokenBytes(self.tokenizer)
+        self._rows: tuple[tuple[int, ...], RowParams, torch.Tensor] | None = None  # the last step's rows
         # transformers' torchvision image processor resizes and normalises on the GPU when asked: the same
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
         device = getattr(runner, "device", None)
@@ -189,19 +219,25 @@ class Engine:
             raise RequestError(400, f"max_tokens is {max_tokens}; the limit is {self.limits.max_new_tokens}",
                                "max_tokens")
         max_tokens = min(max_tokens, room)
-        sampling = Sampling(max_tokens=max_tokens, temperature=request.get("temperature", 1.0),
-                            top_p=request.get("top_p", 1.0), top_k=request.get("top_k", -1),
-                            seed=request.get("seed"), stop=list(request.get("stop") or []))
-        generator = None
-        if sampling.temperature > 0:  # on the logits' device: sampling stays there (engine.sample)
-            generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
-            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+        sampling = Sampling.from_request(request, self.sampling_defaults, max_tokens)
+        if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
+            raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
+                               "stop_token_ids")
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
-        return Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [], sampling,
-                        stream, queue.Queue(), generator)
+        # n choices: n sequences with one event queue; choice i draws with seed + i (its own generator).
+        events: queue.Queue = queue.Queue()
+        group: list[Sequence] = []
+        for index in range(request.get("n") or 1):
+            generator = None
+            if not sampling.greedy:  # on the logits' device: sampling stays there (engine.sample)
+                generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
+                generator.manual_seed(sampling.seed + index if sampling.seed is not None else torch.seed())
+            stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+            group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
+                                  sampling, stream, events, generator, index=index, group=group))
+        return group[0]
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -224,8 +260,11 @@ class Engine:
             yield e.event()
             return
         try:
-            self.waiting.put_nowait(seq)
+            for choice in seq.group:
+                self.waiting.put_nowait(choice)
         except queue.Full:
+            for choice in seq.group:
+                choice.cancelled = True  # those already queued are dropped by plan()
             self.m_requests.labels("queue_full").inc()
             yield RequestError(429, "the request queue is full; retry later", type="rate_limit_error",
                                code="queue_full").event()
@@ -246,9 +285,10 @@ class Engine:
                 if event["event"] in ("done", "error"):
                     return
         finally:
-            if not seq.done:
-                seq.cancelled = True  # the client went away: the loop frees its slot at the next step
-                self.wake.set()
+            for choice in seq.group:
+                if not choice.done:
+                    choice.cancelled = True  # the client went away: the loop frees its slot at the next step
+                    self.wake.set()
 
     def health(self) -> dict:
         ready = (self.alive and not self.stopping.is_set() and self.phase == "ready"
@@ -272,13 +312,15 @@ class Engine:
         try:
             while not (self.stopping.is_set() and (self.idle() or time.monotonic() >= self.drain_deadline)):
                 plan = self.plan()
-                if plan.empty():
-                    if pending is not None:  # nothing more to launch before its tokens are known
-                        self.busy_since = time.monotonic()
-                        self.consume(pending)
-                        pending = None
-                        self.busy_since = None
+                if pending is not None and (plan.empty() or self.synchronous(plan)):
+                    # nothing to launch before its tokens are known, or this step's picks need them
+                    self.busy_since = time.monotonic()
+                    self.consume(pending)
+                    pending = None
+                    self.busy_since = None
+                    if plan.empty():
                         continue
+                if plan.empty():
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         self.busy_since = time.monotonic()
                         self.heartbeat()
@@ -323,13 +365,13 @@ class Engine:
         budget = self.prefill_budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
-                if seq.cancelled and not seq.done:
+                if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
-                # its previous token is on the device already (sampled there, maybe not read yet)
+                # its previous token is on the device already (picked there, maybe not read yet)
                 plan.decode.append((slot, FROM_DEVICE))
                 seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
@@ -339,7 +381,8 @@ class Engine:
             except queue.Empty:
                 break
             if seq.cancelled:
-                self.m_requests.labels("cancelled").inc()
+                if seq.index == 0 and not seq.done:
+                    self.m_requests.labels("cancelled").inc()
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
@@ -363,45 +406,48 @@ class Engine:
             seq.in_flight += 1  # the prompt's last chunk gives the first token
         return end - start
 
+    def synchronous(self, plan: StepPlan) -> bool:
+        """Whether this step must wait for the previous step's tokens on the host before it is launched:
+        a pick that depends on the host's view of the tokens so far (a grammar's state for token_mask)
+        must return True here for the sequences it constrains. None does so far."""
+        return False
+
     def launch(self, plan: StepPlan, pixels: dict[int, torch.Tensor], seqs: dict[int, Sequence] | None = None) -> Step:
         """Broadcast and run one step; its tokens are picked and fed to the next step on the device, and
-        start on their way to the host (`Step.wait`). `seqs`: the sequence of each slot, for sampling
-        (None: greedy, as warm-up runs)."""
+        start on their way to the host (`Step.wait`). `seqs`: the sequence of each slot (None: greedy
+        picks and nothing to read, as warm-up's text prompts run)."""
         self.channel.broadcast(plan)
         logits = self.runner.run(plan, pixels)
         if not logits:
             return Step([])
         slots = list(logits)
         outputs = [(slot, (seqs or {}).get(slot)) for slot in slots]
-        picks = self.pick(logits, [seq for _, seq in outputs])
-        self.runner.feed(slots, picks)
-        if picks.device.type == "cuda":  # pinned + an event: the host reads them when it needs them
-            host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
-            host.copy_(picks, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return Step(outputs, host, event)
-        return Step(outputs, picks)
-
-    @staticmethod
-    def pick(logits: dict[int, torch.Tensor], seqs: list[Sequence | None]) -> torch.Tensor:
-        """Every row's token, picked where the logits are (greedy: one argmax for all rows; sampled: each
-        with its request's generator): no host sync."""
         rows = torch.stack(list(logits.values()))
-        picks = rows.argmax(-1)
-        for i, seq in enumerate(seqs):
-            if seq is not None and seq.sampling.temperature > 0 and seq.generator is not None:
-                picks[i] = sample(rows[i], seq.sampling, seq.generator)
-        return picks
+        if all(seq is not None for _, seq in outputs):
+            # Every row's token is picked where the logits are, all rows at once (engine.sampling)
+            picked = self.pick(rows, [seq for _, seq in outputs])
+            for _, seq in outputs:
+                seq.picked += 1
+        else:
+            picked = Picked(rows.argmax(-1))
+        self.runner.feed(slots, picked.tokens)
+        return Step(outputs, *to_host(picked))
 
     def consume(self, step: Step) -> None:
-        """The host's side of a step, one step late: its tokens into text and events."""
-        tokens = step.wait()
+        """The host's side of a step, one step late: its tokens into text and events (one host copy per
+        step, started at launch)."""
+        picked = step.wait()
+        if picked is None:
+            return
         now = time.perf_counter()
-        for (_, seq), token in zip(step.outputs, tokens):
+        tokens = picked.tokens.tolist()
+        logprobs = self.logprob_entries(picked, tokens, [seq.sampling if seq else None for _, seq in step.outputs])
+        for i, ((_, seq), token) in enumerate(zip(step.outputs, tokens)):
             if seq is None or seq.done or seq.cancelled:
                 continue  # computed after the sequence ended (one step late): never emitted
             seq.in_flight -= 1
+            if logprobs is not None and logprobs[i] is not None:
+                seq.pending_logprobs.append(logprobs[i])
             self.accept(seq, token, now)
 
     def accept(self, seq: Sequence, token: int, now: float) -> None:
@@ -412,7 +458,7 @@ class Engine:
             seq.first_token_at = now
             self.m_ttft.observe(now - seq.created)
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids or token in seq.sampling.stop_token_ids:
             finish = "stop"
         else:
             reasoning, content = seq.stream.add(token)
@@ -425,17 +471,73 @@ class Engine:
             self.emit(seq, *seq.stream.finish())
             self.finish(seq, finish)
 
+    def pick(self, rows: torch.Tensor, seqs: list[Sequence]) -> Picked:
+        """The next token of every row ([R, V] logits of `seqs`), on the logits' device."""
+        key = tuple(seq.id for seq in seqs)
+        if self._rows is None or self._rows[0] != key:  # the batch changed: its parameters to the device
+            params = RowParams.build([s.sampling for s in seqs], [s.generator for s in seqs], rows.shape[-1],
+                                     rows.device)
+            self._rows = (key, params, torch.tensor([s.slot for s in seqs], device=rows.device))
+        _, params, slots = self._rows
+        counts = prompt = None
+        if params.use_penalties:
+            for seq in seqs:
+                if seq.picked == 0 and seq.sampling.penalised:  # its first token: counts start at 0
+                    self.penalties.start(seq.slot, seq.input_ids, rows.shape[-1], rows.device)
+            if self.penalties.counts is not None:
+                counts, prompt = self.penalties.rows(slots)
+        picked = sample(rows, params, counts, prompt, self.token_mask(seqs, rows))
+        if counts is not None:
+            self.penalties.record(slots, picked.tokens)
+        return picked
+
+    def token_mask(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor | None:
+        """Hook for constrained decoding: a [R, V] mask of the tokens each row may take (bool, True =
+        allowed; or additive float), applied before the penalties and sampling. None: no constraint."""
+        return None
+
+    def logprob_entries(self, picked: Picked, tokens: list[int],
+                        rows: list[Sampling | None]) -> list[dict | None] | None:
+        """OpenAI logprob entries of the rows that asked for them (None for the others)."""
+        if picked.logprob is None:
+            return None
+        chosen = picked.logprob.tolist()
+        top_ids = picked.top_ids.tolist() if picked.top_ids is not None else None
+        top_lps = picked.top_logprobs.tolist() if picked.top_logprobs is not None else None
+        out: list[dict | None] = []
+        for i, s in enumerate(rows):
+            if s is None or not s.logprobs:
+                out.append(None)
+                continue
+            k = s.top_logprobs
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+            out.append(self.token_bytes.entry(tokens[i], chosen[i], top))
+        return out
+
     @staticmethod
     def emit(seq: Sequence, reasoning: str, content: str) -> None:
         if reasoning or content:
-            seq.events.put({"event": "delta", "content": content, "reasoning_content": reasoning})
+            event = {"event": "delta", "index": seq.index, "content": content, "reasoning_content": reasoning}
+            if seq.sampling.logprobs:  # the tokens up to this text (some held back text until now)
+                event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
+            seq.events.put(event)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
+        # This choice's end (with the logprobs of tokens that produced no text); the request's end once
+        # every choice has ended.
+        event = {"event": "delta", "index": seq.index, "content": "", "reasoning_content": "",
+                 "finish_reason": reason}
+        if seq.sampling.logprobs:
+            event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
+        seq.events.put(event)
+        if not all(s.done for s in seq.group):
+            return
         n_prompt = len(seq.input_ids)
+        generated = sum(s.generated for s in seq.group)
         seq.events.put({"event": "done", "finish_reason": reason,
-                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": seq.generated,
-                                  "total_tokens": n_prompt + seq.generated}})
+                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": generated,
+                                  "total_tokens": n_prompt + generated}})
         self.m_requests.labels("completed").inc()
 
     def fail(self, why: str, code: str = "engine_down") -> None:

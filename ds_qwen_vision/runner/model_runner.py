@@ -20,17 +20,20 @@ import os
 import torch
 import torch.distributed as tdist
 
-from ..kernels.decode_attention import ATTENTION
+from ..kernels import allreduce as peer_allreduce
+from ..kernels.decode_attention import ATTENTION, MAX_QUERY_TOKENS
+from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
+from ..tp_policy import tp_group
 from .slot_state import CacheView, SlotState
 from .warmup import decode_class, prefill_classes, vision_class
 
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
-                 cuda_graphs: bool | None = None, fuse: bool | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -45,6 +48,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
+            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
         self.state = SlotState(model, max_slots, max_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
@@ -65,6 +69,8 @@ class ModelRunner:
         self.key_index = torch.arange(max_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
+            peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs:
             try:
@@ -160,11 +166,16 @@ class ModelRunner:
         self.shapes |= prefill_classes(item.start, end - item.start, self.gdn_heads)
         embeds, positions = self.pending[item.slot]
         mask = None  # from the start of the cache: plain causal attention (SDPA's is_causal)
+        # A short continuing chunk goes to the decode attention kernel (kernels/decode_attention.py), whose
+        # split count is a compile-time constant of the key length: it sees the whole cache (a fixed
+        # length, the tail masked) so that every such chunk reuses the variants warm-up compiled.
+        span = self.max_len if 0 < item.start and end - item.start <= MAX_QUERY_TOKENS else None
         if item.start > 0:
             rows = torch.arange(item.start, end, device=self.device)
-            mask = (self.key_index[None, :end] <= rows[:, None])[None, None]
+            mask = (self.key_index[None, :span or end] <= rows[:, None])[None, None]
         out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
-                         past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start),
+                         past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start,
+                                                   span=span),
                          attention_mask={"full_attention": mask, "linear_attention": None},
                          use_cache=True, logits_to_keep=1)
         self.length[item.slot] = end

@@ -44,8 +44,9 @@ class CacheView:
     """
 
     def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
-                 active: torch.Tensor | None = None):
+                 active: torch.Tensor | None = None, span: int | None = None):
         self.state, self.rows, self.start, self.positions = state, rows, start, positions
+        self.span = span  # prefill: the keys returned cover [0, span) (None: up to the chunk's end)
         self.active = active
         if positions is not None:
             self.batch_index = torch.arange(rows.stop - rows.start, device=positions.device)
@@ -57,7 +58,8 @@ class CacheView:
             end = self.start + key.shape[2]
             keys[:, :, self.start:end] = key
             values[:, :, self.start:end] = value
-            return keys[:, :, :end], values[:, :, :end]
+            stop = end if self.span is None else self.span
+            return keys[:, :, :stop], values[:, :, :stop]
         keys[self.batch_index, :, self.positions] = key[:, :, 0]
         values[self.batch_index, :, self.positions] = value[:, :, 0]
         return keys, values

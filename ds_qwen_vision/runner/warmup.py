@@ -42,8 +42,13 @@ def length_class(n: int) -> str:
 
 
 def prefill_classes(start: int, n: int, heads: tuple[int, ...] = ()) -> set[tuple]:
-    """The classes of a prefill chunk of n tokens from `start`; `heads`: this rank's GDN head counts."""
-    return {("prefill", "continue" if start > 0 else "first", length_class(n))} | \
+    """The classes of a prefill chunk of n tokens from `start`; `heads`: this rank's GDN key head counts.
+    A continuing chunk of at most MAX_QUERY_TOKENS tokens runs the decode attention kernel, whose token
+    count is a compile-time constant: one class per length."""
+    from ..kernels.decode_attention import MAX_QUERY_TOKENS
+
+    short = start > 0 and n <= MAX_QUERY_TOKENS
+    return {("prefill", "continue" if start > 0 else "first", f"q{n}" if short else length_class(n))} | \
         {("rows", h, -(-n * h // 2048), length_class(n * h)) for h in heads}
 
 
@@ -156,7 +161,9 @@ class WarmUp:
                 covered |= classes
         for n in first:
             stages.append((f"prefill, first chunk of {n}", lambda n=n: self.prompt(n)))
-        for n in (cont, cont - 1, 1):
+        from ..kernels.decode_attention import MAX_QUERY_TOKENS
+
+        for n in (cont, cont - 1, *range(MAX_QUERY_TOKENS, 0, -1)):
             stages.append((f"prefill, continuing chunk of {n}", lambda n=n: self.prompt(16, n)))
         if limits.max_images_per_request > 0:
             stages.append(("vision tower, smallest image", lambda: self.image(small=True, budget=cap)))
@@ -212,6 +219,7 @@ class WarmUp:
                 side = [max(unit, int(s * 0.9)) for s in side]
         else:
             raise RuntimeError(f"warm-up: no image prompt fits the limits (last tried {side})")
+        seq.slot = 0
         for start in range(0, len(seq.input_ids), budget):
             self.chunk(seq.input_ids, seq, start, min(len(seq.input_ids), start + budget))
 

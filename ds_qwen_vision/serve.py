@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     engine.phase = "warming_up"
     if ipc is not None:
         ipc.handler = engine  # health and requests from now on: 503s with the phase until ready
-    engine.prefill_budget = warm_up(engine, log)
+    warm_up(engine, log)  # also sets engine.prefill_budget (limits.max_gap_steps)
     if args.prebuild:
         channel.broadcast(StepPlan(stop=True))
         log(f"[rank 0] prebuilt in {time.perf_counter() - t0:.1f}s; the compile caches are filled")

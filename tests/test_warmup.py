@@ -55,7 +55,7 @@ def warmed(tiny_ckpt):
     engine = Engine(runner, OneRank(), processor, limits)
     engine.phase = "warming_up"
     seen = []
-    engine.prefill_budget = warm_up(engine, lambda msg: seen.append((msg, engine.health())))
+    warm_up(engine, lambda msg: seen.append((msg, engine.health())))
     engine.heartbeat()
     engine.phase = "ready"
     return engine, seen
@@ -106,12 +106,30 @@ def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
 
 
 def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
-    # a chunk of n tokens costs 10 ms + 0.05 ms * n; a decode step 20 ms; 3 steps allowed -> n <= 600
+    # a chunk of n tokens costs 10 ms + 0.05 ms * n; a decode step 20 ms; 3 steps allowed -> n <= 600,
+    # and each further prompt in the step costs its 10 ms = 200 tokens' worth
     prefill = {64: 0.010 + 0.05e-3 * 64, 2048: 0.010 + 0.05e-3 * 2048}
-    assert prefill_budget(0.020, prefill, 3.0, cap=2048) == 592  # a multiple of 16
-    assert prefill_budget(0.020, prefill, None, cap=2048) == 2048
-    assert prefill_budget(0.020, prefill, 100.0, cap=2048) == 2048
-    assert prefill_budget(0.001, prefill, 3.0, cap=2048) == 64  # unattainable: the floor
+    assert prefill_budget(0.020, prefill, 3.0, cap=2048) == (592, 200)  # a multiple of 16
+    assert prefill_budget(0.020, prefill, None, cap=2048) == (2048, 0)
+    assert prefill_budget(0.020, prefill, 100.0, cap=2048) == (2048, 200)
+    assert prefill_budget(0.001, prefill, 3.0, cap=2048) == (64, 200)  # unattainable: the floor
+
+
+def test_the_scheduler_charges_each_prompt_its_overhead(warmed):
+    """Two short prompts would fit the token budget together, but not with the second one's fixed cost."""
+    engine, _ = warmed
+    e = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
+    e.prefill_budget, e.prefill_overhead = 64, 200
+    for text in ("one two", "three four"):
+        seq = e.prepare(request(text))
+        e.waiting.put(seq)
+    plan = e.plan()
+    assert len(plan.prefill) == 1 and len(e.running) == 1  # the second waits for the next step
+    e2 = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
+    e2.prefill_budget = 64
+    for text in ("one two", "three four"):
+        e2.waiting.put(e2.prepare(request(text)))
+    assert len(e2.plan().prefill) == 2
 
 
 @pytest.fixture

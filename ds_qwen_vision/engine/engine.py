@@ -134,6 +134,7 @@ class Engine:
         # Prompt tokens prefilled per step: limits.prefill_chunk_tokens, or what warm-up derived from
         # limits.max_gap_steps and the measured step times.
         self.prefill_budget = limits.prefill_chunk_tokens
+        self.prefill_overhead = 0  # a prefill forward's fixed cost in tokens, charged per prompt after the first
         self.alive = True
         self.failure: str | None = None
         self.stopping = threading.Event()
@@ -362,20 +363,20 @@ class Engine:
         """Every generating sequence decodes one token; prompts are prefilled within a token budget per
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
-        budget = self.prefill_budget
+        budget = self.prefill_budget + self.prefill_overhead  # the first prefill's overhead is in the budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
             elif seq.prefilled < len(seq.input_ids):
-                budget -= self.schedule_prefill(plan, seq, budget)
+                budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
             elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
                 # its previous token is on the device already (picked there, maybe not read yet)
                 plan.decode.append((slot, FROM_DEVICE))
                 seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
-        while free and budget > 0:
+        while free and budget > self.prefill_overhead:
             try:
                 seq = self.waiting.get_nowait()
             except queue.Empty:
@@ -386,14 +387,15 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
-            budget -= self.schedule_prefill(plan, seq, budget)
+            budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
 
     @staticmethod
-    def schedule_prefill(plan: StepPlan, seq: Sequence, budget: int) -> int:
-        """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns its length."""
+    def schedule_prefill(plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
+        """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns what it costs
+        of the step's budget: its length plus `overhead` (nothing when no chunk fits)."""
         start = seq.prefilled
         end = min(len(seq.input_ids), start + budget)
         if end <= start:
@@ -404,7 +406,7 @@ class Engine:
         seq.prefilled = end
         if end == len(seq.input_ids):
             seq.in_flight += 1  # the prompt's last chunk gives the first token
-        return end - start
+        return end - start + overhead
 
     def synchronous(self, plan: StepPlan) -> bool:
         """Whether this step must wait for the previous step's tokens on the host before it is launched:

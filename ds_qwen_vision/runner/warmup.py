@@ -64,18 +64,20 @@ def vision_class(grids: list[list[int]]) -> tuple:
 
 
 def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None,
-                   cap: int, floor: int = 64) -> int:
-    """Prompt tokens per step such that a step with a prefill chunk and the full decode batch takes at
-    most `max_gap_steps` decode steps: decode + a + b * n <= max_gap_steps * decode, where a + b * n is
-    the fitted time of a chunk of n tokens. A multiple of 16 (the chunks' own Triton class), within
-    [floor, cap]; `cap` when max_gap_steps is None."""
+                   cap: int, floor: int = 64) -> tuple[int, int]:
+    """(tokens, overhead): prompt tokens per step such that a step with a prefill chunk and the full
+    decode batch takes at most `max_gap_steps` decode steps -- decode + a + b * n <= max_gap_steps *
+    decode, where a + b * n is the fitted time of a chunk of n tokens -- a multiple of 16 (the chunks' own
+    Triton class) within [floor, cap]; and the fixed cost a of each further prefill forward in the same
+    step, in tokens (a / b), which the scheduler charges against the budget too. (cap, 0) when
+    max_gap_steps is None."""
     if max_gap_steps is None or len(prefill_s) < 2:
-        return cap
+        return cap, 0
     (n0, t0), (n1, t1) = min(prefill_s.items()), max(prefill_s.items())
     per_token = max((t1 - t0) / (n1 - n0), 1e-9)
     fixed = max(t0 - per_token * n0, 0.0)
     n = ((max_gap_steps - 1) * decode_s - fixed) / per_token
-    return int(min(cap, max(floor, n // 16 * 16)))
+    return int(min(cap, max(floor, n // 16 * 16))), int(fixed / per_token)
 
 
 # ---- warm-up --------------------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ class WarmUp:
             return decode_s, prefill_s
 
         decode_s, prefill_s = self.stage("timing a decode step and prefill chunks", timing, total)
-        budget = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, cap)
+        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, cap)
+        engine.prefill_budget, engine.prefill_overhead = budget, overhead
         self.stage("reset every slot", lambda: self.run_plan(StepPlan(reset=True)), total)
         runner.warm_shapes = set(runner.shapes)
         self.timings = {"decode_step_s": decode_s, **{f"prefill_{n}_s": t for n, t in prefill_s.items()},
@@ -192,7 +195,7 @@ class WarmUp:
         self.log(f"[rank 0] warm-up done in {self.timings['warmup_s']:.1f} s: decode step "
                  f"{decode_s * 1e3:.2f} ms at batch {runner.max_slots}, prefill "
                  + ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in prefill_s.items())
-                 + f"; prefill budget {budget} tokens per step"
+                 + f"; prefill budget {budget} tokens per step (+{overhead} per further prompt)"
                  + (f" (limits.max_gap_steps = {limits.max_gap_steps:g})" if limits.max_gap_steps else ""))
         return budget
 
@@ -225,5 +228,5 @@ class WarmUp:
 
 
 def warm_up(engine, log) -> int:
-    """Run the warm-up on rank 0 (the followers run its plans); returns the prefill budget per step."""
+    """Run the warm-up on rank 0 (the followers run its plans); sets and returns the prefill budget per step."""
     return WarmUp(engine, log)()

@@ -37,12 +37,19 @@ class Prefill:
 class StepPlan:
     prefill: list[Prefill] = field(default_factory=list)
     decode: list[tuple[int, int]] = field(default_factory=list)  # (slot, token to feed, or FROM_DEVICE)
+    # Speculative decoding (runner/speculative.py). accept: (slot, i) -- the previous step verified T
+    # tokens for the slot and the first i + 1 of them were accepted: select the state after position i
+    # before anything else runs. verify: (slot, [token to feed, host drafts...]); with MTP the runner
+    # adds its own drafts on device (identical on every rank).
+    accept: list[tuple[int, int]] = field(default_factory=list)
+    verify: list[tuple[int, list[int]]] = field(default_factory=list)
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
     stop: bool = False             # followers leave their loop
     reset: bool = False            # zero every slot's state (the end of warm-up: nothing leaks into requests)
 
     def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.heartbeat or self.stop or self.reset)
+        return not (self.prefill or self.decode or self.verify or self.accept or self.heartbeat or self.stop
+                    or self.reset)
 
 
 # The fixed-size header of every broadcast: [kind, n, slot_0..slot_{S-1}, token_0..token_{S-1}].
@@ -73,9 +80,9 @@ class ControlChannel:
             h.zero_()
             if plan.stop:
                 h[0] = _STOP
-            elif plan.heartbeat and not (plan.prefill or plan.decode or plan.reset):
+            elif plan.heartbeat and not (plan.prefill or plan.decode or plan.reset or plan.verify or plan.accept):
                 h[0] = _HEARTBEAT
-            elif not (plan.prefill or plan.reset) and len(plan.decode) <= s:
+            elif not (plan.prefill or plan.reset or plan.verify or plan.accept) and len(plan.decode) <= s:
                 h[0], h[1] = _DECODE, len(plan.decode)
                 if plan.decode:
                     h[2:2 + 2 * s].view(2, s)[:, :len(plan.decode)] = torch.tensor(plan.decode).T

@@ -10,7 +10,8 @@ tokens (already picked on the device, and already fed to step N+1 there) and doe
 detokenization, stop strings, logprob entries, events -- while the GPU runs N+1. A sequence that ends
 at step N (end of sequence, a stop string or token) is therefore computed once more in step N+1; that
 token is dropped, never emitted. max_tokens is counted when steps are scheduled, so it costs no extra
-step. A step whose picks need the host's view of the tokens so far (`synchronous`) waits for them first.
+step. A step whose picks need the host's view of the tokens so far (`synchronous`) waits for them
+first; with speculative decoding (engine/speculative.py) every step runs synchronously, as before.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..model import log, open_image
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .logprobs import TokenBytes
 from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
+from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
 
 HEARTBEAT_S = 1.0
@@ -61,6 +63,7 @@ class Sequence:
     created: float = field(default_factory=time.perf_counter)
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
+    next_token: int | None = None   # sampled, fed to the model in the next step (synchronous steps)
     in_flight: int = 0              # tokens scheduled whose value the host has not read yet
     picked: int = 0                 # tokens picked on the device so far (the host reads them one step later)
     generated: int = 0
@@ -70,6 +73,7 @@ class Sequence:
     index: int = 0                  # the choice it is (a request with n choices has n sequences)
     group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
     pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
+    spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
 
 
 class Step:
@@ -153,6 +157,8 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
+        self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -223,7 +229,7 @@ class Engine:
         sampling = Sampling.from_request(request, self.sampling_defaults, max_tokens)
         if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
             raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
-                               "stop_token_ids")
+                               "stop_token_ids", "invalid_value")
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
@@ -333,10 +339,14 @@ class Engine:
                 t0 = time.perf_counter()
                 self.busy_since = time.monotonic()
                 pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-                step = self.launch(plan, pixels, self.running)
-                if pending is not None:  # step N's tokens, while the device runs step N+1
-                    self.consume(pending)
-                pending = step
+                if self.spec is not None:  # speculative steps stay synchronous: tokens read in the step
+                    self.channel.broadcast(plan)
+                    self.after_step(plan, self.runner.run(plan, pixels))
+                else:
+                    step = self.launch(plan, pixels, self.running)
+                    if pending is not None:  # step N's tokens, while the device runs step N+1
+                        self.consume(pending)
+                    pending = step
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
@@ -371,6 +381,9 @@ class Engine:
                 del self.running[slot]  # the slot's next prefill overwrites its state
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
+            elif self.spec is not None:
+                if seq.next_token is not None:
+                    self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
             elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
                 # its previous token is on the device already (picked there, maybe not read yet)
                 plan.decode.append((slot, FROM_DEVICE))
@@ -387,7 +400,11 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            if self.spec is not None:
+                self.spec.start(seq)
             budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
+        if self.spec is not None:
+            self.spec.merge(plan)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
@@ -411,8 +428,8 @@ class Engine:
     def synchronous(self, plan: StepPlan) -> bool:
         """Whether this step must wait for the previous step's tokens on the host before it is launched:
         a pick that depends on the host's view of the tokens so far (a grammar's state for token_mask)
-        must return True here for the sequences it constrains. None does so far."""
-        return False
+        must return True here for the sequences it constrains; speculative steps always do."""
+        return self.spec is not None
 
     def launch(self, plan: StepPlan, pixels: dict[int, torch.Tensor], seqs: dict[int, Sequence] | None = None) -> Step:
         """Broadcast and run one step; its tokens are picked and fed to the next step on the device, and
@@ -428,11 +445,10 @@ class Engine:
         if all(seq is not None for _, seq in outputs):
             # Every row's token is picked where the logits are, all rows at once (engine.sampling)
             picked = self.pick(rows, [seq for _, seq in outputs])
-            for _, seq in outputs:
-                seq.picked += 1
         else:
             picked = Picked(rows.argmax(-1))
-        self.runner.feed(slots, picked.tokens)
+        if self.spec is None:  # as follower_loop decides: speculative steps carry their tokens in the plan
+            self.runner.feed(slots, picked.tokens)
         return Step(outputs, *to_host(picked))
 
     def consume(self, step: Step) -> None:
@@ -450,10 +466,44 @@ class Engine:
             seq.in_flight -= 1
             if logprobs is not None and logprobs[i] is not None:
                 seq.pending_logprobs.append(logprobs[i])
-            self.accept(seq, token, now)
+            seq.pixel_values = None  # prefilled: the pixels are no longer needed
+            self.deliver(seq, token, now)
 
-    def accept(self, seq: Sequence, token: int, now: float) -> None:
-        seq.pixel_values = None  # prefilled: the pixels are no longer needed
+    def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
+        now = time.perf_counter()
+        if not logits:
+            return
+        # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py); a verified
+        # row without usable drafts is an ordinary row: its first position's logits.
+        verified = {}
+        for slot, _ in plan.verify:
+            rows, seq = logits.pop(slot), self.running[slot]
+            drafts = self.spec.drafts(seq, self.runner.verified[slot])
+            if drafts:
+                verified[slot] = (rows, drafts)
+            else:
+                seq.spec.accept = 0
+                logits[slot] = rows[0]
+        if logits:
+            # Every row's token is picked where the logits are, all rows at once (engine.sampling), then one
+            # copy to the host: one sync per step, not per row.
+            picked = self.pick(torch.stack(list(logits.values())), [self.running[slot] for slot in logits])
+            tokens = picked.tokens.tolist()
+            logprobs = self.logprob_entries(picked, tokens, [self.running[slot].sampling for slot in logits])
+            for i, (slot, token) in enumerate(zip(logits, tokens)):
+                seq = self.running[slot]
+                if logprobs is not None and logprobs[i] is not None:
+                    seq.pending_logprobs.append(logprobs[i])
+                seq.pixel_values = None  # prefilled: the pixels are no longer needed
+                self.deliver(seq, token, now)
+        for slot, (rows, drafts) in verified.items():
+            seq = self.running[slot]
+            for token in self.spec.tokens(seq, rows, drafts):
+                if self.deliver(seq, token, now):
+                    break
+
+    def deliver(self, seq: Sequence, token: int, now: float) -> bool:
+        """One new token of seq: text events, stop checks; True when the sequence has finished."""
         seq.generated += 1
         self.m_tokens.inc()
         if seq.first_token_at is None:
@@ -472,6 +522,9 @@ class Engine:
         if finish:
             self.emit(seq, *seq.stream.finish())
             self.finish(seq, finish)
+            return True
+        seq.next_token = token
+        return False
 
     def pick(self, rows: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """The next token of every row ([R, V] logits of `seqs`), on the logits' device."""
@@ -491,6 +544,8 @@ class Engine:
         picked = sample(rows, params, counts, prompt, self.token_mask(seqs, rows))
         if counts is not None:
             self.penalties.record(slots, picked.tokens)
+        for seq in seqs:  # counted here, not when the host reads it: that is one step later
+            seq.picked += 1
         return picked
 
     def token_mask(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor | None:

@@ -130,6 +130,11 @@ def engine_main(args) -> None:
     on_gpu = isinstance(processor.image_processor, TorchvisionBackend)  # as engine.Engine chooses
     results["image_processor_on_gpu"] = on_gpu
 
+    def save():  # after each phase: a run cut short by the device call's limit still leaves its figures
+        if rank == 0:
+            args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": [results],
+                                            "partial": True}, indent=1))
+
     def preprocess(gpu=on_gpu):  # what Engine.prepare runs: bytes -> pixels held on the host
         out = processor.image_processor(images=[open_image(img)], return_tensors="pt",
                                         **({"device": device} if gpu else {}))
@@ -162,6 +167,8 @@ def engine_main(args) -> None:
     # The same graphs without compiled norms (runner.compile_norms), then the runner as served.
     runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False)
     results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
+    results["ttft_text512_unfused_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text512), args.repeats))
+    save()
     del runner
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -178,6 +185,7 @@ def engine_main(args) -> None:
     results["ttft_image1024_text256_ms"] = results["prefill_image1024_text256_ms"] + results["image_preprocess_ms"]
     results["image_preprocess_host_ms"] = 1e3 * statistics.median(timed(lambda: preprocess(False), args.repeats))
     results["pixels_max_abs_diff_host_vs_gpu"] = float((preprocess(False)["pixel_values"] - pixels).abs().max())
+    save()
 
     steps = decode_steps(args.decode_tokens)
     results["decode_ms_per_token"] = 1e3 * statistics.median(steps)
@@ -186,6 +194,7 @@ def engine_main(args) -> None:
     graphs, runner.graphs = runner.graphs, {}  # the same step without the graph
     results["decode_eager_ms_per_token"] = 1e3 * statistics.median(decode_steps(16))
     runner.graphs = graphs
+    save()
     if args.profile:
         profile_decode(runner, rank, StepPlan)
         from torch.profiler import ProfilerActivity, profile
@@ -210,6 +219,7 @@ def engine_main(args) -> None:
     results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
     results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
     results["prompt_tokens_8k_image"] = len(long_ids)
+    save()
 
     # Concurrency: `streams` requests of 512 prompt tokens arrive together, each generates 256 tokens.
     # Scheduled as the engine does (engine.Engine.plan): prompts prefilled within a token budget per step

@@ -371,6 +371,7 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--what", default="decode", help="the WHAT of DATE-CARD-tpN-WHAT.json")
     p.add_argument("--command", default="", help="the command line that produced the results (recorded)")
+    p.add_argument("--code", default="", help="the commit the results were measured with (recorded)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.collect:
@@ -391,13 +392,21 @@ def collect(args) -> None:
         if "ranks" in r:
             r0 = r["ranks"][0]
             tp, card = r0["tp"], r0["gpu"]
+            g = r0.get  # a partial run (cut short) lacks the later phases' figures: None
             row = {"run": f"ds-qwen-vision tp={r0['tp']}", "decode_ms_per_token": r0["decode_ms_per_token"],
                    "floor_ms": r0["floor_ms"], "decode_over_floor": r0["decode_ms_per_token"] / r0["floor_ms"],
-                   "ttft_text512_ms": r0["ttft_text512_ms"], "ttft_image1024_text256_ms": r0["ttft_image1024_text256_ms"],
-                   "streams16_tokens_per_s": r0["streams_tokens_per_s"], "step16_ms": r0["streams_decode_step_ms"],
-                   "step16_over_step1": r0["streams_decode_step_ms"] / r0["decode_ms_per_token"],
-                   "peak_reserved_gib": max(x["peak_reserved_gib_8k_image"] for x in r["ranks"])}
+                   "ttft_text512_ms": g("ttft_text512_ms"), "ttft_image1024_text256_ms": g("ttft_image1024_text256_ms"),
+                   "streams16_tokens_per_s": g("streams_tokens_per_s"), "step16_ms": g("streams_decode_step_ms"),
+                   "step16_over_step1": g("streams_decode_step_ms") and g("streams_decode_step_ms") / r0["decode_ms_per_token"],
+                   "peak_reserved_gib": max((x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]), default=None) or None,
+                   "partial": bool(r.get("partial"))}
             row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
+            rows.append(row)
+            row = {"run": f"ds-qwen-vision tp={r0['tp']}, fuse=False (transformers' forwards, no compiled "
+                          "norms; decode attention kernel and fused weights as served), same run",
+                   "decode_ms_per_token": r0["decode_unfused_ms_per_token"], "floor_ms": r0["floor_ms"],
+                   "decode_over_floor": r0["decode_unfused_ms_per_token"] / r0["floor_ms"],
+                   "ttft_text512_ms": g("ttft_text512_unfused_ms")}
         else:
             card = card or r["gpu"]
             row = {"run": r["mode"], "decode_ms_per_token": r["decode_ms_per_token"], "floor_ms": r["floor_ms"],
@@ -405,12 +414,13 @@ def collect(args) -> None:
                    "ttft_text512_ms": r["ttft_text512_ms"], "peak_allocated_gib": r["peak_allocated_gib"]}
             row.update({k: v for k, v in r.items() if k not in row and k != "mode"})
         rows.append(row)
-    date = datetime.datetime.now(datetime.timezone.utc)
+    newest = max(p.stat().st_mtime for p in args.collect if p.exists())  # when the run wrote its figures
+    date = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc)
     name = (card or "GPU").replace("NVIDIA ", "").replace(" ", "-")
     out = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp{tp or 1}-{args.what}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": date.isoformat(timespec="seconds"), "card": card, "command": args.command,
-                               "tp": tp or 1, "rows": rows}, indent=1))
+                               "code": args.code, "tp": tp or 1, "rows": rows}, indent=1))
     print(out)
 
 

@@ -162,3 +162,29 @@ def test_tp2_fused_forwards_and_weights(tiny_ckpt, image_files, tmp_path):
             cuts = [shard_tensor(full[prefix + m + ".weight"], rule_for(prefix + m + ".weight"), 2, rank, segments)
                     for m in FUSED_PROJECTIONS[kind]]
             assert torch.equal(fused, torch.cat(cuts)), (layer, kind, rank)
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_steps_through_fused_forwards(tiny_ckpt, method):
+    """fuse=True on CPU (fused forwards, their eager chains; the MTP head's layer fused too): speculative
+    verify steps of T = k + 1 tokens (decode attention over 1..8 query tokens) give transformers' greedy
+    tokens, with forced acceptance of every length for ngram."""
+    from spec_driver import drive
+
+    from ds_qwen_vision.runner import ModelRunner
+
+    n, k = 10, 3
+    processor = load_processor(tiny_ckpt)
+    ref = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    x = chat_inputs(processor, [{"role": "user", "content": "Say something about the sea, twice over."}], [])
+    with torch.inference_mode():
+        want = ref.generate(**x, max_new_tokens=n + k, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=method == "mtp")
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=256, fuse=True,
+                         speculative={"method": method, "num_tokens": k})
+    if method == "mtp":
+        assert fused_weight(model.mtp.layers[0].mlp) is not None
+    stats = {}
+    extra = {"oracle": [want], "profile": (0.88, 0.77 / 0.88, 0.66 / 0.77)} if method == "ngram" else {}
+    assert drive(runner, [(0, 1, x)], n, chunk=5, stats=stats, **extra) == [want[:n]]
+    assert stats["drafts"] > 0

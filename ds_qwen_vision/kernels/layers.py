@@ -25,6 +25,7 @@ import types
 import torch
 from transformers.models.qwen3_5.modeling_qwen3_5 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
+from ..tp_policy import decoder_layers
 from .decode_attention import MAX_QUERY_TOKENS
 from .elementwise import add_rms_norm, compiled, qk_norm_rope, sigmoid_gate, silu_mul
 from .projections import fused_projection
@@ -83,10 +84,9 @@ def decoder_layer_forward(self, hidden_states, position_embeddings, attention_ma
 def install_fused_forwards(model, compiled_chains: bool | None = None) -> None:
     """Swap the fused forwards in on every language-model decoder layer, its attention and its MLP.
     compiled_chains: compile the elementwise chains (default: when the model is on CUDA)."""
-    lm = model.model.language_model
     if compiled_chains is None:
-        compiled_chains = next(lm.parameters()).is_cuda
-    for layer in lm.layers:
+        compiled_chains = next(model.model.language_model.parameters()).is_cuda
+    for layer in decoder_layers(model):  # the MTP head's layer too (speculative drafts are decode steps)
         _install(layer, decoder_layer_forward, _dsqv_add_rms_norm=compiled(add_rms_norm, compiled_chains))
         _install(layer.mlp, mlp_forward, _dsqv_silu_mul=compiled(silu_mul, compiled_chains))
         if hasattr(layer, "self_attn"):

@@ -27,6 +27,12 @@ if [[ "$model" == "demo" ]]; then
     demo_dir=$(python3 -m ds_qwen_vision.checkpoint --demo-dir) || exit 1
     python3 -m ds_qwen_vision.checkpoint --out "$demo_dir" --preset tiny --seed 0 >/dev/null || exit 1
 fi
+# Speculative decoding with the MTP head needs the checkpoint's mtp.* weights: a config error (2), before any rank.
+if [[ "$(get speculative.method)" == "mtp" ]] && ! python3 -c 'import sys; from ds_qwen_vision.loading import has_mtp_weights
+sys.exit(0 if has_mtp_weights(sys.argv[1]) else 1)' "${demo_dir:-$model}"; then
+    echo "launch.sh: speculative.method is mtp but ${demo_dir:-$model} has no mtp.* weights (use ngram or none)" >&2
+    exit 2
+fi
 
 # A socket that answers belongs to a running deployment (same server.ipc_socket, i.e. the same port by
 # default): removing it would cut that deployment's front off its engine. Only a stale one goes.

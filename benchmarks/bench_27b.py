@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_qwen_vision.checkpoint import build_checkpoint, make_config  # noqa: E402
+from ds_qwen_vision.config import AllReduceConfig  # noqa: E402
 from ds_qwen_vision.model import load_processor  # noqa: E402
 
 GiB = 2**30
@@ -160,12 +161,13 @@ def engine_main(args) -> None:
         return steps[8:]
 
     # The same graphs without compiled norms (runner.compile_norms), then the runner as served.
-    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False)
+    peer = AllReduceConfig(peer_memory=args.allreduce)  # the decode all-reduces: NCCL (off) or kernels/allreduce.py
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False, allreduce=peer)
     results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
     del runner
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    runner = ModelRunner(model, device, max_slots=1, max_len=9472)  # 8k text + image + decode
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, allreduce=peer)  # 8k text + image + decode
     results["runner_init_s"] = time.perf_counter() - t0  # state, norm compilation, CUDA graph capture
     prefill(text256)  # warm-up (kernels, autotuning)
     prefill(text512)
@@ -220,7 +222,7 @@ def engine_main(args) -> None:
     torch.cuda.reset_peak_memory_stats(device)
     budget = args.streams_budget_gib * GiB
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
-    runner = ModelRunner(model, device, max_slots=args.streams, max_len=512 + 256)
+    runner = ModelRunner(model, device, max_slots=args.streams, max_len=512 + 256, allreduce=peer)
     prompts = [prompt_ids(config, 512, seed=100 + i) for i in range(args.streams)]
 
     def serve_streams():
@@ -260,7 +262,8 @@ def engine_main(args) -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": gathered}, indent=1))
+        mode = f"ds-qwen-vision tp={world}" + (f", all-reduce peer {args.allreduce}" if args.allreduce != "off" else "")
+        args.out.write_text(json.dumps({"mode": mode, "ranks": gathered}, indent=1))
         print(json.dumps(gathered, indent=1))
 
 
@@ -352,6 +355,8 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=None,
                    help="per-process device memory cap (engine mode; default 28 at tp >= 2, the card at tp=1)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 5 decode steps")
+    p.add_argument("--allreduce", choices=["off", "one_shot", "two_shot"], default="off",
+                   help="engine: allreduce.peer_memory (kernels/allreduce.py; off = NCCL)")
     p.add_argument("--streams", type=int, default=16, help="concurrent requests (512 prompt, 256 new tokens)")
     p.add_argument("--streams-budget-gib", type=float, default=None,
                    help="per-process cap for the streams run (default 29.5 at tp >= 2)")

@@ -49,6 +49,9 @@ class TensorParallelConfig(_Section):
     gpus: list[Annotated[int, Field(ge=0)]] | None = None
     # The ranks' rendezvous port (torch.distributed). None: a free port picked at each start.
     master_port: int | None = Field(None, ge=1, le=65535)
+    # tp over several hosts: the deepspeed launcher's hostfile ("host slots=N" lines; the first host is
+    # this one, where rank 0 and the front run). None: one host.
+    hostfile: str | None = Field(None, min_length=1)
 
     @field_validator("gpus")
     @classmethod
@@ -63,6 +66,8 @@ class TensorParallelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_gpu_per_rank(self) -> TensorParallelConfig:
+        if self.hostfile is not None and self.gpus is not None:
+            raise ValueError("gpus and hostfile: with a hostfile, each host gives the GPUs 0..slots-1")
         if self.gpus is not None and len(self.gpus) != self.tp_size:
             raise ValueError(f"gpus lists {len(self.gpus)} GPUs but tp_size is {self.tp_size} (one rank per GPU)")
         return self
@@ -125,6 +130,14 @@ class SecurityConfig(_Section):
         return v
 
 
+class SpeculativeConfig(_Section):
+    """Speculative decoding (runner/speculative.py): drafts of `num_tokens` tokens per step, all verified in
+    one forward. `mtp`: the checkpoint's multi-token-prediction head (refused at start on a checkpoint
+    without mtp.* weights); `ngram`: prompt lookup in the sequence's own tokens."""
+    method: Literal["none", "mtp", "ngram"] = "none"
+    num_tokens: int = Field(3, ge=1, le=7)  # k; T = k + 1 positions per verify (decode attention takes <= 8)
+
+
 class AllReduceConfig(_Section):
     # The decode step's small all-reduces over peer GPU memory instead of NCCL (kernels/allreduce.py: PyTorch
     # symmetric memory, never NVLink multicast); NCCL keeps larger messages, and CPU ranks their own path.
@@ -153,6 +166,7 @@ class DeployConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> DeployConfig:

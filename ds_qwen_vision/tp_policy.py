@@ -25,6 +25,8 @@ from torch import nn
 
 LM = r"model\.language_model\."
 LAYER = LM + r"layers\.\d+\."
+MTP = r"mtp\."
+MTP_LAYER = MTP + r"layers\.\d+\."
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,20 @@ SHARD_TABLE: tuple[tuple[str, Shard], ...] = (
     (LM + r"embed_tokens\.weight", Shard(0, why="vocabulary rows; DeepSpeed's VocabParallelEmbedding all-reduces")),
     (LM + r"norm\.weight", replicated("acts on the full hidden state")),
     (r"lm_head\.weight", Shard(1, why="DeepSpeed's LmHeadLinearAllreduce: hidden split + all-reduce of logits")),
+    # The multi-token-prediction head (speculative decoding, ds_qwen_vision/mtp.py). Its layer is a gated
+    # full-attention decoder layer (transformers' Qwen3_5DecoderLayer): cut like the main ones, whole
+    # heads per rank, so its KV cache is per rank too. It shares embed_tokens and lm_head with the model.
+    (MTP_LAYER + r"self_attn\.q_proj\.weight", Shard(0, why="whole q heads, each with its output gate")),
+    (MTP_LAYER + r"self_attn\.[kv]_proj\.weight", Shard(0, why="whole kv heads (GQA groups stay aligned)")),
+    (MTP_LAYER + r"self_attn\.o_proj\.weight", ROW),
+    (MTP_LAYER + r"self_attn\.[qk]_norm\.weight", replicated("RMSNorm over head_dim, shared by every head")),
+    (MTP_LAYER + r"mlp\.(gate|up)_proj\.weight", COLUMN),
+    (MTP_LAYER + r"mlp\.down_proj\.weight", ROW),
+    (MTP_LAYER + r"(input|post_attention)_layernorm\.weight", replicated("acts on the full, all-reduced hidden state")),
+    (MTP + r"fc\.weight", replicated("[hidden, 2*hidden], its input is the full hidden state; 1/64 of a layer's "
+                                      "weights, so one copy per rank costs less than a gather")),
+    (MTP + r"pre_fc_norm_(embedding|hidden)\.weight", replicated("acts on the full embedding / hidden state")),
+    (MTP + r"norm\.weight", replicated("acts on the full hidden state")),
 )
 
 _COMPILED = tuple((re.compile(p), rule) for p, rule in SHARD_TABLE)
@@ -101,7 +117,7 @@ def rule_for(name: str) -> Shard | None:
 
 
 def is_language_model(name: str) -> bool:
-    return name.startswith("model.language_model.") or name.startswith("lm_head.")
+    return name.startswith(("model.language_model.", "lm_head.", "mtp."))
 
 
 def gdn_segments(text_config) -> tuple[int, int, int]:
@@ -359,5 +375,7 @@ def _full_shape(model, name: str) -> tuple[int, ...]:
         "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,),
         "embed_tokens": (c.vocab_size, c.hidden_size),
         "lm_head": (c.vocab_size, c.hidden_size),
+        "fc": (c.hidden_size, 2 * c.hidden_size),
+        "pre_fc_norm_embedding": (c.hidden_size,), "pre_fc_norm_hidden": (c.hidden_size,),
     }
     return shapes[kind]

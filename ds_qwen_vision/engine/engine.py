@@ -23,6 +23,7 @@ from ..model import log, open_image
 from ..plan import Prefill, StepPlan
 from .logprobs import TokenBytes
 from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
+from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
 
 HEARTBEAT_S = 1.0
@@ -62,6 +63,7 @@ class Sequence:
     index: int = 0                  # the choice it is (a request with n choices has n sequences)
     group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
     pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
+    spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
 
 
 class Engine:
@@ -107,6 +109,8 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
+        self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -307,7 +311,10 @@ class Engine:
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.next_token is not None:
-                plan.decode.append((slot, seq.next_token))
+                if self.spec is not None:
+                    self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
+                else:
+                    plan.decode.append((slot, seq.next_token))
         free = [s for s in range(self.max_slots) if s not in self.running]
         while free and budget > 0:
             try:
@@ -320,7 +327,11 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            if self.spec is not None:
+                self.spec.start(seq)
             budget -= self.schedule_prefill(plan, seq, budget)
+        if self.spec is not None:
+            self.spec.merge(plan)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
@@ -342,36 +353,58 @@ class Engine:
         now = time.perf_counter()
         if not logits:
             return
-        # Every row's token is picked where the logits are, all rows at once (engine.sampling), then one
-        # copy to the host: one sync per step, not per row.
-        picked = self.pick(torch.stack(list(logits.values())), [self.running[slot] for slot in logits])
-        tokens = picked.tokens.tolist()
-        logprobs = self.logprob_entries(picked, tokens, [self.running[slot].sampling for slot in logits])
-        for i, (slot, token) in enumerate(zip(logits, tokens)):
+        # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py); a verified
+        # row without usable drafts is an ordinary row: its first position's logits.
+        verified = {}
+        for slot, _ in plan.verify:
+            rows, seq = logits.pop(slot), self.running[slot]
+            drafts = self.spec.drafts(seq, self.runner.verified[slot])
+            if drafts:
+                verified[slot] = (rows, drafts)
+            else:
+                seq.spec.accept = 0
+                logits[slot] = rows[0]
+        if logits:
+            # Every row's token is picked where the logits are, all rows at once (engine.sampling), then one
+            # copy to the host: one sync per step, not per row.
+            picked = self.pick(torch.stack(list(logits.values())), [self.running[slot] for slot in logits])
+            tokens = picked.tokens.tolist()
+            logprobs = self.logprob_entries(picked, tokens, [self.running[slot].sampling for slot in logits])
+            for i, (slot, token) in enumerate(zip(logits, tokens)):
+                seq = self.running[slot]
+                if logprobs is not None and logprobs[i] is not None:
+                    seq.pending_logprobs.append(logprobs[i])
+                seq.pixel_values = None  # prefilled: the pixels are no longer needed
+                self.deliver(seq, token, now)
+        for slot, (rows, drafts) in verified.items():
             seq = self.running[slot]
-            if logprobs is not None and logprobs[i] is not None:
-                seq.pending_logprobs.append(logprobs[i])
-            seq.pixel_values = None  # prefilled: the pixels are no longer needed
-            seq.generated += 1
-            self.m_tokens.inc()
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.m_ttft.observe(now - seq.created)
-            finish = None
-            if token in self.eos_ids or token in seq.sampling.stop_token_ids:
+            for token in self.spec.tokens(seq, rows, drafts):
+                if self.deliver(seq, token, now):
+                    break
+
+    def deliver(self, seq: Sequence, token: int, now: float) -> bool:
+        """One new token of seq: text events, stop checks; True when the sequence has finished."""
+        seq.generated += 1
+        self.m_tokens.inc()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.m_ttft.observe(now - seq.created)
+        finish = None
+        if token in self.eos_ids or token in seq.sampling.stop_token_ids:
+            finish = "stop"
+        else:
+            reasoning, content = seq.stream.add(token)
+            self.emit(seq, reasoning, content)
+            if seq.stream.stopped:
                 finish = "stop"
-            else:
-                reasoning, content = seq.stream.add(token)
-                self.emit(seq, reasoning, content)
-                if seq.stream.stopped:
-                    finish = "stop"
-                elif seq.generated >= seq.sampling.max_tokens:
-                    finish = "length"
-            if finish:
-                self.emit(seq, *seq.stream.finish())
-                self.finish(seq, finish)
-            else:
-                seq.next_token = token
+            elif seq.generated >= seq.sampling.max_tokens:
+                finish = "length"
+        if finish:
+            self.emit(seq, *seq.stream.finish())
+            self.finish(seq, finish)
+            return True
+        seq.next_token = token
+        return False
 
     def pick(self, rows: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """The next token of every row ([R, V] logits of `seqs`), on the logits' device."""

@@ -229,6 +229,33 @@ def step_part(args, device, rank, world, config) -> list[dict]:
     return rows
 
 
+def tables(result: dict) -> str:
+    """The two markdown tables for docs/benchmarks.md."""
+    lines = ["| message | bytes | " + " | ".join(f"{m} eager / graph us" for m in METHODS) +
+             " | max abs vs NCCL (eager / graph) |", "|---|---|" + "---|" * (len(METHODS) + 1)]
+    by = {(r["method"], r["what"], r["rows"]): r for r in result["messages"] if "what" in r}
+    for what, rows in sorted({(r["what"], r["rows"]) for r in by.values()}, key=lambda k: (k[0] != "hidden", k[1])):
+        cells, diffs = [], []
+        for m in METHODS:
+            r = by.get((m, what, rows))
+            cells.append("—" if r is None else f"{r['eager_us']:.1f} / {r.get('graph_us', float('nan')):.1f}")
+            if r is not None and m != "nccl":
+                diffs.append(f"{m} {r['max_abs_vs_nccl_eager']:g} / {r.get('max_abs_vs_nccl_graph', float('nan')):g}")
+        size = by.get(("nccl", what, rows), {}).get("bytes", "")
+        lines.append(f"| {what} × {rows} | {size} | " + " | ".join(cells) + f" | {'; '.join(diffs)} |")
+    lines += ["", "| run | decode ms/token (p90) | floor ms | 16-stream step ms | tokens = NCCL's | logits max abs vs NCCL |",
+              "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "decode_ms_per_token" not in r:
+            lines.append(f"| {r['run']} | {r.get('unavailable', '')} | | | | |")
+            continue
+        floor = f"{r['floor_ms']:.1f}" if r.get("floor_ms") else "—"
+        lines.append(f"| {r['run']} | {r['decode_ms_per_token']:.2f} ({r['decode_ms_p90']:.2f}) | {floor} | "
+                     f"{r['streams16_step_ms']:.2f} | {r.get('tokens_equal_nccl', '(baseline)')} | "
+                     f"{r.get('first_decode_logits_max_abs_vs_nccl', '—')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -272,6 +299,8 @@ def main() -> None:
     if "step" in parts:
         result["rows"] = step_part(args, device, rank, world, config)
         write()
+    if rank == 0:
+        print(tables(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class TensorParallelConfig(_Section):
     gpus: list[Annotated[int, Field(ge=0)]] | None = None
     # The ranks' rendezvous port (torch.distributed). None: a free port picked at each start.
     master_port: int | None = Field(None, ge=1, le=65535)
+    # tp over several hosts: the deepspeed launcher's hostfile ("host slots=N" lines; the first host is
+    # this one, where rank 0 and the front run). None: one host.
+    hostfile: str | None = Field(None, min_length=1)
 
     @field_validator("gpus")
     @classmethod
@@ -63,6 +66,8 @@ class TensorParallelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_gpu_per_rank(self) -> TensorParallelConfig:
+        if self.hostfile is not None and self.gpus is not None:
+            raise ValueError("gpus and hostfile: with a hostfile, each host gives the GPUs 0..slots-1")
         if self.gpus is not None and len(self.gpus) != self.tp_size:
             raise ValueError(f"gpus lists {len(self.gpus)} GPUs but tp_size is {self.tp_size} (one rank per GPU)")
         return self
@@ -102,6 +107,10 @@ class LimitsConfig(_Section):
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
+    # While prompts are prefilled, a running stream's gap between two tokens stays within this many
+    # decode steps: warm-up times a decode step and prefill chunks and sets the prefill budget per step
+    # from them (at most prefill_chunk_tokens, a multiple of 16, at least 64). null: prefill_chunk_tokens.
+    max_gap_steps: float | None = Field(None, gt=1, allow_inf_nan=False)
     # Choices per request (`n`): each is its own sequence, in its own cache slot.
     max_n: int = Field(4, ge=1)
 

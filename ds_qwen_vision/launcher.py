@@ -12,10 +12,13 @@
   ``tensor_parallel.master_port`` or ``$MASTER_PORT`` if set, else a free port picked now.
 - ``lock_gpus``: the GPU ids launch.sh holds a lock on (flock) for as long as the deployment runs, so that a
   second deployment naming one of them is refused instead of running out of memory on it.
+- tp over several hosts: ``tensor_parallel.hostfile`` goes to the launcher as ``--hostfile`` (it starts each
+  host's ranks over ssh), with this host, the hostfile's first, as ``--master_addr``.
 
 Refused here (exit 2, every problem named at once): a tp_size that does not divide the checkpoint's heads,
 a checkpoint without a config.json, an HTTP port or a configured master port another process listens on,
-and fewer GPUs in CUDA_VISIBLE_DEVICES than ranks.  The config's own rules (GPUs listed twice, as many GPUs
+fewer GPUs in CUDA_VISIBLE_DEVICES than ranks, a hostfile whose slots are not tp_size or whose first host
+is not this one.  The config's own rules (GPUs listed twice, as many GPUs
 as ranks) are config.py's.
 """
 from __future__ import annotations
@@ -106,6 +109,49 @@ def heads_problems(model_dir: Path, tp: int) -> list[str]:
     return []
 
 
+def is_this_host(name: str) -> bool:
+    """Whether ``name`` is this machine: its own name, or an address this machine can bind."""
+    if name in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    for address in addresses:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+            try:
+                s.bind((address, 0))
+                return True
+            except OSError:
+                pass
+    return False
+
+
+def hostfile_args(path: str, tp: int) -> tuple[list[str], list[str]]:
+    """The launcher's arguments for tp over the hosts of ``path``, and the problems found. The launcher
+    starts each host's slots (GPUs 0..slots-1) over ssh (pdsh); rank 0, the first host's first rank, must
+    be on this host, where the front reaches it over a Unix socket."""
+    # The launcher's own parser (same errors, same format), imported only for a multi-host deployment.
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not os.path.isfile(path):
+        return [], [f"tensor_parallel.hostfile: no file {path}"]
+    try:
+        hosts = fetch_hostfile(path)
+    except ValueError as e:
+        return [], [f"tensor_parallel.hostfile: {e}"]
+    problems = []
+    slots = sum(hosts.values())
+    if slots != tp:
+        problems.append(f"tensor_parallel.hostfile: {slots} slots ({', '.join(f'{h}={n}' for h, n in hosts.items())}) "
+                        f"for tensor_parallel.tp_size {tp} (one rank per slot)")
+    first = next(iter(hosts))
+    if not is_this_host(first):
+        problems.append(f"tensor_parallel.hostfile: its first host {first} is not this host: run launch.sh there "
+                        "(rank 0 and the HTTP front run on the first host)")
+    return ["--hostfile", path, "--master_addr", first], problems
+
+
 def plan_launch(cfg: DeployConfig, model_dir: Path | None, environ: dict[str, str] | None = None) -> LaunchPlan:
     """The launcher's arguments for ``cfg``; ConfigError naming every problem. ``model_dir`` None: skip the
     checkpoint's check (nothing to read yet)."""
@@ -126,7 +172,11 @@ def plan_launch(cfg: DeployConfig, model_dir: Path | None, environ: dict[str, st
     elif master_port == cfg.server.port:
         problems.append(f"MASTER_PORT={master_port} is server.port too")
     lock_gpus: list[int] = []
-    if cfg.device == "cuda":
+    if cfg.tensor_parallel.hostfile is not None:
+        host_args, host_problems = hostfile_args(cfg.tensor_parallel.hostfile, tp)
+        problems += host_problems
+        args = host_args
+    elif cfg.device == "cuda":
         lock_gpus, gpu_problems = cuda_gpus(cfg, env)
         problems += gpu_problems
         args = ["--include", "localhost:" + ",".join(map(str, lock_gpus))]

@@ -88,6 +88,28 @@ def test_hook_hands_other_calls_to_the_original():
     assert torch.equal(x, torch.ones(4, HIDDEN))
 
 
+def test_the_torch_api_it_calls():
+    """What kernels/allreduce.py calls of torch's symmetric memory, as this torch defines it (no GPU needed;
+    the GPU host's torch is checked again at install, which refuses the path when an op is missing)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from torch._C._distributed_c10d import _SymmetricMemory
+
+    for name in ("empty", "rendezvous", "get_backend", "set_backend"):
+        assert callable(getattr(symm_mem, name)), name
+    assert isinstance(_SymmetricMemory.multicast_ptr, property)  # read as an attribute of the handle
+    ops = torch.ops.symm_mem
+    assert [a.name for a in ops.one_shot_all_reduce_copy_out.default._schema.arguments] == \
+        ["symm_buffer", "local_input", "reduce_op", "group_name", "out"]
+    assert [a.name for a in ops.two_shot_all_reduce_out.default._schema.arguments] == \
+        ["input", "reduce_op", "group_name", "output"]
+    # The calls as PeerAllReduce.reduce_ makes them bind to the schemas: what fails is the missing Meta kernel.
+    symm, flat = msg(HIDDEN), msg(HIDDEN)
+    for call in (lambda: ops.one_shot_all_reduce_copy_out(symm, flat, "sum", "0", flat),
+                 lambda: ops.two_shot_all_reduce_out(symm, "sum", "0", flat)):
+        with pytest.raises(NotImplementedError, match="Meta"):
+            call()
+
+
 def test_config_key(tmp_path):
     cfg = load_config(None, {})
     assert (cfg.allreduce.peer_memory, cfg.allreduce.max_bytes) == ("off", MiB)  # off by default

@@ -214,3 +214,30 @@ def test_launch_sh_refuses_a_taken_http_port_before_loading(fake_launcher, tmp_p
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "is taken (Address already in use)" in err, err
     assert fake_launcher.calls() == {}
+
+
+def test_tp_over_hosts_goes_to_the_launcher_as_its_hostfile(tmp_path, tiny_ckpt):
+    """The launcher starts every host's ranks (pdsh over ssh); launch.sh runs on the first host, where rank 0
+    and the front are. Not run here (one host, no ssh): the arguments and the refusals."""
+    ckpt = Path(tiny_ckpt)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two hosts, two GPUs each\nlocalhost slots=2\ngpu-host-2 slots=2\n")
+    cfg = load_config(None, {"device": "cuda", "tp": 4})
+    cfg.tensor_parallel.hostfile = str(hostfile)
+    plan = plan_launch(cfg, ckpt, environ={"CUDA_VISIBLE_DEVICES": "0"})
+    assert plan.launcher_args == ["--hostfile", str(hostfile), "--master_addr", "localhost",
+                                  "--master_port", str(plan.master_port)]
+    assert plan.lock_gpus == []
+
+    hostfile.write_text("gpu-host-1 slots=2\ngpu-host-2 slots=1\n")
+    with pytest.raises(ConfigError) as e:
+        plan_launch(cfg, ckpt, environ={})
+    assert "3 slots (gpu-host-1=2, gpu-host-2=1) for tensor_parallel.tp_size 4" in str(e.value)
+    assert "its first host gpu-host-1 is not this host" in str(e.value)
+    hostfile.write_text("gpu-host-1 slots=two\n")
+    with pytest.raises(ConfigError, match="hostfile: Hostfile contains a bad entry"):
+        plan_launch(cfg, ckpt, environ={})
+    cfg.tensor_parallel.hostfile = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match="hostfile: no file"):
+        plan_launch(cfg, ckpt, environ={})
+    assert "gpus and hostfile" in refusal({}, {"tensor_parallel": {"hostfile": "/h", "gpus": [0, 1]}}, tmp_path)

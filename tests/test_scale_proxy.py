@@ -157,7 +157,12 @@ def test_replicas_behind_the_proxy_lose_nothing_when_one_is_killed_and_one_drain
         threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(CLIENTS)]
         for t in threads:
             t.start()
-        time.sleep(4)
+        # Load on both replicas before anything goes wrong.
+        deadline = time.monotonic() + 60
+        while min(Counter(line["server"] for line in proxy.requests() if line["status"] == "200")[s]
+                  for s in ("r1", "r2")) < 2:
+            assert time.monotonic() < deadline, f"the proxy did not spread the load: {proxy.requests()}"
+            time.sleep(0.2)
 
         # 1. kill -9 of a rank of A.
         t_kill = time.monotonic()

@@ -21,8 +21,8 @@ no multicast object is ever created and no multimem instruction is ever run.
 * The backend is pinned to torch's own "CUDA" one (`TORCH_SYMMMEM`; NVSHMEM would bring its own NVLS
   set-up); any other choice in the environment turns this path off.
 * The two ops used here load and store through peer pointers only; the multimem_* ops are never called.
-* After the rendezvous the buffer must report no multicast support and a null multicast pointer, else
-  the path is refused. NCCL itself is left alone (launch scripts keep `NCCL_NVLS_ENABLE=0`).
+* After the rendezvous the buffer must have a null multicast address (no multicast object mapped over
+  it), else the path is refused. NCCL itself is left alone (launch scripts keep `NCCL_NVLS_ENABLE=0`).
 
 CUDA graphs: the choice between this path and NCCL is made in Python from the tensor's device, dtype,
 shape and group -- fixed at capture -- so a captured decode graph holds the chosen kernels with the
@@ -40,6 +40,7 @@ on CPU ranks gloo / DeepSpeed's shared-memory kernel, untouched. Training-mode a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -218,14 +219,19 @@ def _peer_buffer(device, group, world: int, mode: str, max_bytes: int) -> torch.
             import torch.distributed._symmetric_memory as symm_mem
 
             if hasattr(symm_mem, "set_backend"):
-                symm_mem.set_backend("CUDA")
+                # raises when a backend was chosen already (TORCH_SYMMMEM pins it too): checked below
+                with contextlib.suppress(Exception):
+                    symm_mem.set_backend("CUDA")
             enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
             if enable is not None and not getattr(enable, "__deprecated__", None):
                 enable(group.group_name)  # older torch: the group's store must be registered first
             buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(buffer, group.group_name)
-            if handle.has_multicast_support() or handle.multicast_ptr != 0:
-                why = "the buffer came with multicast support; refused"
+            backend = symm_mem.get_backend(device) if hasattr(symm_mem, "get_backend") else None
+            if backend not in (None, "CUDA"):
+                why = f"symmetric memory backend {backend} (this path uses CUDA's)"
+            if handle.multicast_ptr != 0:  # a multicast object is mapped over the buffer
+                why = "the buffer came with a multicast address; refused"
         except Exception as e:  # noqa: BLE001 -- any failure keeps NCCL
             why = f"symmetric memory unavailable: {e!r}"
     ok = torch.tensor([why is None], dtype=torch.int32, device=device)

@@ -182,3 +182,12 @@ def test_generation_defaults_take_only_what_the_config_sets():
     s = Sampling.from_request({"temperature": None, "top_k": 0, "min_p": 0.1}, {"temperature": 0.6, "top_k": 20}, 5)
     assert (s.temperature, s.top_k, s.top_p, s.min_p) == (0.6, -1, 1.0, 0.1)
     assert not math.isnan(s.repetition_penalty)
+
+
+def test_a_sampled_row_without_a_generator_still_filters():
+    """speculative.target_probs asks for the filtered distribution of rows it draws from itself."""
+    p = RowParams.build([Sampling(1, temperature=0.5, top_k=3)], [None], V, "cpu")
+    got = filter_logits(LOGITS[:1], p)
+    assert int(torch.isfinite(got).sum()) == 3
+    torch.testing.assert_close(got[0, LOGITS[0].topk(3).indices], LOGITS[0].topk(3).values / 0.5)
+    assert sample(LOGITS[:1], p).tokens.tolist() == [int(LOGITS[0].argmax())]  # no noise: the most likely

@@ -102,7 +102,7 @@ class RowParams:
     presence: torch.Tensor
     frequency: torch.Tensor
     repetition: torch.Tensor
-    generators: list[torch.Generator | None]  # per row; None on greedy rows
+    generators: list[torch.Generator | None]  # per row; None on greedy rows (and rows that only filter)
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
@@ -117,7 +117,9 @@ class RowParams:
     def build(cls, rows: list[Sampling], generators: list[torch.Generator | None], vocab: int,
               device: torch.device | str) -> RowParams:
         device = torch.device(device)
-        greedy = [s.greedy or g is None for s, g in zip(rows, generators)]
+        # A sampled row without a generator (speculative.target_probs wants the filtered distribution only)
+        # keeps its parameters; drawn with no noise, it takes the most likely token.
+        greedy = [s.greedy for s in rows]
         top_k = [vocab if g or s.top_k <= 0 else min(s.top_k, vocab) for s, g in zip(rows, greedy)]
         top_p = [1.0 if g else s.top_p for s, g in zip(rows, greedy)]
         min_p = [0.0 if g else s.min_p for s, g in zip(rows, greedy)]

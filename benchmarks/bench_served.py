@@ -184,12 +184,14 @@ def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]
 def prebuild_main(args) -> dict:
     """A fresh machine's start-up: launch.sh --prebuild on an empty compile cache."""
     work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
-    shutil.rmtree(args.out / "compile-cache", ignore_errors=True)
+    if not args.keep_cache:
+        shutil.rmtree(args.out / "compile-cache", ignore_errors=True)
     path, env = server_config(args, work, "prebuild", free_port())
     t = time.perf_counter()
     proc = subprocess.run([str(REPO / "launch.sh"), "--prebuild", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     out = {"startup_cold_s": time.perf_counter() - t, "returncode": proc.returncode,
+           "cache_emptied_first": not args.keep_cache,
            "warmup_log": [line for line in proc.stderr.splitlines() if "warm-up" in line or "loaded" in line]}
     (args.out / "prebuild.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1), flush=True)
@@ -330,6 +332,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
     p.add_argument("--max-gap-steps", type=float, default=3.0, help="limits.max_gap_steps")
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--keep-cache", action="store_true",
+                   help="prebuild: keep what OUT/compile-cache holds (to finish a prebuild cut short)")
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--runner-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -360,6 +364,7 @@ def main() -> None:
         {"run": f"ds-qwen-vision served (launch.sh + HTTP streaming clients), {args.preset} widths, {layers} layers",
          "decode_ms_per_token": served["served_ms_per_token"], "floor_ms": runner.get("floor_ms"),
          "startup_s": served["startup_s"], "startup_cold_s": cold.get("startup_cold_s"),
+         "startup_cold_cache_emptied_first": cold.get("cache_emptied_first"),
          "startup_phases_s": served["startup_phases_s"],
          "first_request_ttft_s": served["first_request_ttft_s"], "warm_request_ttft_s": served["warm_request_ttft_s"],
          "served_ms_per_token": served["served_ms_per_token"], "runner_ms_per_token": runner["runner_ms_per_token"],

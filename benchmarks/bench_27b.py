@@ -402,8 +402,8 @@ def collect(args) -> None:
                    "floor_ms": r0["floor_ms"], "decode_over_floor": r0["decode_ms_per_token"] / r0["floor_ms"],
                    "ttft_text512_ms": g("ttft_text512_ms"), "ttft_image1024_text256_ms": g("ttft_image1024_text256_ms"),
                    "streams16_tokens_per_s": g("streams_tokens_per_s"), "step16_ms": g("streams_decode_step_ms"),
-                   "step16_over_step1": g("streams_decode_step_ms") and g("streams_decode_step_ms") / r0["decode_ms_per_token"],
-                   "peak_reserved_gib": max((x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]), default=None) or None,
+                   "step16_over_step1": (g("streams_decode_step_ms") or 0) / r0["decode_ms_per_token"] or None,
+                   "peak_reserved_gib": max(x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]) or None,
                    "partial": bool(r.get("partial"))}
             row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
             rows.append(row)

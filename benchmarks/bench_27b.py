@@ -358,7 +358,7 @@ def baseline_main(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="this run's JSON (required unless --collect)")
     p.add_argument("--baseline", choices=["eager", "static"], default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -381,6 +381,8 @@ def main() -> None:
     args = p.parse_args()
     if args.collect:
         collect(args)
+    elif args.out is None:
+        p.error("--out is required")
     else:
         baseline_main(args) if args.baseline else engine_main(args)
 

@@ -39,6 +39,8 @@ from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, Request
 
 log = logging.getLogger(__name__)
 
+# The engine's start-up phases before "ready" (serve.py), as /health's status.
+STARTING_PHASES = ("loading", "warming_up")
 # Routes that a load balancer / Prometheus reach without the API key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 # A client's X-Request-Id is echoed if it looks like an id; otherwise the response carries a new one.
@@ -290,8 +292,12 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
         except EngineUnavailable as e:
             log.warning("health: engine unavailable: %s", e)
             return jsonify({"status": "unavailable", "error": "engine unreachable", "engine": None}), 503
-        return jsonify({"status": "ok" if engine_ready(engine) else "unavailable", "engine": engine}), \
-            200 if engine_ready(engine) else 503
+        if engine_ready(engine):
+            return jsonify({"status": "ok", "engine": engine}), 200
+        # Starting up (the engine's phase: loading, then warming_up) is not a failure: say which.
+        phase = engine.get("phase") if engine.get("alive", True) else None
+        status = phase if phase in STARTING_PHASES else "unavailable"
+        return jsonify({"status": status, "engine": engine}), 503
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -29,10 +29,12 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
 from ..plan import FROM_DEVICE, Prefill, StepPlan
+from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
 from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
 from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
+from .tools import ToolCallParser
 
 HEARTBEAT_S = 1.0
 
@@ -74,6 +76,11 @@ class Sequence:
     group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
     pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
     spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
+    # Constrained decoding (engine/grammar.py): this row's next-token mask needs its previous token
+    # accepted first, so a constrained row decodes one token a step (no drafts) and a step holding one
+    # is synchronous (`Engine.synchronous`): the previous step's tokens are read before it is launched.
+    grammar: object = None          # an xgrammar GrammarMatcher
+    tools: ToolCallParser | None = None  # tool calls read out of the content (engine/tools.py)
 
 
 class Step:
@@ -119,6 +126,8 @@ class Engine:
         self.vocab_size = getattr(runner.model.config.text_config, "vocab_size", None)
         self.penalties = PenaltyState(self.max_slots)
         self.token_bytes = TokenBytes(self.tokenizer)
+        # (a runner that does not say its vocabulary size -- a test's fake -- gets the tokenizer's)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size or len(self.tokenizer), self.eos_ids)
         self._rows: tuple[tuple[int, ...], RowParams, torch.Tensor] | None = None  # the last step's rows
         # transformers' torchvision image processor resizes and normalises on the GPU when asked: the same
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
@@ -200,12 +209,14 @@ class Engine:
                     else:
                         parts.append({"type": "text", "text": part["text"]})
                 content = parts
-            messages.append({"role": message["role"], "content": content})
+            messages.append({**message, "content": content})  # tool_calls, tool_call_id as the template reads them
         if len(images) > self.limits.max_images_per_request:
             raise RequestError(400, f"at most {self.limits.max_images_per_request} images per request", "messages")
+        # tool_choice "none": the model is not told about the tools, so it answers in text.
+        tools = request.get("tools") if request.get("tool_choice") != "none" else None
         try:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                        **request.get("chat_template_kwargs", {}))
+            prompt = self.processor.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                        tokenize=False, **request.get("chat_template_kwargs", {}))
         except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         try:
@@ -230,6 +241,10 @@ class Engine:
         if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
             raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
                                "stop_token_ids", "invalid_value")
+        try:
+            compiled = self.grammars.compile(request, prompt_opens_thinking(prompt))
+        except GrammarError as e:
+            raise RequestError(400, str(e), e.param, "invalid_schema") from None
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
@@ -242,8 +257,10 @@ class Engine:
                 generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
                 generator.manual_seed(sampling.seed + index if sampling.seed is not None else torch.seed())
             stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+            parser = ToolCallParser(tools, request.get("parallel_tool_calls", True)) if tools else None
             group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
-                                  sampling, stream, events, generator, index=index, group=group))
+                                  sampling, stream, events, generator, index=index, group=group,
+                                  grammar=self.grammars.matcher(compiled), tools=parser))
         return group[0]
 
     def generate(self, request: dict):
@@ -350,7 +367,7 @@ class Engine:
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
-                stepped = len(plan.prefill) + len(plan.decode)
+                stepped = len(plan.prefill) + len(plan.decode) + len(plan.verify)
                 if stepped:
                     self.m_tps.set(stepped / dt)
         except BaseException as e:
@@ -402,6 +419,8 @@ class Engine:
             self.running[seq.slot] = seq
             if self.spec is not None:
                 self.spec.start(seq)
+                if seq.grammar is not None:  # each token's mask needs the token before it: no drafts
+                    seq.spec.drafting = False
             budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
         if self.spec is not None:
             self.spec.merge(plan)
@@ -429,7 +448,8 @@ class Engine:
         """Whether this step must wait for the previous step's tokens on the host before it is launched:
         a pick that depends on the host's view of the tokens so far (a grammar's state for token_mask)
         must return True here for the sequences it constrains; speculative steps always do."""
-        return self.spec is not None
+        # A constrained row's mask comes from its matcher, which must have accepted the token before.
+        return self.spec is not None or any(self.running[slot].grammar is not None for slot, _ in plan.decode)
 
     def launch(self, plan: StepPlan, pixels: dict[int, torch.Tensor], seqs: dict[int, Sequence] | None = None) -> Step:
         """Broadcast and run one step; its tokens are picked and fed to the next step on the device, and
@@ -510,17 +530,19 @@ class Engine:
             seq.first_token_at = now
             self.m_ttft.observe(now - seq.created)
         finish = None
-        if token in self.eos_ids or token in seq.sampling.stop_token_ids:
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            finish = "stop"  # cannot happen (the token was picked under the grammar's mask); never loop on it
+        elif token in self.eos_ids or token in seq.sampling.stop_token_ids:
             finish = "stop"
         else:
             reasoning, content = seq.stream.add(token)
             self.emit(seq, reasoning, content)
-            if seq.stream.stopped:
+            if seq.stream.stopped or (seq.tools is not None and seq.tools.done):
                 finish = "stop"
             elif seq.generated >= seq.sampling.max_tokens:
                 finish = "length"
         if finish:
-            self.emit(seq, *seq.stream.finish())
+            self.emit(seq, *seq.stream.finish(), final=True)
             self.finish(seq, finish)
             return True
         seq.next_token = token
@@ -549,9 +571,12 @@ class Engine:
         return picked
 
     def token_mask(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor | None:
-        """Hook for constrained decoding: a [R, V] mask of the tokens each row may take (bool, True =
-        allowed; or additive float), applied before the penalties and sampling. None: no constraint."""
-        return None
+        """Constrained decoding: a [R, V] additive mask (0 allowed, -inf not) of the tokens each row may
+        take, from its grammar (engine/grammar.py), applied before the penalties and sampling. None: no
+        row is constrained. The host fills the bitmasks before anything reads the rows, so on a GPU that
+        work overlaps the forward still running."""
+        matchers = [None if seq.done else seq.grammar for seq in seqs]  # a row computed past its end: free
+        return None if all(m is None for m in matchers) else self.grammars.additive_mask(matchers, rows)
 
     def logprob_entries(self, picked: Picked, tokens: list[int],
                         rows: list[Sampling | None]) -> list[dict | None] | None:
@@ -572,15 +597,25 @@ class Engine:
         return out
 
     @staticmethod
-    def emit(seq: Sequence, reasoning: str, content: str) -> None:
-        if reasoning or content:
+    def emit(seq: Sequence, reasoning: str, content: str, final: bool = False) -> None:
+        calls: list[dict] = []
+        if seq.tools is not None:  # only the content: a call written inside the reasoning is not a call
+            content, calls = seq.tools.feed(content)
+            if final:
+                rest, more = seq.tools.finish()
+                content, calls = content + rest, calls + more
+        if reasoning or content or calls:
             event = {"event": "delta", "index": seq.index, "content": content, "reasoning_content": reasoning}
+            if calls:
+                event["tool_calls"] = calls
             if seq.sampling.logprobs:  # the tokens up to this text (some held back text until now)
                 event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
             seq.events.put(event)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
+        if reason == "stop" and seq.tools is not None and seq.tools.calls:
+            reason = "tool_calls"
         # This choice's end (with the logprobs of tokens that produced no text); the request's end once
         # every choice has ended.
         event = {"event": "delta", "index": seq.index, "content": "", "reasoning_content": "",

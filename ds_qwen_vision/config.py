@@ -81,6 +81,16 @@ class LimitsConfig(_Section):
     prefill_chunk_tokens: int = Field(2048, ge=16)
 
 
+class CacheConfig(_Section):
+    """Device memory per rank kept across requests for multi-turn chats (0 turns a cache off). Both are
+    LRU within their budget; entries are copies, so evicting one never touches a running sequence."""
+    # Snapshots of prompt prefixes (GDN conv + recurrent state and the attention KV of the prefix), one per
+    # prompt at the start of its generation prompt: the next turn of the chat continues from there.
+    prefix_bytes: int = Field(1 << 30, ge=0)
+    # The vision tower's output per image (content hash + grid): images re-sent each turn are not re-encoded.
+    image_bytes: int = Field(256 << 20, ge=0)
+
+
 class SecurityConfig(_Section):
     # The NAME of the env var holding the bearer key: the key itself never sits in a config file.
     api_key_env: str | None = Field(None, min_length=1)
@@ -102,6 +112,7 @@ class DeployConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from .engine import Engine
     from .ipc import IpcServer
 
-    engine = Engine(runner, channel, processor, config.limits)
+    engine = Engine(runner, channel, processor, config.limits, config.cache)
     grace_s = config.server.shutdown_grace_s
 
     def on_signal(*_) -> None:

@@ -21,6 +21,7 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
 from ..plan import Prefill, StepPlan
+from .prefix_cache import PrefixCache, PromptKeys
 from .sampling import Sampling, sample
 from .textstream import TextStream, prompt_opens_thinking
 
@@ -58,10 +59,11 @@ class Sequence:
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    prefix: PromptKeys | None = None  # prefix reuse + image cache (prefix_cache.py); None: caches off
 
 
 class Engine:
-    def __init__(self, runner, channel, processor, limits):
+    def __init__(self, runner, channel, processor, limits, cache=None):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
         self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
@@ -95,6 +97,8 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
+        self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -168,8 +172,9 @@ class Engine:
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
-        return Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [], sampling,
-                        stream, queue.Queue(), generator)
+        grid = grid.tolist() if grid is not None else []
+        return Sequence(next(self.ids), input_ids, pixels, grid, sampling, stream, queue.Queue(), generator,
+                        prefix=self.prefix_cache.prompt(input_ids, images, grid))
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -276,6 +281,7 @@ class Engine:
         """Every generating sequence decodes one token; prompts are prefilled within a token budget per
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
+        self.prefix_cache.begin_plan(plan)
         budget = self.limits.prefill_chunk_tokens
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
@@ -297,21 +303,27 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
             budget -= self.schedule_prefill(plan, seq, budget)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
 
-    @staticmethod
-    def schedule_prefill(plan: StepPlan, seq: Sequence, budget: int) -> int:
+    def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
         """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns its length."""
         start = seq.prefilled
         end = min(len(seq.input_ids), start + budget)
         if end <= start:
             return 0
-        first = start == 0 and seq.pixel_values is not None
-        plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if start == 0 else [],
-                                    tuple(seq.pixel_values.shape) if first else None, start, end))
+        begins = start == (seq.prefix.cached if seq.prefix else 0)  # the sequence's first chunk
+        first = begins and seq.pixel_values is not None
+        item = Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if begins else [],
+                       tuple(seq.pixel_values.shape) if first else None, start, end)
+        # prefix reuse / image cache: restore, snapshot (the chunk split there), only uncached images' pixels
+        items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None)
+        if first:
+            seq.pixel_values = pixels
+        plan.prefill.extend(items)
         seq.prefilled = end
         return end - start
 
@@ -361,7 +373,8 @@ class Engine:
         n_prompt = len(seq.input_ids)
         seq.events.put({"event": "done", "finish_reason": reason,
                         "usage": {"prompt_tokens": n_prompt, "completion_tokens": seq.generated,
-                                  "total_tokens": n_prompt + seq.generated}})
+                                  "total_tokens": n_prompt + seq.generated,
+                                  "prompt_tokens_details": {"cached_tokens": seq.prefix.cached if seq.prefix else 0}}})
         self.m_requests.labels("completed").inc()
 
     def fail(self, why: str, code: str = "engine_down") -> None:

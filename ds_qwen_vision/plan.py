@@ -32,6 +32,9 @@ class Prefill:
     # keyed one is then kept), "cache", or "skip" (wholly inside a restored prefix: never looked at).
     image_keys: list[str | None] = field(default_factory=list)
     image_source: list[str] = field(default_factory=list)
+    # A snapshot job (prefix_cache.PrefixCache.finished) in a slot no sequence holds: restore, prefill, save,
+    # and keep nothing else (no logits, no pending prompt).
+    snapshot_only: bool = False
 
 
 @dataclass

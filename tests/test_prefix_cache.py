@@ -123,8 +123,24 @@ def metrics(engine) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(engine.metrics()) for s in f.samples}
 
 
+class CountingImageProcessor:
+    """The checkpoint's image processor, counting the images it is asked to process."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+
+    def __call__(self, images, **kwargs):
+        self.images += len(images)
+        return self.inner(images=images, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 class Harness:
     def __init__(self, ckpt, processor, cache: CacheConfig, slots: int = 2, chunk: int = 2048):
+        processor = load_processor(ckpt)  # its own: the reference's processor is not counted
+        processor.image_processor = self.counter = CountingImageProcessor(processor.image_processor)
         model = load_model(ckpt, 1, "cpu", torch.float32, show_progress=False)
         self.runner = ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=512)
         limits = LimitsConfig(max_prompt_tokens=400, max_new_tokens=64, max_concurrent=slots, prefill_chunk_tokens=chunk)
@@ -193,6 +209,9 @@ def test_multi_turn_reuses_the_previous_turn(roomy, ref):
         previous = turn
     assert ref.reusable(TURN1, TURN2) > 60 and ref.reusable(TURN2, TURN3) > ref.reusable(TURN1, TURN2)
     after = metrics(roomy.engine)
+    assert roomy.counter.images == 2  # IMG_A in turn 1, IMG_B in turn 2: held embeddings are not processed again
+    # turns 2 and 3 continued a snapshot: theirs were taken after them, in the slot they left
+    assert after["dsqv_prefix_cache_snapshot_jobs_total"] - before.get("dsqv_prefix_cache_snapshot_jobs_total", 0) == 2
     assert after["dsqv_prefix_cache_hits_total"] - before.get("dsqv_prefix_cache_hits_total", 0) == 2
     assert after["dsqv_prefix_cache_cached_tokens_total"] - before.get("dsqv_prefix_cache_cached_tokens_total", 0) \
         == ref.reusable(TURN1, TURN2) + ref.reusable(TURN2, TURN3)
@@ -200,6 +219,23 @@ def test_multi_turn_reuses_the_previous_turn(roomy, ref):
     text, usage = roomy.ask(TURN3)
     assert text == ref.answer(TURN3)
     assert usage["prompt_tokens_details"]["cached_tokens"] == ref.reusable(TURN3, TURN3)
+    assert roomy.counter.images == 2
+
+
+def test_prompt_ids_of_held_images_are_the_processors(roomy, ref):
+    """A prompt whose images are partly held (IMG_A, IMG_B after the multi-turn test) and partly new, one of
+    them twice: the ids the prefix cache expands equal the processor's own call on all the images."""
+    roomy.ask(TURN2)
+    messages = TURN3 + [assistant("Hard to say."), user(img(IMG_A2), "and", img(IMG_A), "once more")]
+    msgs, images = hf(messages)
+    prompt = ref.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **NO_THINKING)
+    out = roomy.engine.prefix_cache.process(roomy.engine.processor, prompt, images, {})
+    expected = chat_inputs(ref.processor, msgs, images, NO_THINKING)
+    assert out["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert out["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+    assert [p is None for p in out["prefix"].pixels] == [True, True, False, True]  # only IMG_A2 processed
+    rows = expected["pixel_values"].split([g[0] * g[1] * g[2] for g in expected["image_grid_thw"].tolist()])
+    torch.testing.assert_close(out["prefix"].pixels[2], rows[2], rtol=0, atol=0)
 
 
 def test_an_edited_history_gets_no_false_hit(roomy, ref):

@@ -144,8 +144,11 @@ class Engine:
         except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         try:
-            pil = [open_image(b) for b in images]
-            inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt", **self.image_device)
+            if self.prefix_cache.enabled:  # images the ranks hold embeddings of are not processed again
+                inputs = self.prefix_cache.process(self.processor, prompt, images, self.image_device)
+            else:
+                pil = [open_image(b) for b in images]
+                inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt", **self.image_device)
         except Exception as e:
             raise RequestError(400, f"the image processor could not read an image: {e}", "messages",
                                "invalid_image") from None
@@ -174,7 +177,7 @@ class Engine:
             pixels = pixels.cpu()
         grid = grid.tolist() if grid is not None else []
         return Sequence(next(self.ids), input_ids, pixels, grid, sampling, stream, queue.Queue(), generator,
-                        prefix=self.prefix_cache.prompt(input_ids, images, grid))
+                        prefix=inputs.get("prefix"))
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -288,6 +291,7 @@ class Engine:
                 if seq.cancelled and not seq.done:
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
+                budget -= self.prefix_cache.finished(plan, seq)  # a snapshot job in the slot it left, if deferred
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.next_token is not None:
@@ -321,7 +325,7 @@ class Engine:
                        tuple(seq.pixel_values.shape) if first else None, start, end)
         # prefix reuse / image cache: restore, snapshot (the chunk split there), only uncached images' pixels
         items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None)
-        if first:
+        if begins:
             seq.pixel_values = pixels
         plan.prefill.extend(items)
         seq.prefilled = end

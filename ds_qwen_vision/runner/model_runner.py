@@ -159,6 +159,9 @@ class ModelRunner:
         self.length[item.slot] = end
         if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
             self.snapshots.save(item.save, item.slot, end)
+        if item.snapshot_only:
+            del self.pending[item.slot]
+            return None
         if end < n_prompt:
             return None
         del self.pending[item.slot]

@@ -3,7 +3,7 @@
 #
 #   ./launch.sh                                  the embedded demo: tiny checkpoint, CPU ranks, tp=2, 127.0.0.1:8000
 #   ./launch.sh --config ds_config/FILE.json     a real deployment
-#   overrides: --model DIR --host H --port N --tp N --device cpu|cuda --dtype float32|bfloat16
+#   overrides: --model DIR --host H --port N --tp N --gpus 2,3 --device cpu|cuda --dtype float32|bfloat16
 #
 # Exit codes (for a supervisor): 0 after a requested shutdown (SIGTERM/SIGINT) that finished cleanly;
 # 2 for a bad config or arguments; anything else means a rank or the front died: restart it.
@@ -27,6 +27,12 @@ if [[ "$model" == "demo" ]]; then
     demo_dir=$(python3 -m ds_qwen_vision.checkpoint --demo-dir) || exit 1
     python3 -m ds_qwen_vision.checkpoint --out "$demo_dir" --preset tiny --seed 0 >/dev/null || exit 1
 fi
+# Speculative decoding with the MTP head needs the checkpoint's mtp.* weights: a config error (2), before any rank.
+if [[ "$(get speculative.method)" == "mtp" ]] && ! python3 -c 'import sys; from ds_qwen_vision.loading import has_mtp_weights
+sys.exit(0 if has_mtp_weights(sys.argv[1]) else 1)' "${demo_dir:-$model}"; then
+    echo "launch.sh: speculative.method is mtp but ${demo_dir:-$model} has no mtp.* weights (use ngram or none)" >&2
+    exit 2
+fi
 
 # A socket that answers belongs to a running deployment (same server.ipc_socket, i.e. the same port by
 # default): removing it would cut that deployment's front off its engine. Only a stale one goes.
@@ -35,8 +41,24 @@ if python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.arg
     exit 2
 fi
 rm -f "$socket" "$socket.pid"
-master_port=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
-launcher_args=(--num_gpus "$tp" --master_port "$master_port")
+
+# ---- Where the ranks run (ds_qwen_vision/launcher.py): the launcher's GPU selection (--include
+# localhost:2,3, or --num_gpus on CPU), a master port of this deployment's own, and the checks that refuse
+# (exit 2) what cannot work: tp not dividing the heads, the HTTP or master port taken, too few GPUs.
+plan=$(python3 -m ds_qwen_vision.launcher "$@" ${demo_dir:+--model-dir "$demo_dir"}) || exit 2
+eval "$plan"  # launcher_args=(...) master_port=N lock_gpus=(...)
+# One lock per GPU, held (flock, on an fd this shell and the launcher inherit) until the deployment is gone,
+# even by kill -9: a second deployment naming a GPU in use is refused instead of running out of memory.
+for gpu in "${lock_gpus[@]}"; do
+    lock="${DSQV_LOCK_DIR:-/tmp}/ds-qwen-vision-gpu$gpu.lock"
+    exec {fd}<>"$lock" || exit 2
+    if ! flock -n "$fd"; then
+        echo "launch.sh: GPU $gpu is in use by another deployment ($(cat "$lock")); choose other GPUs (--gpus)" >&2
+        exit 2
+    fi
+    echo "launch.sh pid $$, server.port $(get server.port)" >"$lock"
+done
+# ---- end of rank placement
 # DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank in /dev/shm).
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*' EXIT
 [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
@@ -57,7 +79,8 @@ shutdown() {
 }
 trap shutdown TERM INT
 
-setsid deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" &
+# CUDA_VISIBLE_DEVICES is already in --include (as physical ids, which the launcher counts from all GPUs).
+setsid env -u CUDA_VISIBLE_DEVICES deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" &
 ranks=$!
 
 # Wait for rank 0's socket (every rank loaded and reported ready) or for the ranks to fail.

@@ -1,10 +1,12 @@
 """Full-size benchmark: Qwen3.6-27B shapes, random bf16 weights, through the server's own model code.
 
-    # ds-qwen-vision at tp=N (one process per GPU), then the single-GPU transformers baselines:
+    # ds-qwen-vision at tp=N (one process per GPU; tp=1: plain python3), then the single-GPU baselines:
     deepspeed --num_gpus 2 benchmarks/bench_27b.py --out OUT/engine.json
     python benchmarks/bench_27b.py --baseline eager --out OUT/eager.json
     python benchmarks/bench_27b.py --baseline static --out OUT/static.json
     python benchmarks/report.py OUT/*.json          # the table for docs/benchmarks.md
+    python benchmarks/bench_27b.py --collect OUT/engine.json OUT/static.json --results-dir benchmarks/results \
+        --what decode --command "..."                # benchmarks/results/DATE-CARD-tpN-decode.json
 
 The engine mode builds this rank's shard exactly as the server does (meta → tp_policy → device) and
 fills it with random data (never zeros) instead of reading files, then times ModelRunner, the code
@@ -25,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_qwen_vision.checkpoint import build_checkpoint, make_config  # noqa: E402
+from ds_qwen_vision.config import AllReduceConfig  # noqa: E402
 from ds_qwen_vision.model import load_processor  # noqa: E402
 
 GiB = 2**30
@@ -109,6 +112,10 @@ def engine_main(args) -> None:
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     bw = copy_bandwidth(device)  # before the cap: its buffers are not part of serving
+    if args.budget_gib is None:  # the 28 GiB per rank of a 32 GB card at tp >= 2; one card holds it all
+        args.budget_gib = 28.0 if world > 1 else torch.cuda.get_device_properties(device).total_memory / GiB - 2
+    if args.streams_budget_gib is None:
+        args.streams_budget_gib = 29.5 if world > 1 else args.budget_gib
     results = {"rank": rank, "tp": world, "weights_gib": weights / GiB, "build_s": build_s,
                "copy_bandwidth_tbs": bw / 1e12, "floor_ms": 1e3 * weights / bw,
                "budget_gib": args.budget_gib, "gpu": torch.cuda.get_device_name(device)}
@@ -154,12 +161,13 @@ def engine_main(args) -> None:
         return steps[8:]
 
     # The same graphs without compiled norms (runner.compile_norms), then the runner as served.
-    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False)
+    peer = AllReduceConfig(peer_memory=args.allreduce)  # the decode all-reduces: NCCL (off) or kernels/allreduce.py
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False, allreduce=peer)
     results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
     del runner
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    runner = ModelRunner(model, device, max_slots=1, max_len=9472)  # 8k text + image + decode
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, allreduce=peer)  # 8k text + image + decode
     results["runner_init_s"] = time.perf_counter() - t0  # state, norm compilation, CUDA graph capture
     prefill(text256)  # warm-up (kernels, autotuning)
     prefill(text512)
@@ -214,7 +222,7 @@ def engine_main(args) -> None:
     torch.cuda.reset_peak_memory_stats(device)
     budget = args.streams_budget_gib * GiB
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
-    runner = ModelRunner(model, device, max_slots=args.streams, max_len=512 + 256)
+    runner = ModelRunner(model, device, max_slots=args.streams, max_len=512 + 256, allreduce=peer)
     prompts = [prompt_ids(config, 512, seed=100 + i) for i in range(args.streams)]
 
     def serve_streams():
@@ -254,7 +262,8 @@ def engine_main(args) -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": gathered}, indent=1))
+        mode = f"ds-qwen-vision tp={world}" + (f", all-reduce peer {args.allreduce}" if args.allreduce != "off" else "")
+        args.out.write_text(json.dumps({"mode": mode, "ranks": gathered}, indent=1))
         print(json.dumps(gathered, indent=1))
 
 
@@ -343,15 +352,61 @@ def main() -> None:
     p.add_argument("--baseline", choices=["eager", "static"], default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--budget-gib", type=float, default=28.0, help="per-process device memory cap (engine mode)")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="per-process device memory cap (engine mode; default 28 at tp >= 2, the card at tp=1)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 5 decode steps")
+    p.add_argument("--allreduce", choices=["off", "one_shot", "two_shot"], default="off",
+                   help="engine: allreduce.peer_memory (kernels/allreduce.py; off = NCCL)")
     p.add_argument("--streams", type=int, default=16, help="concurrent requests (512 prompt, 256 new tokens)")
-    p.add_argument("--streams-budget-gib", type=float, default=29.5, help="per-process cap for the streams run")
+    p.add_argument("--streams-budget-gib", type=float, default=None,
+                   help="per-process cap for the streams run (default 29.5 at tp >= 2)")
     p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per step (limits.prefill_chunk_tokens)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsqv-bench")
+    p.add_argument("--collect", nargs="+", type=Path, help="result JSONs of one call -> the results file")
+    p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--what", default="decode", help="the WHAT of DATE-CARD-tpN-WHAT.json")
+    p.add_argument("--command", default="", help="the command line that produced the results (recorded)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    baseline_main(args) if args.baseline else engine_main(args)
+    if args.collect:
+        collect(args)
+    else:
+        baseline_main(args) if args.baseline else engine_main(args)
+
+
+def collect(args) -> None:
+    """One call's engine and baseline JSONs -> benchmarks/results/DATE-CARD-tpN-WHAT.json (issue 10's format)."""
+    import datetime
+
+    rows, tp, card = [], None, None
+    for path in args.collect:
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        if "ranks" in r:
+            r0 = r["ranks"][0]
+            tp, card = r0["tp"], r0["gpu"]
+            row = {"run": f"ds-qwen-vision tp={r0['tp']}", "decode_ms_per_token": r0["decode_ms_per_token"],
+                   "floor_ms": r0["floor_ms"], "decode_over_floor": r0["decode_ms_per_token"] / r0["floor_ms"],
+                   "ttft_text512_ms": r0["ttft_text512_ms"], "ttft_image1024_text256_ms": r0["ttft_image1024_text256_ms"],
+                   "streams16_tokens_per_s": r0["streams_tokens_per_s"], "step16_ms": r0["streams_decode_step_ms"],
+                   "step16_over_step1": r0["streams_decode_step_ms"] / r0["decode_ms_per_token"],
+                   "peak_reserved_gib": max(x["peak_reserved_gib_8k_image"] for x in r["ranks"])}
+            row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
+        else:
+            card = card or r["gpu"]
+            row = {"run": r["mode"], "decode_ms_per_token": r["decode_ms_per_token"], "floor_ms": r["floor_ms"],
+                   "decode_over_floor": r["decode_ms_per_token"] / r["floor_ms"],
+                   "ttft_text512_ms": r["ttft_text512_ms"], "peak_allocated_gib": r["peak_allocated_gib"]}
+            row.update({k: v for k, v in r.items() if k not in row and k != "mode"})
+        rows.append(row)
+    date = datetime.datetime.now(datetime.timezone.utc)
+    name = (card or "GPU").replace("NVIDIA ", "").replace(" ", "-")
+    out = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp{tp or 1}-{args.what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": date.isoformat(timespec="seconds"), "card": card, "command": args.command,
+                               "tp": tp or 1, "rows": rows}, indent=1))
+    print(out)
 
 
 if __name__ == "__main__":

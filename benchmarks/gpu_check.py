@@ -8,6 +8,7 @@
     # CUDA-graph decode with idle rows, compiled norms, pixels broadcast from rank 0)
     deepspeed --num_gpus 2 benchmarks/gpu_check.py runner --dir D --out OUT/runner.pt
     python benchmarks/gpu_check.py compare OUT/ref.pt OUT/runner.pt
+    # the same with the decode all-reduces over peer memory (--allreduce one_shot|two_shot)
 
 Passes when the 32 greedy tokens are identical, or where they first differ each side's token is
 within the other's top-5 (bf16 sums in another order may flip a near-tie).
@@ -51,12 +52,13 @@ def generate(model, processor, device) -> list[dict]:
     return out
 
 
-def serve(model, processor, device, rank: int) -> list[dict]:
+def serve(model, processor, device, rank: int, peer_memory: str = "off") -> list[dict]:
     """Both cases together through the runner, in slots 1 and 2 of 4 (rows 0 and 3 idle in the batch)."""
+    from ds_qwen_vision.config import AllReduceConfig
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
-    runner = ModelRunner(model, device, max_slots=4, max_len=1024)
+    runner = ModelRunner(model, device, max_slots=4, max_len=1024, allreduce=AllReduceConfig(peer_memory=peer_memory))
     jobs = {slot: chat_inputs(processor, messages, images) for slot, (messages, images) in enumerate(cases(), 1)}
     done = dict.fromkeys(jobs, 0)
     out = {slot: {"tokens": [], "top5": []} for slot in jobs}
@@ -87,6 +89,8 @@ def main() -> None:
     p.add_argument("files", nargs="*")
     p.add_argument("--dir", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--allreduce", choices=["off", "one_shot", "two_shot"], default="off",
+                   help="runner: allreduce.peer_memory (kernels/allreduce.py)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "build":
@@ -107,7 +111,8 @@ def main() -> None:
         from ds_qwen_vision.model import init_distributed, load_model
         rank, world = init_distributed("cuda")
         model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
-        result = serve(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), rank)
+        result = serve(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), rank,
+                       a.allreduce)
         if rank == 0:
             torch.save(result, a.out)
     else:

@@ -40,7 +40,7 @@ import torch
 # what makes a directory a valid cache entry.
 MARKER_FILE = "ds_qwen_vision_build.json"
 # Bump whenever the builder's output changes so that stale caches are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 3  # 3: the mtp.* head
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -315,7 +315,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def make_config(preset: str = "tiny"):
+def make_config(preset: str = "tiny", mtp: bool = True):
     """The ``Qwen3_5Config`` of a preset, with token ids that match the generated tokenizer."""
     from transformers import Qwen3_5Config
 
@@ -347,6 +347,9 @@ def make_config(preset: str = "tiny"):
             "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
+        # As Qwen3.6-27B's text_config: one MTP layer (mtp.*), sharing embed_tokens and lm_head.
+        mtp_num_hidden_layers=1 if mtp else 0,
+        mtp_use_dedicated_embeddings=False,
         # As in the real text_config: eos is <|endoftext|>, no bos / pad.
         eos_token_id=ids["<|endoftext|>"],
         bos_token_id=None,
@@ -672,15 +675,21 @@ def _randomize_(model, seed: int) -> None:
                 param.copy_(value)
 
 
-def _build_model(preset: str, seed: int):
-    """A ``Qwen3_5ForConditionalGeneration`` of the preset with deterministic random fp32 weights."""
+def _build_model(preset: str, seed: int, mtp: bool = True):
+    """A ``Qwen3_5ForConditionalGeneration`` of the preset with deterministic random fp32 weights, and
+    (mtp) the checkpoint's multi-token-prediction head as ``mtp.*`` with the real names and shapes.
+    transformers has no module for it (and ignores its keys when loading); save_pretrained writes it."""
     from transformers import Qwen3_5ForConditionalGeneration
 
-    config = make_config(preset)
+    from .mtp import Qwen3_5MTP
+
+    config = make_config(preset, mtp)
     # Constructing under the seed makes any state we do not overwrite (there should be none
     # among the parameters) deterministic as well.
     torch.manual_seed(seed)
     model = Qwen3_5ForConditionalGeneration(config)
+    if mtp:  # registered last, so it is randomised last: the main weights do not depend on it
+        model.mtp = Qwen3_5MTP(config.text_config)
     _randomize_(model, seed)
     return model.eval()
 
@@ -690,8 +699,9 @@ def _build_model(preset: str, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _marker(preset: str, seed: int, dtype: torch.dtype) -> dict:
+def _marker(preset: str, seed: int, dtype: torch.dtype, mtp: bool = True) -> dict:
     return {
+        "mtp": mtp,
         "builder": "ds_qwen_vision.checkpoint",
         "builder_version": BUILDER_VERSION,
         "preset": preset,
@@ -726,19 +736,20 @@ def _write_tokenizer_files(directory: Path) -> None:
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
 
 
-def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtype) -> None:
+def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtype, mtp: bool = True) -> None:
     from transformers import GenerationConfig
 
     ids = token_ids()
-    model = _build_model(preset, seed).to(dtype)
-    # Real generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
-    # <|endoftext|>.  The real one samples (temperature 0.6, top_p 0.95, top_k 20); greedy
-    # keeps test generations deterministic.
+    model = _build_model(preset, seed, mtp).to(dtype)
+    # Qwen3.6's generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
+    # <|endoftext|>, sample with temperature 0.6, top_p 0.95, top_k 20 -- the defaults the
+    # server applies to requests that leave them out (tests that need determinism ask for
+    # temperature 0, or pass do_sample=False to transformers' generate).
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
+        do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
     )
     # Writes config.json, generation_config.json, model-0000i-of-0000n.safetensors and
     # model.safetensors.index.json with the official key names.
@@ -748,7 +759,7 @@ def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtyp
     _write_json(directory / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
 
 
-def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
+def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.float32, mtp: bool = True) -> Path:
     """Build (or reuse) a random Qwen3.5/3.6-VL checkpoint in ``out_dir`` and return its path.
 
     ``out_dir`` doubles as a cache: if it already holds a finished build with the same
@@ -763,7 +774,7 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     out_dir = Path(out_dir).absolute()
-    wanted = _marker(preset, seed, dtype)
+    wanted = _marker(preset, seed, dtype, mtp)
     if _read_marker(out_dir) == wanted:
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
@@ -773,7 +784,7 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_checkpoint(tmp, preset, seed, dtype)
+        _write_checkpoint(tmp, preset, seed, dtype, mtp)
         # mkdtemp (and transformers' shard writer) create owner-only entries; a model directory
         # should be readable like any other download.
         tmp.chmod(0o755)
@@ -813,13 +824,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--no-mtp", action="store_true", help="without the mtp.* head (as a checkpoint that has none)")
     args = parser.parse_args(argv)
     if args.demo_dir:
         print(demo_dir())
         return 0
     if not args.out:
         parser.error("--out is required")
-    path = build_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=_DTYPES[args.dtype])
+    path = build_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=_DTYPES[args.dtype], mtp=not args.no_mtp)
     print(path)
     return 0
 

@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,6 +43,34 @@ class _Section(BaseModel):
 
 class TensorParallelConfig(_Section):
     tp_size: int = Field(2, ge=1)
+    # Where the ranks run (see launcher.py, "Scaling out" in README). `gpus`: this host's GPU ids, as
+    # nvidia-smi numbers them, one per rank (the launcher's --include localhost:2,3); None: the first
+    # tp_size of CUDA_VISIBLE_DEVICES, or of all GPUs. Ignored on CPU, where the launcher starts CPU ranks.
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    # The ranks' rendezvous port (torch.distributed). None: a free port picked at each start.
+    master_port: int | None = Field(None, ge=1, le=65535)
+    # tp over several hosts: the deepspeed launcher's hostfile ("host slots=N" lines; the first host is
+    # this one, where rank 0 and the front run). None: one host.
+    hostfile: str | None = Field(None, min_length=1)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_once_each(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("is empty (null: the first tp_size GPUs)")
+            twice = sorted({g for g in v if v.count(g) > 1})
+            if twice:
+                raise ValueError(f"GPU {', '.join(map(str, twice))} listed twice (one rank per GPU)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> TensorParallelConfig:
+        if self.hostfile is not None and self.gpus is not None:
+            raise ValueError("gpus and hostfile: with a hostfile, each host gives the GPUs 0..slots-1")
+        if self.gpus is not None and len(self.gpus) != self.tp_size:
+            raise ValueError(f"gpus lists {len(self.gpus)} GPUs but tp_size is {self.tp_size} (one rank per GPU)")
+        return self
 
 
 class ServerConfig(_Section):
@@ -79,6 +107,14 @@ class LimitsConfig(_Section):
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
+    # Choices per request (`n`): each is its own sequence, in its own cache slot.
+    max_n: int = Field(4, ge=1)
+
+
+class SamplingConfig(_Section):
+    # A request's omitted temperature / top_p / top_k / min_p / repetition_penalty come from the checkpoint's
+    # generation_config.json (as vLLM does); false: OpenAI's defaults (1, 1, off, 0, 1).
+    generation_config_defaults: bool = True
 
 
 class CacheConfig(_Section):
@@ -104,6 +140,31 @@ class SecurityConfig(_Section):
         return v
 
 
+class SpeculativeConfig(_Section):
+    """Speculative decoding (runner/speculative.py): drafts of `num_tokens` tokens per step, all verified in
+    one forward. `mtp`: the checkpoint's multi-token-prediction head (refused at start on a checkpoint
+    without mtp.* weights); `ngram`: prompt lookup in the sequence's own tokens."""
+    method: Literal["none", "mtp", "ngram"] = "none"
+    num_tokens: int = Field(3, ge=1, le=7)  # k; T = k + 1 positions per verify (decode attention takes <= 8)
+
+
+class AllReduceConfig(_Section):
+    # The decode step's small all-reduces over peer GPU memory instead of NCCL (kernels/allreduce.py: PyTorch
+    # symmetric memory, never NVLink multicast); NCCL keeps larger messages, and CPU ranks their own path.
+    # Off until a 2-GPU run shows it beats NCCL in the decode step (benchmarks/allreduce_bench.py).
+    peer_memory: Literal["off", "one_shot", "two_shot"] = "off"
+    # Largest message (and the buffer each rank allocates): 1 MiB holds a decode step's hidden states up to
+    # 102 rows (5,120 bf16 each) and the tp=2 lm_head's logits of 2 rows (248,320 bf16 each).
+    max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 bytes (the kernels' vector width)")
+        return v
+
+
 class DeployConfig(_Section):
     model: str = Field(DEMO_MODEL, min_length=1)
     served_model_name: str | None = Field(None, min_length=1)
@@ -112,8 +173,11 @@ class DeployConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> DeployConfig:
@@ -129,6 +193,8 @@ class DeployConfig(_Section):
                 self.served_model_name = name
         if self.server.ipc_socket is None:
             self.server.ipc_socket = f"/tmp/ds-qwen-vision-{self.server.port}.sock"
+        if self.tensor_parallel.master_port == self.server.port:
+            raise ValueError(f"tensor_parallel.master_port and server.port are both {self.server.port}")
         return self
 
     @property
@@ -164,6 +230,7 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "host": ("server", "host"),
     "port": ("server", "port"),
     "tp": ("tensor_parallel", "tp_size"),
+    "gpus": ("tensor_parallel", "gpus"),
     "device": ("device",),
     "dtype": ("dtype",),
 }
@@ -204,7 +271,7 @@ def _validate(raw: Any, source: str, check_env: bool) -> DeployConfig:
 def load_config(path: str | None, overrides: dict[str, Any] | None = None, *, check_env: bool = True) -> DeployConfig:
     """Read the JSON file at ``path`` (None: all defaults), apply CLI ``overrides``, validate.
 
-    ``overrides`` keys are ``model, host, port, tp, device, dtype``; None values are ignored.
+    ``overrides`` keys are ``model, host, port, tp, gpus, device, dtype``; None values are ignored.
     With ``check_env`` the API key env var (if configured) must be set.
     """
     raw: Any = {}
@@ -255,6 +322,13 @@ def config_from_env(environ: dict[str, str] | None = None) -> DeployConfig:
     raise ConfigError(f"no config: set {ENV_CONFIG_JSON} (merged config JSON) or {ENV_CONFIG_PATH} (a file path)")
 
 
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU ids, e.g. 2,3") from None
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("deployment config")
     g.add_argument("--config", metavar="FILE", help="deployment config JSON (default: all defaults)")
@@ -262,6 +336,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--host", metavar="H", help="HTTP bind host")
     g.add_argument("--port", metavar="N", type=int, help="HTTP port")
     g.add_argument("--tp", metavar="N", type=int, help="tensor-parallel size")
+    g.add_argument("--gpus", metavar="IDS", type=_gpu_list, help="this host's GPU ids for the ranks, e.g. 2,3")
     g.add_argument("--device", choices=["cpu", "cuda"])
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
     return parser

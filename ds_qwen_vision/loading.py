@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from .tp_policy import gdn_segments, is_language_model, rule_for, shard_ranges
 
-# Weights in real Qwen3.6 checkpoints that transformers' model does not use (the multi-token-prediction
-# head for speculative decoding); transformers skips them too (_keys_to_ignore_on_load_unexpected).
+# The multi-token-prediction head of real Qwen3.6 checkpoints: loaded into `model.mtp` (ds_qwen_vision/mtp.py)
+# when speculative decoding uses it, skipped otherwise (as transformers does: _keys_to_ignore_on_load_unexpected).
 UNUSED_KEYS = re.compile(r"^mtp\.")
 # With tied embeddings (the smaller Qwen3.5/3.6 models) the checkpoint stores the embedding only.
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -49,15 +49,29 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def build_on_meta(config, dtype: torch.dtype):
-    """The model's skeleton with no storage, in the target dtype."""
+def has_mtp_weights(model_dir: str | Path) -> bool:
+    """Whether the checkpoint holds the MTP head's weights (mtp.fc.weight and its layer)."""
+    keys = set()
+    for path in checkpoint_files(model_dir):
+        f = SafetensorsFile(path)
+        keys.update(f.tensors)
+        f.close()
+    return "mtp.fc.weight" in keys and any(k.startswith("mtp.layers.0.") for k in keys)
+
+
+def build_on_meta(config, dtype: torch.dtype, mtp: bool = False):
+    """The model's skeleton with no storage, in the target dtype; with mtp, its MTP head as `model.mtp`."""
     from transformers import Qwen3_5ForConditionalGeneration
+
+    from .mtp import Qwen3_5MTP
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = Qwen3_5ForConditionalGeneration(config)
+            if mtp:
+                model.mtp = Qwen3_5MTP(config.text_config)
     finally:
         torch.set_default_dtype(default)
     return model.eval().requires_grad_(False)

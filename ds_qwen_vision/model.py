@@ -47,7 +47,7 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_sharded(config, tp: int, dtype: torch.dtype):
+def build_sharded(config, tp: int, dtype: torch.dtype, mtp: bool = False):
     """This rank's shard of the model, allocated on the device but not yet filled (buffers are)."""
     from .loading import build_on_meta, init_buffers
     from .tp_policy import apply_tensor_parallel
@@ -55,16 +55,18 @@ def build_sharded(config, tp: int, dtype: torch.dtype):
     if config.model_type != "qwen3_5":
         raise SystemExit(f"model_type {config.model_type!r}: ds-qwen-vision serves qwen3_5 "
                          f"(Qwen3_5ForConditionalGeneration) checkpoints")
-    model = apply_tensor_parallel(build_on_meta(config, dtype), tp, dtype).module
+    model = apply_tensor_parallel(build_on_meta(config, dtype, mtp), tp, dtype).module
     init_buffers(model)
     return model
 
 
-def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_progress: bool = True):
+def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_progress: bool = True,
+               mtp: bool = False):
     """This rank's shard of a Qwen3_5ForConditionalGeneration checkpoint, ready to run.
 
     Built on the meta device, sharded (tp_policy), then filled with only this rank's slices of the
     checkpoint (loading.py). Returns the transformers model: its forward and generate are transformers' own.
+    With mtp, also the checkpoint's MTP head (`model.mtp`, for speculative decoding).
     """
     from deepspeed import comm as dist
     from transformers import AutoConfig, GenerationConfig
@@ -74,7 +76,7 @@ def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_pr
 
     config = AutoConfig.from_pretrained(model_dir)
     check_divisible(config.text_config, tp)
-    model = build_sharded(config, tp, dtype)
+    model = build_sharded(config, tp, dtype, mtp)
     if (Path(model_dir) / "generation_config.json").exists():  # eos ids etc., as from_pretrained reads them
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     rank = dist.get_rank() if tp > 1 else 0
@@ -115,11 +117,17 @@ def _image_only_processor_class():
 
 
 def open_image(data: bytes):
-    """Decode image bytes the way transformers' own loader does (EXIF orientation applied, RGB)."""
+    """Decode image bytes as Qwen's own preprocessing sees them: EXIF orientation applied, RGB, and an
+    image with transparency (an alpha channel, or a palette / colour key marked transparent) composited
+    over white, as qwen-vl-utils and vLLM do -- a bare convert("RGB") would show the colours hidden
+    under transparent pixels instead."""
     from PIL import Image, ImageOps
 
     image = Image.open(io.BytesIO(data))
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 

@@ -41,13 +41,19 @@ class Prefill:
 class StepPlan:
     prefill: list[Prefill] = field(default_factory=list)
     decode: list[tuple[int, int]] = field(default_factory=list)  # (slot, token to feed)
+    # Speculative decoding (runner/speculative.py). accept: (slot, i) -- the previous step verified T
+    # tokens for the slot and the first i + 1 of them were accepted: select the state after position i
+    # before anything else runs. verify: (slot, [token to feed, host drafts...]); with MTP the runner
+    # adds its own drafts on device (identical on every rank).
+    accept: list[tuple[int, int]] = field(default_factory=list)
+    verify: list[tuple[int, list[int]]] = field(default_factory=list)
     evict_snapshots: list[int] = field(default_factory=list)  # dropped before this step's prefills
     evict_images: list[str] = field(default_factory=list)
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
     stop: bool = False             # followers leave their loop
 
     def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.heartbeat or self.stop)
+        return not (self.prefill or self.decode or self.verify or self.accept or self.heartbeat or self.stop)
 
 
 class ControlChannel:

@@ -45,12 +45,21 @@ def main(argv=None) -> int:
     if world != config.tensor_parallel.tp_size:
         raise SystemExit(f"started {world} ranks but tensor_parallel.tp_size is {config.tensor_parallel.tp_size}")
     t0 = time.perf_counter()
-    model = load_model(model_dir, world, config.device, DTYPES[config.dtype])
+    spec = config.speculative
+    if spec.method == "mtp":
+        from .loading import has_mtp_weights
+
+        if not has_mtp_weights(model_dir):
+            log(f"[rank {rank}] config error: speculative.method is mtp but {model_dir} has no mtp.* weights "
+                f"(use method ngram or none)")
+            return 2
+    model = load_model(model_dir, world, config.device, DTYPES[config.dtype], mtp=spec.method == "mtp")
     processor = load_processor(model_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
     limits = config.limits
     runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
-                         max_len=limits.max_prompt_tokens + limits.max_new_tokens)
+                         max_len=limits.max_prompt_tokens + limits.max_new_tokens, allreduce=config.allreduce,
+                         speculative={"method": spec.method, "num_tokens": spec.num_tokens})
     channel = ControlChannel()
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
@@ -62,7 +71,8 @@ def main(argv=None) -> int:
     from .engine import Engine
     from .ipc import IpcServer
 
-    engine = Engine(runner, channel, processor, config.limits, config.cache)
+    engine = Engine(runner, channel, processor, config.limits, config.sampling.generation_config_defaults,
+                    cache=config.cache)
     grace_s = config.server.shutdown_grace_s
 
     def on_signal(*_) -> None:

@@ -25,6 +25,8 @@ from torch import nn
 
 LM = r"model\.language_model\."
 LAYER = LM + r"layers\.\d+\."
+MTP = r"mtp\."
+MTP_LAYER = MTP + r"layers\.\d+\."
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,37 @@ SHARD_TABLE: tuple[tuple[str, Shard], ...] = (
     (LM + r"embed_tokens\.weight", Shard(0, why="vocabulary rows; DeepSpeed's VocabParallelEmbedding all-reduces")),
     (LM + r"norm\.weight", replicated("acts on the full hidden state")),
     (r"lm_head\.weight", Shard(1, why="DeepSpeed's LmHeadLinearAllreduce: hidden split + all-reduce of logits")),
+    # The multi-token-prediction head (speculative decoding, ds_qwen_vision/mtp.py). Its layer is a gated
+    # full-attention decoder layer (transformers' Qwen3_5DecoderLayer): cut like the main ones, whole
+    # heads per rank, so its KV cache is per rank too. It shares embed_tokens and lm_head with the model.
+    (MTP_LAYER + r"self_attn\.q_proj\.weight", Shard(0, why="whole q heads, each with its output gate")),
+    (MTP_LAYER + r"self_attn\.[kv]_proj\.weight", Shard(0, why="whole kv heads (GQA groups stay aligned)")),
+    (MTP_LAYER + r"self_attn\.o_proj\.weight", ROW),
+    (MTP_LAYER + r"self_attn\.[qk]_norm\.weight", replicated("RMSNorm over head_dim, shared by every head")),
+    (MTP_LAYER + r"mlp\.(gate|up)_proj\.weight", COLUMN),
+    (MTP_LAYER + r"mlp\.down_proj\.weight", ROW),
+    (MTP_LAYER + r"(input|post_attention)_layernorm\.weight", replicated("acts on the full, all-reduced hidden state")),
+    (MTP + r"fc\.weight", replicated("[hidden, 2*hidden], its input is the full hidden state; 1/64 of a layer's "
+                                      "weights, so one copy per rank costs less than a gather")),
+    (MTP + r"pre_fc_norm_(embedding|hidden)\.weight", replicated("acts on the full embedding / hidden state")),
+    (MTP + r"norm\.weight", replicated("acts on the full hidden state")),
 )
 
 _COMPILED = tuple((re.compile(p), rule) for p, rule in SHARD_TABLE)
+
+# Projections of one layer that read the same input, run as one GEMM (a decode step reads each weight once
+# for a row or a few, so six small GEMMs of a GDN layer cost six launches, six split-K reduces and the
+# b/a weights' latency for 48 rows each). Each member keeps its checkpoint name, its rule above and its
+# DeepSpeed layer: after sharding, `fuse_projections` lays this rank's member shards side by side in one
+# storage and makes each member's weight a view of its rows, so the loader's reads land in the fused
+# weight and the fused weight is, by construction, the concatenation of the table's cuts.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "linear_attn": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),  # kernels.projections.gdn_in_proj
+    "mlp": ("gate_proj", "up_proj"),
+    "self_attn": ("q_proj", "k_proj", "v_proj"),
+}
+FUSED_WEIGHT = "dsqv_fused_weight"  # on the mixer/MLP module: [sum of member rows, in_features], this rank's
+FUSED_SPLITS = "dsqv_fused_splits"  # rows of each member, in FUSED_PROJECTIONS order
 
 
 def rules_for(name: str) -> list[Shard]:
@@ -87,7 +117,7 @@ def rule_for(name: str) -> Shard | None:
 
 
 def is_language_model(name: str) -> bool:
-    return name.startswith("model.language_model.") or name.startswith("lm_head.")
+    return name.startswith(("model.language_model.", "lm_head.", "mtp."))
 
 
 def gdn_segments(text_config) -> tuple[int, int, int]:
@@ -172,6 +202,55 @@ def permute_fused_rows(model, tp: int) -> None:
 
 
 @torch.no_grad()
+def fuse_projections(model) -> None:
+    """One storage per FUSED_PROJECTIONS group of every language-model layer; members become views of it.
+
+    Runs after sharding (on this rank's shards; the cut is the table's, see verify_shards) and before
+    loading. Values are kept, so it also works on a model that already holds weights. Meta weights are
+    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute, not a parameter: parameters() still counts each
+    weight once, through its member.
+    """
+    for layer in model.model.language_model.layers:
+        for kind, members in FUSED_PROJECTIONS.items():
+            parent = getattr(layer, kind, None)
+            if parent is None:
+                continue
+            weights = [getattr(parent, m).weight for m in members]
+            if any(w.is_meta for w in weights) or getattr(parent, FUSED_WEIGHT, None) is not None:
+                continue
+            assert all(getattr(parent, m).bias is None for m in members), f"{kind}: fused projections have no bias"
+            fused = torch.cat([w.data for w in weights], dim=0)  # [rows, in_features], contiguous
+            offset = 0
+            for w in weights:
+                w.data = fused[offset:offset + w.shape[0]]
+                offset += w.shape[0]
+            setattr(parent, FUSED_WEIGHT, fused)
+            setattr(parent, FUSED_SPLITS, tuple(w.shape[0] for w in weights))
+            if fused.is_cuda:
+                # DeepSpeed allocated each member in its own allocator segment; hand those back now, or
+                # the fusing would hold every projection twice (reserved) by the last layer.
+                torch.cuda.empty_cache()
+
+
+def fused_weight(module) -> torch.Tensor | None:
+    """The module's fused projection weight, if its members still share it (None: run them one by one)."""
+    fused = getattr(module, FUSED_WEIGHT, None)
+    if fused is None:
+        return None
+    # A member whose weight was replaced after fusing no longer aliases the fused storage: refuse it.
+    # Pointer arithmetic only: this runs in every forward, and prefill is bound by host time.
+    members = next(m for m in FUSED_PROJECTIONS.values() if hasattr(module, m[0]))
+    row_bytes = fused.stride(0) * fused.element_size()
+    address = fused.data_ptr()
+    for name, rows in zip(members, getattr(module, FUSED_SPLITS)):
+        w = getattr(module, name).weight
+        if w.data_ptr() != address or w.shape[0] != rows:
+            return None
+        address += rows * row_bytes
+    return fused
+
+
+@torch.no_grad()
 def shard_gated_deltanet(gdn, tp: int, rank: int) -> None:
     """Slice what DeepSpeed cannot express in one GDN layer, and fix its derived shapes in the same place."""
     segments = (gdn.key_dim, gdn.key_dim, gdn.value_dim)
@@ -242,6 +321,7 @@ def apply_tensor_parallel(model, tp: int, dtype: torch.dtype):
         replace_with_kernel_inject=False,
         injection_policy=row_parallel_linears(model) if tp > 1 else None,
     )
+    fuse_projections(engine.module)
     verify_shards(engine.module, tp)
     return engine
 
@@ -295,5 +375,7 @@ def _full_shape(model, name: str) -> tuple[int, ...]:
         "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,),
         "embed_tokens": (c.vocab_size, c.hidden_size),
         "lm_head": (c.vocab_size, c.hidden_size),
+        "fc": (c.hidden_size, 2 * c.hidden_size),
+        "pre_fc_norm_embedding": (c.hidden_size,), "pre_fc_norm_hidden": (c.hidden_size,),
     }
     return shapes[kind]

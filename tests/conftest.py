@@ -47,6 +47,8 @@ HARDENED_CONFIG = {
     "limits": {"max_images_per_request": 2, "max_image_pixels": 1_000_000, "max_prompt_tokens": 512,
                "max_new_tokens": 1024, "max_queue": 8, "max_concurrent": 1},
     "security": {"api_key_env": HARDENED_KEY_ENV, "allowed_image_url_prefixes": ["https://images.example/"]},
+    # OpenAI's sampling defaults instead of the checkpoint's (test_bad_input_corpus checks the switch).
+    "sampling": {"generation_config_defaults": False},
 }
 
 

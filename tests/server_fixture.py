@@ -96,15 +96,18 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def start_server(workdir: Path, config: dict | None = None, timeout: float = 180, attempts: int = 3) -> Server:
+def start_server(workdir: Path, config: dict | None = None, timeout: float = 180, attempts: int = 3,
+                 port: int | None = None) -> Server:
     """launch.sh with the demo model (CPU ranks, tp=2) and `config` merged over the defaults, on a
-    free port; returns once /health is 200 with every rank ready."""
+    free port (or on ``port``: a replica restarted where its proxy expects it); returns once /health is
+    200 with every rank ready."""
     workdir = Path(workdir)
+    fixed_port, attempts = port, (1 if port else attempts)
     # A Unix socket path must fit in 107 bytes.
     sock = workdir / "engine.sock"
     assert len(os.fsencode(str(sock))) <= 107, f"{sock} is too long for a Unix socket; use a short workdir"
     for attempt in range(attempts):
-        port = free_port()
+        port = fixed_port or free_port()
         cfg = _merge({"model": "demo", "device": "cpu", "dtype": "float32", "tensor_parallel": {"tp_size": 2},
                       "server": {"host": "127.0.0.1", "port": port, "ipc_socket": str(sock)}}, config or {})
         cfg["server"]["port"] = port

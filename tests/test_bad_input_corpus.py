@@ -57,6 +57,8 @@ MAX_NEW = 1024
 MAX_BODY = 300_000
 MAX_PROMPT = 512
 MAX_IMAGES = 2
+MAX_N = 4                       # limits.max_n's default
+VOCAB = 1344                    # the demo checkpoint's vocab_size (asserted by the `server` fixture)
 
 
 def user(content) -> dict:
@@ -102,6 +104,14 @@ def wrong_types() -> list[Case]:
         "stream_options": (top("stream_options"), {"an object", "null"}),
         "chat_template_kwargs": (top("chat_template_kwargs"), {"an object", "null"}),
         "n": (top("n"), {"an integer", "null"}),
+        "logprobs": (top("logprobs"), {"a boolean", "null"}),
+        "top_logprobs": (lambda v: req(logprobs=True, top_logprobs=v), {"an integer", "null"}),
+        "presence_penalty": (top("presence_penalty"), {"an integer", "a number", "null"}),
+        "frequency_penalty": (top("frequency_penalty"), {"an integer", "a number", "null"}),
+        "repetition_penalty": (top("repetition_penalty"), {"an integer", "a number", "null"}),
+        "min_p": (top("min_p"), {"an integer", "a number", "null"}),
+        "stop_token_ids": (top("stop_token_ids"), {"an array", "null"}),
+        "stop_token_ids[0]": (lambda v: req(stop_token_ids=[v]), {"an integer"}),
         "user": (top("user"), {"a string", "null"}),
         "messages[0]": (lambda v: req(v), {"an object"}),
         "messages[0].role": (lambda v: req({"role": v, "content": "hi"}), {"a string"}),
@@ -255,11 +265,21 @@ def numbers() -> list[Case]:
     cases.append(Case("max_tokens_conflict", req(max_tokens=5, max_completion_tokens=6), 400, v, "differs from",
                       "max_completion_tokens"))
     for field, values in {"temperature": [-0.01, 2.0001, 3, -1e308], "top_p": [0, -0.1, 1.01, 2],
-                          "top_k": [-2, -1000], "seed": [2**63, -(2**63) - 1], "n": [0, 2, 100]}.items():
-        cases += [Case(f"{field}={x}", req(**{field: x}), 400, "unsupported_value" if field == "n" else v, "", field)
-                  for x in values]
+                          "top_k": [-2, -1000], "seed": [2**63, -(2**63) - 1], "n": [0, MAX_N + 1, 100],
+                          "presence_penalty": [-2.01, 2.5, 100], "frequency_penalty": [-3, 2.0001, -1e308],
+                          "repetition_penalty": [0, -1, 100.5], "min_p": [-0.1, 1.01, 7]}.items():
+        cases += [Case(f"{field}={x}", req(**{field: x}), 400, v, "", field) for x in values]
+    cases += [Case(f"top_logprobs={x}", req(logprobs=True, top_logprobs=x), 400, v, "", "top_logprobs")
+              for x in (-1, 21, 10**6)]
+    cases += [Case(f"top_logprobs_without_logprobs:{lp}", req(top_logprobs=2, **({} if lp is None else {"logprobs": lp})),
+                   400, v, "needs logprobs: true", "top_logprobs") for lp in (None, False)]
+    cases += [Case(f"stop_token_ids={ids}", req(stop_token_ids=ids), 400, v, "", p) for ids, p in
+              [([-1], "stop_token_ids[0]"), ([1, 2**31], "stop_token_ids[1]"), (list(range(65)), "stop_token_ids")]]
+    # Ids past the vocabulary: only the engine knows its size.
+    cases += [Case(f"stop_token_ids_past_vocab:{i}", req(stop_token_ids=[1, i]), 400, v, "past the vocabulary",
+                   "stop_token_ids", engine=True) for i in (VOCAB, 2**31 - 1)]
     raw = json.dumps(req())[:-1]
-    for field in ("temperature", "top_p"):
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         for lit in ("NaN", "Infinity", "-Infinity", "1e400"):
             cases.append(Case(f"{field}={lit}", f'{raw}, "{field}": {lit}}}'.encode(), 400, v, "finite number", field))
     cases += [
@@ -277,9 +297,8 @@ def numbers() -> list[Case]:
              400, v, "'auto', 'low' or 'high'", "messages[0].content[0].image_url.detail"),
     ]
     unsupported = {"tools": [{"type": "function", "function": {"name": "f"}}], "functions": [{"name": "f"}],
-                   "tool_choice": "required", "function_call": {"name": "f"}, "logprobs": True, "top_logprobs": 3,
-                   "response_format": {"type": "json_object"}, "frequency_penalty": 1, "presence_penalty": -1,
-                   "logit_bias": {"1": 5}}
+                   "tool_choice": "required", "function_call": {"name": "f"},
+                   "response_format": {"type": "json_object"}, "logit_bias": {"1": 5}}
     cases += [Case(f"unsupported:{k}", req(**{k: x}), 400, "unsupported_parameter", "is not supported", k)
               for k, x in unsupported.items()]
     return cases
@@ -354,6 +373,8 @@ def server(hardened_server):
     assert (cfg.served_model_name, cfg.server.max_body_bytes, cfg.limits.max_new_tokens, cfg.limits.max_prompt_tokens,
             cfg.limits.max_images_per_request, cfg.limits.max_image_pixels) == \
         (MODEL, MAX_BODY, MAX_NEW, MAX_PROMPT, MAX_IMAGES, 1_000_000)
+    assert cfg.limits.max_n == MAX_N
+    assert json.loads((demo_dir() / "config.json").read_text())["text_config"]["vocab_size"] == VOCAB
     return hardened_server
 
 
@@ -412,6 +433,21 @@ def test_odd_but_valid_images_are_seen_as_transformers_sees_them(server, process
     assert reply.json()["usage"]["prompt_tokens"] == expected
 
 
+def test_generation_config_defaults_can_be_turned_off(server):
+    """This server runs with sampling.generation_config_defaults false: an omitted temperature / top_p /
+    top_k is OpenAI's (1, 1, off), not the checkpoint's (0.6, 0.95, 20)."""
+    def text(seed: int, **kw) -> str:
+        reply = post(server.base_url, req(user("Tell me a story."), max_tokens=8, seed=seed,
+                                          chat_template_kwargs={"enable_thinking": False}, **kw), key=server.api_key)
+        assert reply.status == 200, reply.body
+        return reply.json()["choices"][0]["message"]["content"]
+
+    seeds = range(4)
+    omitted = [text(s) for s in seeds]
+    assert omitted == [text(s, temperature=1.0, top_p=1.0, top_k=-1) for s in seeds]
+    assert omitted != [text(s, temperature=0.6, top_p=0.95, top_k=20) for s in seeds]
+
+
 # ---- fuzzing ---------------------------------------------------------------------------------
 
 json_values = st.recursive(
@@ -456,9 +492,13 @@ chat_requests = st.fixed_dictionaries(
     optional={"temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0.01, 1)),
               "top_k": mostly(st.integers(-1, 50)), "seed": mostly(st.integers(0, 2**63 - 1)),
               "stop": mostly(st.lists(st.text(min_size=1, max_size=3), max_size=4) | st.text(min_size=1, max_size=3)),
-              "stream": mostly(st.booleans()), "n": mostly(st.just(1)), "user": mostly(st.text(max_size=10)),
+              "stream": mostly(st.booleans()), "n": mostly(st.integers(1, 2)), "user": mostly(st.text(max_size=10)),
               "chat_template_kwargs": mostly(st.fixed_dictionaries({}, optional={"enable_thinking": st.booleans()})),
-              "logprobs": mostly(st.just(False)), "tools": mostly(st.just([]))})
+              "logprobs": mostly(st.booleans()), "top_logprobs": mostly(st.integers(0, 20)),
+              "presence_penalty": mostly(st.floats(-2, 2)), "frequency_penalty": mostly(st.floats(-2, 2)),
+              "repetition_penalty": mostly(st.floats(0.01, 3)), "min_p": mostly(st.floats(0, 1)),
+              "stop_token_ids": mostly(st.lists(st.integers(0, 2 * VOCAB), max_size=3)),
+              "tools": mostly(st.just([]))})
 FUZZ = {"deadline": None, "derandomize": True, "database": None,  # the same examples on every run
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}
 

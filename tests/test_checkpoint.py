@@ -109,6 +109,9 @@ def test_config_json_matches_real_schema(tiny_dir, tokenizer):
     ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert generation["eos_token_id"] == ids
     assert generation["pad_token_id"] == ids[1]
+    # Qwen3.6's sampling defaults, which the server applies to requests that leave them out.
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"], generation["top_k"]) == \
+        (True, 0.6, 0.95, 20)
 
 
 def test_loads_without_missing_or_unexpected_keys(tiny_dir):
@@ -119,7 +122,19 @@ def test_loads_without_missing_or_unexpected_keys(tiny_dir):
 
     stored = _all_tensors(tiny_dir)
     state = model.state_dict()
-    assert set(stored) == set(state)
+    # transformers has no module for the MTP head and ignores its keys (_keys_to_ignore_on_load_unexpected)
+    mtp = {k for k in stored if k.startswith("mtp.")}
+    assert set(stored) - mtp == set(state)
+    # Qwen3.6-27B's names and shapes: fc [hidden, 2*hidden], three norms, one gated full-attention layer
+    c = model.config.text_config
+    assert c.mtp_num_hidden_layers == 1 and c.mtp_use_dedicated_embeddings is False
+    assert tuple(stored["mtp.fc.weight"].shape) == (c.hidden_size, 2 * c.hidden_size)
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        assert tuple(stored[f"mtp.{name}.weight"].shape) == (c.hidden_size,)
+    full = "model.language_model.layers.3."  # a full-attention layer: the MTP layer has its sub-names and shapes
+    layer = {k[len(full):]: v.shape for k, v in stored.items() if k.startswith(full)}
+    assert {k[len("mtp.layers.0."):]: v.shape for k, v in stored.items() if k.startswith("mtp.layers.0.")} == layer
+    assert len(mtp) == 4 + len(layer)
     # Official key names, e.g. the Gated DeltaNet fused projection and the vision tower.
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in stored
     assert "model.language_model.layers.3.self_attn.q_proj.weight" in stored
@@ -128,7 +143,7 @@ def test_loads_without_missing_or_unexpected_keys(tiny_dir):
     assert "lm_head.weight" in stored
     for name, tensor in stored.items():
         assert tensor.dtype == torch.float32, name
-        assert torch.equal(state[name], tensor), name
+        assert name in mtp or torch.equal(state[name], tensor), name
         # Re-randomised: no constant (all zeros / all ones) parameter survives.
         assert tensor.numel() == 1 or tensor.std() > 0, name
     assert not torch.equal(stored["lm_head.weight"], stored["model.language_model.embed_tokens.weight"])

@@ -148,8 +148,8 @@ def test_overrides(tmp_path):
 def test_override_values_are_validated():
     with pytest.raises(ConfigError, match="server.port: Input should be greater than or equal to 1 .got 0."):
         load_config(None, {"port": 0})
-    with pytest.raises(ConfigError, match="unknown override 'gpus'"):
-        load_config(None, {"gpus": 2})
+    with pytest.raises(ConfigError, match="unknown override 'replicas'"):
+        load_config(None, {"replicas": 2})
 
 
 def test_cli_args():

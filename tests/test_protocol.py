@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ds_qwen_vision.server.errors import ApiError
-from ds_qwen_vision.server.protocol import (CompletionMeta, RequestLimits, chat_completion, check_image,
+from ds_qwen_vision.server.protocol import (CompletionMeta, RequestLimits, chat_choice, chat_completion, check_image,
                                             completion_chunk, parse_chat_request, usage_chunk)
 
 # Expected: images between the limit and twice it trigger Pillow's warning before ours refuses them.
@@ -123,8 +123,10 @@ def test_minimal_request_defaults():
     chat = parse_chat_request(body(), LIMITS)
     assert chat.engine_request == {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_tokens": None, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": None, "stop": [],
-        "chat_template_kwargs": {},
+        # Sampling parameters left out: None, for the engine to fill in from the checkpoint's generation_config.
+        "max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "min_p": None,
+        "presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None, "seed": None, "stop": [],
+        "stop_token_ids": [], "n": 1, "logprobs": False, "top_logprobs": 0, "chat_template_kwargs": {},
     }
     assert (chat.model, chat.stream, chat.include_usage) == (MODEL, False, False)
 
@@ -144,7 +146,8 @@ def test_full_request_conversion():
         messages=messages, max_completion_tokens=32, max_tokens=32, temperature=0, top_p=0.5, top_k=0,
         seed=2**63 - 1, stop="END", stream=True, stream_options={"include_usage": True},
         chat_template_kwargs={"enable_thinking": False, "preserve_thinking": True},
-        n=1, user="u-1", frequency_penalty=0, presence_penalty=0.0, tools=[], logprobs=False,
+        n=3, user="u-1", frequency_penalty=0.5, presence_penalty=-2, tools=[], logprobs=True, top_logprobs=20,
+        repetition_penalty=1.1, min_p=0.05, stop_token_ids=[7, 0],
         metadata={"ignored": True}, store=False,  # unknown top-level fields are ignored
     ), LIMITS)
     b64 = base64.b64encode(img).decode()
@@ -157,7 +160,9 @@ def test_full_request_conversion():
             {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
             {"role": "user", "content": [{"type": "text", "text": "ünïcödé 你好 🌍"}]},
         ],
-        "max_tokens": 32, "temperature": 0.0, "top_p": 0.5, "top_k": -1, "seed": 2**63 - 1, "stop": ["END"],
+        "max_tokens": 32, "temperature": 0.0, "top_p": 0.5, "top_k": -1, "min_p": 0.05, "presence_penalty": -2.0,
+        "frequency_penalty": 0.5, "repetition_penalty": 1.1, "seed": 2**63 - 1, "stop": ["END"],
+        "stop_token_ids": [7, 0], "n": 3, "logprobs": True, "top_logprobs": 20,
         "chat_template_kwargs": {"enable_thinking": False, "preserve_thinking": True},
     }
     assert (chat.stream, chat.include_usage) == (True, True)
@@ -166,7 +171,7 @@ def test_full_request_conversion():
 def test_nullable_optionals_mean_default():
     chat = parse_chat_request(body(temperature=None, top_p=None, max_tokens=None, stop=None, stream=None,
                                    seed=None, n=None, stream_options=None, chat_template_kwargs=None), LIMITS)
-    assert chat.engine_request["temperature"] == 1.0 and chat.engine_request["stop"] == []
+    assert chat.engine_request["temperature"] is None and chat.engine_request["stop"] == []
 
 
 def test_integers_accepted_for_floats_and_top_k():
@@ -276,10 +281,14 @@ def test_response_objects():
     meta = CompletionMeta.new(MODEL)
     assert meta.id.startswith("chatcmpl-") and isinstance(meta.created, int)
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    done = chat_completion(meta, "hi", "", "stop", usage)
+    done = chat_completion(meta, [chat_choice(0, "hi", "", "stop")], usage)
     assert done["object"] == "chat.completion"
     assert done["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    assert chat_completion(meta, "hi", "hmm", "length", usage)["choices"][0]["message"]["reasoning_content"] == "hmm"
+    assert done["choices"][0]["logprobs"] is None
+    two = chat_completion(meta, [chat_choice(0, "hi", "hmm", "length"), chat_choice(1, "yo", "", "stop", [])], usage)
+    assert two["choices"][0]["message"]["reasoning_content"] == "hmm"
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["choices"][1]["logprobs"] == {"content": [], "refusal": None}
     chunk = completion_chunk(meta, {"content": "x"}, with_usage_field=True)
     assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None
     assert "usage" not in completion_chunk(meta, {})

@@ -639,18 +639,30 @@ MALFORMED = [
     ("stop_too_many", chat(stop=["a", "b", "c", "d", "e"]), 400, "invalid_value", "at most 4 stop sequences", "stop"),
     ("stop_empty_string", chat(stop=[""]), 400, "invalid_value", "must not be empty strings", "stop"),
     ("stop_number", chat(stop=5), 400, "invalid_type", "string or an array of strings", "stop"),
-    ("n_two", chat(n=2), 400, "unsupported_value", "only n=1 is supported", "n"),
+    ("n_over_limit", chat(n=5), 400, "invalid_value", "limit of 4 choices", "n"),
+    ("n_zero", chat(n=0), 400, "invalid_value", "greater than or equal to 1", "n"),
     ("stream_string", chat(stream="yes"), 400, "invalid_type", "valid boolean", "stream"),
     ("stream_options_without_stream", chat(stream_options={"include_usage": True}), 400, "invalid_value",
      "only allowed when stream is true", "stream_options"),
     ("include_usage_not_bool", chat(stream=True, stream_options={"include_usage": "yes"}), 400, "invalid_type",
      "valid boolean", "stream_options.include_usage"),
-    ("frequency_penalty", chat(frequency_penalty=0.5), 400, "unsupported_parameter",
-     "frequency_penalty is not supported", "frequency_penalty"),
-    ("presence_penalty", chat(presence_penalty=-1), 400, "unsupported_parameter", "not supported", "presence_penalty"),
+    ("frequency_penalty_too_high", chat(frequency_penalty=2.5), 400, "invalid_value", "less than or equal to 2",
+     "frequency_penalty"),
+    ("presence_penalty_too_low", chat(presence_penalty=-3), 400, "invalid_value", "greater than or equal to -2",
+     "presence_penalty"),
+    ("repetition_penalty_zero", chat(repetition_penalty=0), 400, "invalid_value", "greater than 0",
+     "repetition_penalty"),
+    ("min_p_too_high", chat(min_p=1.5), 400, "invalid_value", "less than or equal to 1", "min_p"),
+    ("stop_token_ids_negative", chat(stop_token_ids=[3, -1]), 400, "invalid_value", "greater than or equal to 0",
+     "stop_token_ids[1]"),
+    ("stop_token_ids_string", chat(stop_token_ids="7"), 400, "invalid_type", "valid array", "stop_token_ids"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter",
      "tools is not supported", "tools"),
-    ("logprobs", chat(logprobs=True), 400, "unsupported_parameter", "logprobs is not supported", "logprobs"),
+    ("logprobs_string", chat(logprobs="yes"), 400, "invalid_type", "valid boolean", "logprobs"),
+    ("top_logprobs_without_logprobs", chat(top_logprobs=3), 400, "invalid_value", "needs logprobs: true",
+     "top_logprobs"),
+    ("top_logprobs_too_many", chat(logprobs=True, top_logprobs=21), 400, "invalid_value", "less than or equal to 20",
+     "top_logprobs"),
     ("response_format_json", chat(response_format={"type": "json_object"}), 400, "unsupported_parameter",
      "not supported", "response_format"),
     ("template_kwargs_list", chat(chat_template_kwargs=["enable_thinking"]), 400, "invalid_type", "must be an object",
@@ -804,7 +816,7 @@ def test_openai_errors(engine, servers):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "engine:429"}])
     assert e.value.response.headers["retry-after"] == "1"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=5)
     assert e.value.param == "n"
     # Still serving after the errors.
     assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]) \

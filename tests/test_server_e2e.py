@@ -696,6 +696,163 @@ def test_concurrent_requests_answer_as_sequential(client, ref):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sampling parameters and logprobs (against transformers; the checkpoint's generation_config)
+# ---------------------------------------------------------------------------------------------
+
+LOGPROB_TOL = 1e-4
+
+
+def raw_logprobs(ref: Reference, messages: list[dict], new: list[int], template_kwargs: dict | None = None):
+    """log_softmax of transformers' logits at each generated position: [len(new), V]."""
+    inputs = ref.inputs(messages, template_kwargs)
+    n_prompt = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([new[:-1]], dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        logits = ref.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits[0]
+    return torch.log_softmax(logits[n_prompt - 1:].double(), dim=-1)
+
+
+def assert_logprobs_match(entries, expected, new: list[int], k: int) -> None:
+    assert len(entries) == len(new)
+    for entry, row, token in zip(entries, expected, new):
+        assert abs(entry.logprob - float(row[token])) < LOGPROB_TOL
+        top = row.topk(k)
+        assert len(entry.top_logprobs) == k
+        got = [t.logprob for t in entry.top_logprobs]
+        assert max(abs(a - float(b)) for a, b in zip(got, top.values)) < LOGPROB_TOL, (got, top.values)
+        assert got == sorted(got, reverse=True)
+
+
+def test_logprobs_match_transformers(client, ref, multibyte_prompt):
+    """Every generated token's logprob and its top 5 alternatives equal log_softmax of transformers' logits
+    for the same prompt (within 1e-4), streamed and not; the tokens' bytes spell the answer's text."""
+    messages, k = multibyte_prompt, 5
+    resp = greedy(client, messages, template_kwargs=NO_THINKING, logprobs=True, top_logprobs=k)
+    _, new, decoded = ref.generate(messages, template_kwargs=NO_THINKING)
+    expected = raw_logprobs(ref, messages, new, NO_THINKING)
+    entries = resp.choices[0].logprobs.content
+    assert_logprobs_match(entries, expected, new, k)
+    assert entries[-1].logprob < 0 and all(e.logprob <= 0 for e in entries)
+    # The greedy pick is the most likely token, so its entry leads its own top list.
+    assert all(e.top_logprobs[0].logprob == e.logprob and e.top_logprobs[0].token == e.token for e in entries)
+    tokenizer = ref.processor.tokenizer
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}  # what decode skips
+    text_tokens = [e for e, t in zip(entries, new) if t not in special]
+    # (Random weights write stray continuation bytes too: decoded, like the tokenizer, with U+FFFD for them.)
+    spelled = bytes(b for e in text_tokens for b in e.bytes).decode(errors="replace")
+    assert spelled == decoded == resp.choices[0].message.content
+    # Streamed: the same entries, spread over the chunks.
+    chunks = list(greedy(client, messages, template_kwargs=NO_THINKING, logprobs=True, top_logprobs=k, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+    # logprobs without top_logprobs: the chosen tokens only.
+    plain = greedy(client, messages, template_kwargs=NO_THINKING, logprobs=True).choices[0].logprobs.content
+    assert [(e.token, e.top_logprobs) for e in plain] == [(e.token, []) for e in entries]
+    assert greedy(client, messages, template_kwargs=NO_THINKING).choices[0].logprobs is None
+
+
+def test_logprobs_are_raw_when_sampling(client, ref):
+    """With temperature, top-k and a penalty the logprobs are still the model's raw distribution (the
+    first position's, which depends on the prompt alone)."""
+    messages = CASES["text"]
+    resp = chat(client, messages, 4, NO_THINKING, temperature=0.3, seed=3, presence_penalty=1.5, logprobs=True,
+                top_logprobs=3, extra_body={"top_k": 4})
+    first = resp.choices[0].logprobs.content[0]
+    row = raw_logprobs(ref, messages, [0], NO_THINKING)[0]
+    assert max(abs(t.logprob - float(v)) for t, v in zip(first.top_logprobs, row.topk(3).values)) < LOGPROB_TOL
+    assert float((row - first.logprob).abs().min()) < LOGPROB_TOL
+
+
+class _OpenAIPenalties:
+    """A transformers LogitsProcessor: OpenAI's presence / frequency penalties over the generated tokens,
+    written out as a loop (independent of the server's batched version)."""
+
+    def __init__(self, n_prompt: int, presence: float, frequency: float):
+        self.n_prompt, self.presence, self.frequency = n_prompt, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        generated = input_ids[0, self.n_prompt:].tolist()
+        for token in set(generated):
+            scores[0, token] -= self.frequency * generated.count(token) + self.presence
+        return scores
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 1.8}, {"presence_penalty": 2.0},
+                                     {"frequency_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": 0.5}])
+def test_penalties_match_transformers(client, ref, penalty):
+    from transformers import LogitsProcessorList
+
+    messages, n = [user("Tell me a story.")], 16
+    inputs = ref.inputs(messages, NO_THINKING)
+    n_prompt = inputs["input_ids"].shape[1]
+    kwargs: dict = {"repetition_penalty": penalty["repetition_penalty"]} if "repetition_penalty" in penalty else {
+        "logits_processor": LogitsProcessorList([_OpenAIPenalties(n_prompt, penalty.get("presence_penalty", 0),
+                                                                  penalty.get("frequency_penalty", 0))])}
+    with torch.inference_mode():
+        out = ref.model.generate(**inputs, do_sample=False, max_new_tokens=n, **kwargs)
+    expected = ref.processor.tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
+    plain = ref.generate(messages, n, NO_THINKING)[2]
+    assert expected != plain, "the penalty changes nothing here: the test would not see it"
+    resp = greedy(client, messages, n, NO_THINKING, extra_body=penalty) if "repetition_penalty" in penalty else \
+        greedy(client, messages, n, NO_THINKING, **penalty)
+    assert resp.choices[0].message.content == expected
+
+
+def test_stop_token_ids(client, ref):
+    messages = [user("Tell me a story.")]
+    _, new, _ = ref.generate(messages, N, NO_THINKING)
+    i = 3
+    stop = new[i]
+    first = new.index(stop)
+    resp = greedy(client, messages, template_kwargs=NO_THINKING, extra_body={"stop_token_ids": [stop, 0]})
+    assert resp.choices[0].finish_reason == "stop" and resp.usage.completion_tokens == first + 1
+    assert resp.choices[0].message.content == ref.processor.tokenizer.decode(new[:first], skip_special_tokens=True)
+
+
+def test_n_choices_each_with_its_own_seed(client, base):
+    """n=3 with seed S: three choices, choice i the same as one request with seed S + i; streamed, the
+    chunks carry each choice's index and assemble into the same three."""
+    messages = [user("Tell me a story.")]
+    kw = dict(temperature=1.0, max_tokens=8, template_kwargs=NO_THINKING)
+    resp = chat(client, messages, n=3, seed=100, **kw)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    texts = [c.message.content for c in resp.choices]
+    assert texts == [chat(client, messages, seed=100 + i, **kw).choices[0].message.content for i in range(3)]
+    assert len(set(texts)) >= 2
+    assert resp.usage.completion_tokens == sum(
+        chat(client, messages, seed=100 + i, **kw).usage.completion_tokens for i in range(3))
+    streamed = ["", "", ""]
+    finishes = {}
+    for chunk in chat(client, messages, n=3, seed=100, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert streamed == texts and set(finishes) == {0, 1, 2}
+    # Without a seed the choices still differ from each other.
+    unseeded = chat(client, messages, n=4, **kw)
+    assert len({c.message.content for c in unseeded.choices}) >= 2
+    assert requests.get(f"{base}/health", timeout=30).json()["engine"]["in_flight"] == 0
+
+
+def test_generation_config_defaults_apply_and_are_overridable(client, base):
+    """Omitted sampling parameters are the demo checkpoint's generation_config.json (Qwen3.6's values:
+    temperature 0.6, top_p 0.95, top_k 20); a request's own values win."""
+    messages = [user("Tell me a story.")]
+    checkpoint = json.loads((demo_dir() / "generation_config.json").read_text())
+    assert (checkpoint["temperature"], checkpoint["top_p"], checkpoint["top_k"]) == (0.6, 0.95, 20)
+
+    def text(seed: int, **kw) -> str:
+        return chat(client, messages, 8, NO_THINKING, seed=seed, **kw).choices[0].message.content
+
+    seeds = range(5)
+    omitted = [text(s) for s in seeds]
+    assert omitted == [text(s, temperature=0.6, top_p=0.95, extra_body={"top_k": 20}) for s in seeds]
+    assert omitted != [text(s, temperature=1.0, top_p=1.0, extra_body={"top_k": -1}) for s in seeds]
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-turn: prefix reuse and the image embedding cache (on in the default config), at tp=2
 # ---------------------------------------------------------------------------------------------
 

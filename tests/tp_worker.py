@@ -17,10 +17,20 @@ def main(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     rank, world = init_distributed("cpu")
     model = load_model(spec["model"], world, "cpu", torch.float32)
+    fused = {}
+    if spec.get("fused"):  # test_fused.py: the fused forwards, and this rank's fused weights to check
+        from ds_qwen_vision.kernels.layers import install_fused_forwards
+        from ds_qwen_vision.tp_policy import FUSED_PROJECTIONS, fused_weight
+
+        install_fused_forwards(model)
+        for i, layer in enumerate(model.model.language_model.layers):
+            for kind in FUSED_PROJECTIONS:
+                if hasattr(layer, kind):
+                    fused[(i, kind)] = fused_weight(getattr(layer, kind)).clone()
     processor = load_processor(spec["model"])
     result = {"lm_bytes": sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                               if is_language_model(n)),
-              "cases": []}
+              "cases": [], "fused": fused}
     for case in spec["cases"]:
         images = [open(path, "rb").read() for path in case["images"]]
         inputs = chat_inputs(processor, case["messages"], images)

@@ -1,5 +1,5 @@
 """Rank 0's engine: requests, scheduling (engine.py), sampling (sampling.py), output text (textstream.py)."""
 from .engine import Engine, RequestError, Sequence
-from .sampling import Sampling, sample
+from .sampling import RowParams, Sampling, sample
 
-__all__ = ["Engine", "RequestError", "Sampling", "Sequence", "sample"]
+__all__ = ["Engine", "RequestError", "RowParams", "Sampling", "Sequence", "sample"]

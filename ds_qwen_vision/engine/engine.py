@@ -8,6 +8,7 @@ a request reaches the other ranks until it has passed every check.
 from __future__ import annotations
 
 import base64
+import copy
 import itertools
 import math
 import queue
@@ -21,8 +22,10 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
 from ..plan import Prefill, StepPlan
+from .logprobs import TokenBytes
 from .prefix_cache import PrefixCache, PromptKeys
-from .sampling import Sampling, sample
+from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
+from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
 
 HEARTBEAT_S = 1.0
@@ -59,15 +62,28 @@ class Sequence:
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    index: int = 0                  # the choice it is (a request with n choices has n sequences)
+    group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
+    pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
+    spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
     prefix: PromptKeys | None = None  # prefix reuse + image cache (prefix_cache.py); None: caches off
 
 
 class Engine:
-    def __init__(self, runner, channel, processor, limits, cache=None):
+    def __init__(self, runner, channel, processor, limits, generation_config_defaults: bool = True,
+                 cache=None):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
         self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
         self.eos_ids = self._eos_ids(runner.model)
+        # What a request leaves out comes from the checkpoint's generation_config (config key
+        # sampling.generation_config_defaults), as vLLM does.
+        self.sampling_defaults = generation_defaults(runner.model.generation_config) \
+            if generation_config_defaults else {}
+        self.vocab_size = getattr(runner.model.config.text_config, "vocab_size", None)
+        self.penalties = PenaltyState(self.max_slots)
+        self.token_bytes = TokenBytes(self.tokenizer)
+        self._rows: tuple[tuple[int, ...], RowParams, torch.Tensor] | None = None  # the last step's rows
         # transformers' torchvision image processor resizes and normalises on the GPU when asked: the same
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
         device = getattr(runner, "device", None)
@@ -97,6 +113,8 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
+        self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
         # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
         self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
 
@@ -164,20 +182,26 @@ class Engine:
             raise RequestError(400, f"max_tokens is {max_tokens}; the limit is {self.limits.max_new_tokens}",
                                "max_tokens")
         max_tokens = min(max_tokens, room)
-        sampling = Sampling(max_tokens=max_tokens, temperature=request.get("temperature", 1.0),
-                            top_p=request.get("top_p", 1.0), top_k=request.get("top_k", -1),
-                            seed=request.get("seed"), stop=list(request.get("stop") or []))
-        generator = None
-        if sampling.temperature > 0:  # on the logits' device: sampling stays there (engine.sample)
-            generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
-            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+        sampling = Sampling.from_request(request, self.sampling_defaults, max_tokens)
+        if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
+            raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
+                               "stop_token_ids", "invalid_value")
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
-        grid = grid.tolist() if grid is not None else []
-        return Sequence(next(self.ids), input_ids, pixels, grid, sampling, stream, queue.Queue(), generator,
-                        prefix=inputs.get("prefix"))
+        # n choices: n sequences with one event queue; choice i draws with seed + i (its own generator).
+        events: queue.Queue = queue.Queue()
+        group: list[Sequence] = []
+        for index in range(request.get("n") or 1):
+            generator = None
+            if not sampling.greedy:  # on the logits' device: sampling stays there (engine.sample)
+                generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
+                generator.manual_seed(sampling.seed + index if sampling.seed is not None else torch.seed())
+            stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+            group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
+                                  sampling, stream, events, generator, index=index, group=group,
+                                  prefix=copy.copy(inputs.get("prefix"))))  # each its own reuse state
+        return group[0]
 
     def generate(self, request: dict):
         """IPC handler: yields the events of one request. Closing the generator cancels the request."""
@@ -196,8 +220,11 @@ class Engine:
             yield e.event()
             return
         try:
-            self.waiting.put_nowait(seq)
+            for choice in seq.group:
+                self.waiting.put_nowait(choice)
         except queue.Full:
+            for choice in seq.group:
+                choice.cancelled = True  # those already queued are dropped by plan()
             self.m_requests.labels("queue_full").inc()
             yield RequestError(429, "the request queue is full; retry later", type="rate_limit_error",
                                code="queue_full").event()
@@ -218,9 +245,10 @@ class Engine:
                 if event["event"] in ("done", "error"):
                     return
         finally:
-            if not seq.done:
-                seq.cancelled = True  # the client went away: the loop frees its slot at the next step
-                self.wake.set()
+            for choice in seq.group:
+                if not choice.done:
+                    choice.cancelled = True  # the client went away: the loop frees its slot at the next step
+                    self.wake.set()
 
     def health(self) -> dict:
         ready = (self.alive and not self.stopping.is_set() and len(self.ranks) == self.channel.world
@@ -288,14 +316,17 @@ class Engine:
         budget = self.limits.prefill_chunk_tokens
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
-                if seq.cancelled and not seq.done:
+                if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
                 budget -= self.prefix_cache.finished(plan, seq)  # a snapshot job in the slot it left, if deferred
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget)
             elif seq.next_token is not None:
-                plan.decode.append((slot, seq.next_token))
+                if self.spec is not None:
+                    self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
+                else:
+                    plan.decode.append((slot, seq.next_token))
         free = [s for s in range(self.max_slots) if s not in self.running]
         while free and budget > 0:
             try:
@@ -303,12 +334,17 @@ class Engine:
             except queue.Empty:
                 break
             if seq.cancelled:
-                self.m_requests.labels("cancelled").inc()
+                if seq.index == 0 and not seq.done:
+                    self.m_requests.labels("cancelled").inc()
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
             seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
+            if self.spec is not None:
+                self.spec.start(seq)
             budget -= self.schedule_prefill(plan, seq, budget)
+        if self.spec is not None:
+            self.spec.merge(plan)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
@@ -335,49 +371,125 @@ class Engine:
         now = time.perf_counter()
         if not logits:
             return
-        # Every row's token is picked where the logits are (greedy: one argmax for all rows; sampled: each
-        # with its request's generator), then one copy to the host: one sync per step, not per row.
-        rows = torch.stack(list(logits.values()))
-        picks = rows.argmax(-1)
-        for i, slot in enumerate(logits):
+        # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py); a verified
+        # row without usable drafts is an ordinary row: its first position's logits.
+        verified = {}
+        for slot, _ in plan.verify:
+            rows, seq = logits.pop(slot), self.running[slot]
+            drafts = self.spec.drafts(seq, self.runner.verified[slot])
+            if drafts:
+                verified[slot] = (rows, drafts)
+            else:
+                seq.spec.accept = 0
+                logits[slot] = rows[0]
+        if logits:
+            # Every row's token is picked where the logits are, all rows at once (engine.sampling), then one
+            # copy to the host: one sync per step, not per row.
+            picked = self.pick(torch.stack(list(logits.values())), [self.running[slot] for slot in logits])
+            tokens = picked.tokens.tolist()
+            logprobs = self.logprob_entries(picked, tokens, [self.running[slot].sampling for slot in logits])
+            for i, (slot, token) in enumerate(zip(logits, tokens)):
+                seq = self.running[slot]
+                if logprobs is not None and logprobs[i] is not None:
+                    seq.pending_logprobs.append(logprobs[i])
+                seq.pixel_values = None  # prefilled: the pixels are no longer needed
+                self.deliver(seq, token, now)
+        for slot, (rows, drafts) in verified.items():
             seq = self.running[slot]
-            if seq.sampling.temperature > 0 and seq.generator is not None:
-                picks[i] = sample(rows[i], seq.sampling, seq.generator)
-        for slot, token in zip(logits, picks.tolist()):
-            seq = self.running[slot]
-            seq.pixel_values = None  # prefilled: the pixels are no longer needed
-            seq.generated += 1
-            self.m_tokens.inc()
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.m_ttft.observe(now - seq.created)
-            finish = None
-            if token in self.eos_ids:
+            for token in self.spec.tokens(seq, rows, drafts):
+                if self.deliver(seq, token, now):
+                    break
+
+    def deliver(self, seq: Sequence, token: int, now: float) -> bool:
+        """One new token of seq: text events, stop checks; True when the sequence has finished."""
+        seq.generated += 1
+        self.m_tokens.inc()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.m_ttft.observe(now - seq.created)
+        finish = None
+        if token in self.eos_ids or token in seq.sampling.stop_token_ids:
+            finish = "stop"
+        else:
+            reasoning, content = seq.stream.add(token)
+            self.emit(seq, reasoning, content)
+            if seq.stream.stopped:
                 finish = "stop"
-            else:
-                reasoning, content = seq.stream.add(token)
-                self.emit(seq, reasoning, content)
-                if seq.stream.stopped:
-                    finish = "stop"
-                elif seq.generated >= seq.sampling.max_tokens:
-                    finish = "length"
-            if finish:
-                self.emit(seq, *seq.stream.finish())
-                self.finish(seq, finish)
-            else:
-                seq.next_token = token
+            elif seq.generated >= seq.sampling.max_tokens:
+                finish = "length"
+        if finish:
+            self.emit(seq, *seq.stream.finish())
+            self.finish(seq, finish)
+            return True
+        seq.next_token = token
+        return False
+
+    def pick(self, rows: torch.Tensor, seqs: list[Sequence]) -> Picked:
+        """The next token of every row ([R, V] logits of `seqs`), on the logits' device."""
+        key = tuple(seq.id for seq in seqs)
+        if self._rows is None or self._rows[0] != key:  # the batch changed: its parameters to the device
+            params = RowParams.build([s.sampling for s in seqs], [s.generator for s in seqs], rows.shape[-1],
+                                     rows.device)
+            self._rows = (key, params, torch.tensor([s.slot for s in seqs], device=rows.device))
+        _, params, slots = self._rows
+        counts = prompt = None
+        if params.use_penalties:
+            for seq in seqs:
+                if seq.generated == 0 and seq.sampling.penalised:  # its first token: counts start at 0
+                    self.penalties.start(seq.slot, seq.input_ids, rows.shape[-1], rows.device)
+            if self.penalties.counts is not None:
+                counts, prompt = self.penalties.rows(slots)
+        picked = sample(rows, params, counts, prompt, self.token_mask(seqs, rows))
+        if counts is not None:
+            self.penalties.record(slots, picked.tokens)
+        return picked
+
+    def token_mask(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor | None:
+        """Hook for constrained decoding: a [R, V] mask of the tokens each row may take (bool, True =
+        allowed; or additive float), applied before the penalties and sampling. None: no constraint."""
+        return None
+
+    def logprob_entries(self, picked: Picked, tokens: list[int], rows: list[Sampling]) -> list[dict | None] | None:
+        """OpenAI logprob entries of the rows that asked for them (None for the others)."""
+        if picked.logprob is None:
+            return None
+        chosen = picked.logprob.tolist()
+        top_ids = picked.top_ids.tolist() if picked.top_ids is not None else None
+        top_lps = picked.top_logprobs.tolist() if picked.top_logprobs is not None else None
+        out: list[dict | None] = []
+        for i, s in enumerate(rows):
+            if not s.logprobs:
+                out.append(None)
+                continue
+            k = s.top_logprobs
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+            out.append(self.token_bytes.entry(tokens[i], chosen[i], top))
+        return out
 
     @staticmethod
     def emit(seq: Sequence, reasoning: str, content: str) -> None:
         if reasoning or content:
-            seq.events.put({"event": "delta", "content": content, "reasoning_content": reasoning})
+            event = {"event": "delta", "index": seq.index, "content": content, "reasoning_content": reasoning}
+            if seq.sampling.logprobs:  # the tokens up to this text (some held back text until now)
+                event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
+            seq.events.put(event)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
+        # This choice's end (with the logprobs of tokens that produced no text); the request's end once
+        # every choice has ended.
+        event = {"event": "delta", "index": seq.index, "content": "", "reasoning_content": "",
+                 "finish_reason": reason}
+        if seq.sampling.logprobs:
+            event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
+        seq.events.put(event)
+        if not all(s.done for s in seq.group):
+            return
         n_prompt = len(seq.input_ids)
+        generated = sum(s.generated for s in seq.group)
         seq.events.put({"event": "done", "finish_reason": reason,
-                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": seq.generated,
-                                  "total_tokens": n_prompt + seq.generated,
+                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": generated,
+                                  "total_tokens": n_prompt + generated,
                                   "prompt_tokens_details": {"cached_tokens": seq.prefix.cached if seq.prefix else 0}}})
         self.m_requests.labels("completed").inc()
 

@@ -1,5 +1,17 @@
-"""Decode attention: one query token per row over a whole static KV cache (registered with transformers'
-AttentionInterface, so transformers' own attention layers call it)."""
+"""Decode attention: 1..8 query tokens per row over a whole static KV cache, GQA (registered with
+transformers' AttentionInterface, so transformers' own attention layers call it).
+
+Two paths computing the same function:
+* `reference_attention` (CPU, and CUDA where the kernel does not apply): two GQA-packed matmuls.
+* `split_kv_attention` (CUDA): a split-KV ("flash-decoding") Triton kernel. Each program takes one
+  (row, kv head) and one slice of the cache; the query heads of that kv head and the T query tokens are
+  the rows of one tile, so each key and value is read once for all of them. Tiles of keys that the mask
+  hides entirely are skipped without reading K or V: under a CUDA graph the cache length is fixed (9,472
+  positions) while a conversation holds a few hundred, and the matmul path reads (and casts to float32)
+  every position. A second small kernel merges the slices by their log-sum-exp.
+Scores and softmax in float32, probabilities cast to the value dtype before P @ V, as SDPA's kernels
+and the reference do.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,27 +19,154 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "dsqv_static"
+MAX_QUERY_TOKENS = 8  # decode (1) and speculative verify (k + 1 <= 8)
+
+
+def reference_attention(query, key, value, attention_mask, scaling):
+    """query [b, Hq, T, D]; key/value [b, Hkv, L, D]; mask [b, 1, T or 1, L] bool (True = attend) or None.
+    Returns [b, T, Hq, D]."""
+    b, n_heads, t, dim = query.shape
+    kv_heads = key.shape[1]
+    group = n_heads // kv_heads
+    q = query.reshape(b, kv_heads, group * t, dim)  # q head h reads kv head h // group; rows (head, token)
+    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # [b, kv_heads, group*t, len]
+    if attention_mask is not None:
+        mask = attention_mask.expand(b, 1, t, key.shape[2])[:, :, None]  # [b, 1, 1, t, len]
+        scores = scores.view(b, kv_heads, group, t, -1).masked_fill(~mask, float("-inf")).view_as(scores)
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [b, kv_heads, group*t, dim]
+    return out.view(b, n_heads, t, dim).transpose(1, 2)
 
 
 def static_cache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention interface: SDPA for prefill, a GQA-packed matmul attention for decode.
+    """transformers' attention interface: SDPA for prefill, the decode paths above for 1..8 tokens.
 
     For one query token over a whole static cache, PyTorch's SDPA picks the memory-efficient kernel,
     which does not split the keys: 550 us per call over 9,472 positions on H200 (36% of a decode
-    step, torch.profiler). Two batched matmuls read each key and value once instead. Scores and
-    softmax in float32, as SDPA's kernels keep them.
+    step, torch.profiler).
     """
-    if query.shape[2] != 1:
+    t = query.shape[2]
+    if t > MAX_QUERY_TOKENS or (t > 1 and attention_mask is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    b, n_heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(b, kv_heads, n_heads // kv_heads, dim)  # q head h reads kv head h // group
-    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # [b, kv_heads, group, len]
-    if attention_mask is not None:  # [b, 1, 1, len], True = attend
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [b, kv_heads, group, dim]
-    return out.reshape(b, n_heads, 1, dim).transpose(1, 2), None
+    dim = query.shape[-1]
+    if (query.is_cuda and triton is not None and attention_mask is not None and attention_mask.dtype == torch.bool
+            and dim >= 16 and dim & (dim - 1) == 0):
+        return split_kv_attention(query, key, value, attention_mask, scaling), None
+    return reference_attention(query, key, value, attention_mask, scaling), None
 
 
 AttentionInterface.register(ATTENTION, static_cache_attention)
+
+
+# ---- the Triton kernel (CUDA; also runs under TRITON_INTERPRET=1 on CPU, which the tests use) -------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: the reference path serves
+    triton = None
+
+BLOCK_N = 64
+
+
+def split_kv_attention(query, key, value, attention_mask, scaling, splits: int | None = None):
+    """Same contract as reference_attention; attention_mask is required (bool)."""
+    b, n_heads, t, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = n_heads // kv_heads
+    m = group * t
+    block_m = max(16, triton.next_power_of_2(m))
+    if splits is None:  # enough (row, kv head, slice) programs to fill the GPU twice over
+        splits = max(1, min(triton.cdiv(length, BLOCK_N), triton.cdiv(264, b * kv_heads)))
+    chunk = triton.cdiv(triton.cdiv(length, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(length, chunk)
+    mask = attention_mask.expand(b, 1, t, length)
+    part = torch.empty((b, kv_heads, splits, m, dim), dtype=torch.float32, device=query.device)
+    lse = torch.empty((b, kv_heads, splits, m), dtype=torch.float32, device=query.device)
+    out = torch.empty((b, t, n_heads, dim), dtype=query.dtype, device=query.device)
+    _partial[(b * kv_heads, splits)](
+        query, key, value, mask, part, lse, scaling, length, chunk,
+        *query.stride(), *key.stride(), *value.stride(), mask.stride(0), mask.stride(2), mask.stride(3),
+        KV_HEADS=kv_heads, GROUP=group, T=t, M=m, D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        SPLITS=splits, FP32=query.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8)
+    _merge[(b * kv_heads, m)](
+        part, lse, out, *out.stride(), KV_HEADS=kv_heads, GROUP=group, T=t, M=m, D=dim,
+        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, scaling, length, chunk,
+                 sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smt, sml,
+                 KV_HEADS: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                 FP32: tl.constexpr):
+        row_head = tl.program_id(0)
+        split = tl.program_id(1)
+        row = row_head // KV_HEADS
+        kvh = row_head % KV_HEADS
+        rm = tl.arange(0, BLOCK_M)  # tile row = (query head in group) * T + token
+        g = rm // T
+        tok = rm % T
+        rd = tl.arange(0, D)
+        rows_ok = rm < M
+        q = tl.load(q_ptr + row * sqb + (kvh * GROUP + g)[:, None] * sqh + tok[:, None] * sqt + rd[None, :] * sqd,
+                    mask=rows_ok[:, None], other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        for n0 in range(start, end, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < end
+            keep = tl.load(mask_ptr + row * smb + tok[:, None] * smt + rn[None, :] * sml,
+                           mask=rows_ok[:, None] & n_ok[None, :], other=0) != 0
+            if tl.max(keep.to(tl.int32)) > 0:  # a tile the mask hides entirely reads no K or V
+                k = tl.load(k_ptr + row * skb + kvh * skh + rn[:, None] * skl + rd[None, :] * skd,
+                            mask=n_ok[:, None], other=0.0)
+                if FP32:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(keep, s * scaling, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                v = tl.load(v_ptr + row * svb + kvh * svh + rn[:, None] * svl + rd[None, :] * svd,
+                            mask=n_ok[:, None], other=0.0)
+                # Row sums from the float32 probabilities, P @ V from P in the value dtype (as the reference)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if FP32:
+                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        base = (row_head * SPLITS + split) * M
+        has = l_i > 0
+        tl.store(lse_ptr + base + rm, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),
+                 mask=rows_ok)
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(part_ptr + (base + rm)[:, None] * D + rd[None, :], o, mask=(rows_ok & has)[:, None])
+
+    @triton.jit
+    def _merge(part_ptr, lse_ptr, out_ptr, sob, sot, soh, sod,
+               KV_HEADS: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        row_head = tl.program_id(0)
+        r = tl.program_id(1)  # (query head in group) * T + token
+        rs = tl.arange(0, SPLITS_P2)
+        rd = tl.arange(0, D)
+        idx = (row_head * SPLITS + rs) * M + r
+        lse = tl.load(lse_ptr + idx, mask=rs < SPLITS, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        used = lse > float("-inf")
+        w = tl.where(used, tl.exp(lse - top), 0.0)
+        o = tl.load(part_ptr + idx[:, None] * D + rd[None, :], mask=used[:, None], other=0.0)  # idle slices: no read
+        total = tl.sum(w, 0)
+        res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        row = row_head // KV_HEADS
+        head = (row_head % KV_HEADS) * GROUP + r // T
+        tl.store(out_ptr + row * sob + (r % T) * sot + head * soh + rd * sod, res.to(out_ptr.dtype.element_ty))

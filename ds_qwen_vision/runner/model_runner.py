@@ -20,10 +20,14 @@ import os
 import torch
 import torch.distributed as tdist
 
+from ..kernels import allreduce as peer_allreduce
+from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION
+from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import Prefill, StepPlan
+from ..tp_policy import tp_group
 from .image_cache import ImageEmbeddingCache
 from .slot_state import CacheView, SlotState
 from .snapshots import SnapshotStore
@@ -31,7 +35,8 @@ from .snapshots import SnapshotStore
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
-                 cuda_graphs: bool | None = None, fuse: bool | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
+                 speculative: dict | None = None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -46,7 +51,13 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" if fuse is None else fuse:
             compile_norms(model)
-        self.state = SlotState(model, max_slots, max_len, device, self.dtype)
+            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
+        gdn_kernel.install(model)  # decode (and verify) GDN layers: kernels/gdn.py; prefill: transformers'
+        spec = speculative or {}
+        spec_method, spec_k = spec.get("method", "none"), spec.get("num_tokens", 0)
+        # A verify writes T = k + 1 positions from a slot's length: k positions of slack past max_len.
+        self.kv_len = max_len + (spec_k if spec_method != "none" else 0)
+        self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunked prefill: embeds, positions
@@ -56,16 +67,28 @@ class ModelRunner:
         self.images = ImageEmbeddingCache(vision.out_hidden_size, vision.spatial_merge_size, self.dtype)
         # Decode inputs at fixed addresses, for the graphs: token, cache position, M-RoPE position, active.
         self.step_in = torch.zeros((4, max_slots), dtype=torch.long, device=device)
-        self.key_index = torch.arange(max_len, device=device)
+        self.key_index = torch.arange(self.kv_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
+            peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.spec = None  # speculative decoding (runner/speculative.py)
+        self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
+        if spec_method != "none":
+            from .speculative import Speculation
+
+            self.spec = Speculation(self, spec_method, spec_k)
         if self.cuda_graphs:
             try:
                 self.capture()
+                if self.spec is not None:
+                    self.spec.capture()
             except Exception as e:  # serve eagerly rather than not at all; every rank takes the same path
                 log(f"[rank {os.environ.get('RANK', '0')}] CUDA graph capture failed, decoding eagerly: {e!r}")
                 self.graphs.clear()
+                if self.spec is not None:
+                    self.spec.graphs.clear()
                 self.cuda_graphs = False
 
     # ---- decode ---------------------------------------------------------------------------------------
@@ -157,6 +180,8 @@ class ModelRunner:
                          attention_mask={"full_attention": mask, "linear_attention": None},
                          use_cache=True, logits_to_keep=1)
         self.length[item.slot] = end
+        if self.spec is not None:  # the MTP head's KV over this chunk
+            self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)
         if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
             self.snapshots.save(item.save, item.slot, end)
         if item.snapshot_only:
@@ -219,6 +244,8 @@ class ModelRunner:
         decoded slots, and slots whose prompt is complete. `pixels` (rank 0 only): the image pixels of
         each slot starting a prefill with images."""
         logits = {}
+        if plan.accept:  # the previous step's verified tokens that were accepted: before anything else
+            self.spec.accept(plan.accept)
         for snapshot_id in plan.evict_snapshots:  # rank 0 never evicts what this plan restores or saves
             self.snapshots.evict(snapshot_id)
         for key in plan.evict_images:
@@ -229,6 +256,9 @@ class ModelRunner:
                 logits[item.slot] = row
         if plan.decode:
             logits.update(self.decode(plan.decode))
+        if plan.verify:  # per slot logits [T, vocab]; the tokens verified in self.verified
+            rows, self.verified = self.spec.verify(plan.verify)
+            logits.update(rows)
         return logits
 
     def status(self) -> dict:

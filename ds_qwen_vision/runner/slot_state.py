@@ -11,26 +11,51 @@ class SlotState:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.recurrent: dict[int, torch.Tensor] = {}
+        self.gdn_layers: list[int] = []
+        gdn = None
         for i, layer in enumerate(model.model.language_model.layers):
             if hasattr(layer, "linear_attn"):
                 gdn = layer.linear_attn  # head counts are this rank's (tp_policy.shard_gated_deltanet)
-                self.conv[i] = torch.zeros(max_slots, gdn.conv1d.weight.shape[0], gdn.conv_kernel_size,
-                                           dtype=dtype, device=device)
-                # float32 like the recurrence kernels' own state (FLA's and transformers' reference)
-                self.recurrent[i] = torch.zeros(max_slots, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim,
-                                                dtype=torch.float32, device=device)
+                self.gdn_layers.append(i)
             else:
                 attn = layer.self_attn
                 shape = (max_slots, attn.k_proj.weight.shape[0] // attn.head_dim, max_len, attn.head_dim)
                 self.kv[i] = (torch.zeros(shape, dtype=dtype, device=device),
                               torch.zeros(shape, dtype=dtype, device=device))
-        # Decode runs causal_conv1d_update, which shifts the conv state in place for every row: it
-        # shifts this copy, and only the decoding rows are written back.
+        # The GDN states of all layers in one tensor each ([layers, slots, ...], per-layer views in
+        # conv / recurrent), so that selecting a speculative step's accepted state is one copy per kind.
+        n = len(self.gdn_layers)
+        self.conv_shape = (gdn.conv1d.weight.shape[0], gdn.conv_kernel_size) if gdn is not None else (0, 0)
+        # float32 like the recurrence kernels' own state (FLA's and transformers' reference)
+        self.rec_shape = (gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim) if gdn is not None else (0, 0, 0)
+        self.conv_all = torch.zeros((n, max_slots, *self.conv_shape), dtype=dtype, device=device)
+        self.rec_all = torch.zeros((n, max_slots, *self.rec_shape), dtype=torch.float32, device=device)
+        for j, i in enumerate(self.gdn_layers):
+            self.conv[i], self.recurrent[i] = self.conv_all[j], self.rec_all[j]
+        self.gdn_index = {i: j for j, i in enumerate(self.gdn_layers)}
+        # Speculative verify (alloc_steps): the state after each of T positions, [layers, slots, T, ...].
+        self.conv_steps: torch.Tensor | None = None
+        self.rec_steps: torch.Tensor | None = None
+        # transformers' decode path (causal_conv1d_update) shifts the conv state in place for every row;
+        # kept for a view that runs it (decode now goes through kernels/gdn.py, which writes masked rows).
         any_conv = next(iter(self.conv.values()), None)
         self.conv_scratch = torch.zeros_like(any_conv) if any_conv is not None else None
 
+    def alloc_steps(self, t: int) -> None:
+        """Room for the GDN state after each of t verified positions, for every slot and layer."""
+        n, slots = self.conv_all.shape[:2]
+        self.conv_steps = torch.zeros((n, slots, t, *self.conv_shape), dtype=self.conv_all.dtype,
+                                      device=self.conv_all.device)
+        self.rec_steps = torch.zeros((n, slots, t, *self.rec_shape), dtype=torch.float32, device=self.rec_all.device)
+
+    def select_steps(self, slots: torch.Tensor, index: torch.Tensor) -> None:
+        """Rollback without recompute: slot slots[i] takes the state after its verified position index[i]."""
+        self.conv_all[:, slots] = self.conv_steps[:, slots, index]
+        self.rec_all[:, slots] = self.rec_steps[:, slots, index]
+
     def nbytes(self) -> int:
-        tensors = [t for kv in self.kv.values() for t in kv] + list(self.conv.values()) + list(self.recurrent.values())
+        tensors = [t for kv in self.kv.values() for t in kv] + [self.conv_all, self.rec_all]
+        tensors += [t for t in (self.conv_steps, self.rec_steps) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -38,15 +63,21 @@ class CacheView:
     """The `past_key_values` transformers' layers see: rows of SlotState.
 
     Prefill: one row, prompt tokens [start, start + n) (start > 0 continues a chunked prefill).
-    Decode: rows [0, b), one token each, written at `positions`; with `active`, only those rows keep
-    their new GDN state (None: every row decodes). Implements the part of transformers' Cache
-    interface that Qwen3.5 layers call.
+    Decode: rows [0, b), one token each, written at `positions` [b]; with `active`, only those rows keep
+    their new GDN state (None: every row decodes).
+    Verify (speculative): rows [0, b), T tokens each, written at `positions` [b, T]; the GDN state after
+    each position goes to SlotState's step buffers (`steps=True`), the slots' own state is untouched
+    until SlotState.select_steps picks the accepted position.
+    Implements the part of transformers' Cache interface that Qwen3.5 layers call; decode and verify
+    GDN layers use gdn_state / gdn_update (kernels/gdn.py).
     """
 
     def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
-                 active: torch.Tensor | None = None):
+                 active: torch.Tensor | None = None, steps: bool = False):
         self.state, self.rows, self.start, self.positions = state, rows, start, positions
         self.active = active
+        self.steps = steps
+        self.gdn_step = None if positions is None else ("verify" if steps else "decode")
         if positions is not None:
             self.batch_index = torch.arange(rows.stop - rows.start, device=positions.device)
 
@@ -58,9 +89,35 @@ class CacheView:
             keys[:, :, self.start:end] = key
             values[:, :, self.start:end] = value
             return keys[:, :, :end], values[:, :, :end]
-        keys[self.batch_index, :, self.positions] = key[:, :, 0]
-        values[self.batch_index, :, self.positions] = value[:, :, 0]
+        if self.positions.dim() == 1:
+            keys[self.batch_index, :, self.positions] = key[:, :, 0]
+            values[self.batch_index, :, self.positions] = value[:, :, 0]
+        else:  # [b, T] positions: the indexed result is [b, T, heads, dim]
+            keys[self.batch_index[:, None], :, self.positions] = key.transpose(1, 2)
+            values[self.batch_index[:, None], :, self.positions] = value.transpose(1, 2)
         return keys, values
+
+    # Gated DeltaNet layers, decode / verify (kernels/gdn.py)
+    def gdn_state(self, layer_idx):
+        return self.state.conv[layer_idx][self.rows], self.state.recurrent[layer_idx][self.rows]
+
+    def gdn_update(self, layer_idx, conv_states, rec_states):
+        """The states after each new position ([b, T, ...]): to the step buffers (verify), or the last one
+        into the rows that decode (decode)."""
+        if self.steps:
+            j = self.state.gdn_index[layer_idx]
+            t = conv_states.shape[1]
+            self.state.conv_steps[j, self.rows, :t] = conv_states
+            self.state.rec_steps[j, self.rows, :t] = rec_states
+            return
+        conv, recurrent = self.gdn_state(layer_idx)
+        if self.active is None:
+            conv.copy_(conv_states[:, -1])
+            recurrent.copy_(rec_states[:, -1])
+            return
+        keep = self.active.view(-1, 1, 1)
+        torch.where(keep, conv_states[:, -1], conv, out=conv)
+        torch.where(keep.view(-1, 1, 1, 1), rec_states[:, -1], recurrent, out=recurrent)
 
     # Gated DeltaNet layers
     def is_recording_past(self, layer_idx) -> bool:

@@ -34,7 +34,7 @@ from ds_qwen_vision.config import DeployConfig, config_from_env
 from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, ClientGone, EngineClient, EngineUnavailable
 from ds_qwen_vision.server.errors import (EngineDown, ModelNotFound, Unauthorized, from_engine_event,
                                           register_error_handlers)
-from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, chat_completion,
+from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, chat_choice, chat_completion,
                                             completion_chunk, model_card, model_list, parse_chat_request, usage_chunk)
 
 log = logging.getLogger(__name__)
@@ -77,16 +77,25 @@ def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> d
     # Nothing is written to the client until the end, so its leaving is noticed by watching its socket:
     # the generation is then cancelled (its slot freed) instead of running to max_tokens for nobody.
     first, events = _open_stream(client, chat, _http_client_gone(request.environ.get("gunicorn.socket")))
-    content: list[str] = []
-    reasoning: list[str] = []
+    n = chat.engine_request.get("n", 1)
+    want_logprobs = bool(chat.engine_request.get("logprobs"))
+    content: list[list[str]] = [[] for _ in range(n)]
+    reasoning: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
     try:
         for event in chain([first], events):
-            if event["event"] == EVENT_DELTA:
-                content.append(event.get("content") or "")
-                reasoning.append(event.get("reasoning_content") or "")
+            if event["event"] == EVENT_DELTA:  # of choice `index`; its last one carries its finish_reason
+                i = event.get("index", 0)
+                content[i].append(event.get("content") or "")
+                reasoning[i].append(event.get("reasoning_content") or "")
+                logprobs[i] += event.get("logprobs") or []
+                finish[i] = event.get("finish_reason") or finish[i]
             elif event["event"] == EVENT_DONE:
-                return chat_completion(meta, "".join(content), "".join(reasoning), event["finish_reason"],
-                                       event["usage"])
+                choices = [chat_choice(i, "".join(content[i]), "".join(reasoning[i]),
+                                       finish[i] or event["finish_reason"], logprobs[i] if want_logprobs else None)
+                           for i in range(n)]
+                return chat_completion(meta, choices, event["usage"])
             elif event["event"] == EVENT_ERROR:
                 raise from_engine_event(event)
     except EngineUnavailable as e:
@@ -130,15 +139,28 @@ class SseStream:
 
     def __iter__(self) -> Iterator[str]:
         meta, usage_field = self._meta, self._chat.include_usage
+        n = self._chat.engine_request.get("n", 1)
+        finished: set[int] = set()
         try:
-            yield _sse(completion_chunk(meta, {"role": "assistant", "content": ""}, with_usage_field=usage_field))
+            for i in range(n):
+                yield _sse(completion_chunk(meta, {"role": "assistant", "content": ""}, with_usage_field=usage_field,
+                                            index=i))
             for event in chain([self._first], self._events):
-                if event["event"] == EVENT_DELTA:
+                if event["event"] == EVENT_DELTA:  # of choice `index`; its last one carries its finish_reason
+                    i = event.get("index", 0)
                     delta = {k: event[k] for k in ("content", "reasoning_content") if event.get(k)}
-                    if delta:
-                        yield _sse(completion_chunk(meta, delta, with_usage_field=usage_field))
+                    if delta or event.get("logprobs"):
+                        yield _sse(completion_chunk(meta, delta, with_usage_field=usage_field, index=i,
+                                                    logprobs=event.get("logprobs")))
+                    if event.get("finish_reason"):
+                        finished.add(i)
+                        yield _sse(completion_chunk(meta, {}, event["finish_reason"], with_usage_field=usage_field,
+                                                    index=i))
                 elif event["event"] == EVENT_DONE:
-                    yield _sse(completion_chunk(meta, {}, event["finish_reason"], with_usage_field=usage_field))
+                    for i in range(n):
+                        if i not in finished:
+                            yield _sse(completion_chunk(meta, {}, event["finish_reason"],
+                                                        with_usage_field=usage_field, index=i))
                     if usage_field:
                         yield _sse(usage_chunk(meta, event["usage"]))
                     break

@@ -46,6 +46,7 @@ class RequestLimits:
     max_images: int = 8
     max_image_pixels: int = 16_777_216
     allowed_image_url_prefixes: tuple[str, ...] = ()
+    max_n: int = 4
 
     @classmethod
     def from_config(cls, cfg: DeployConfig) -> RequestLimits:
@@ -54,7 +55,8 @@ class RequestLimits:
                    max_new_tokens=cfg.limits.max_new_tokens,
                    max_images=cfg.limits.max_images_per_request,
                    max_image_pixels=cfg.limits.max_image_pixels,
-                   allowed_image_url_prefixes=tuple(cfg.security.allowed_image_url_prefixes))
+                   allowed_image_url_prefixes=tuple(cfg.security.allowed_image_url_prefixes),
+                   max_n=cfg.limits.max_n)
 
 
 def _limits(info: ValidationInfo) -> RequestLimits:
@@ -233,11 +235,7 @@ _UNSUPPORTED: dict[str, list[Any]] = {
     "functions": [None, []],
     "tool_choice": [None, "none", "auto"],
     "function_call": [None, "none", "auto"],
-    "logprobs": [None, False],
-    "top_logprobs": [None, 0],
     "response_format": [None, {"type": "text"}],
-    "frequency_penalty": [None, 0],
-    "presence_penalty": [None, 0],
     "logit_bias": [None, {}],
 }
 
@@ -257,18 +255,23 @@ class ChatCompletionRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1)  # at most RequestLimits.max_n
     user: str | None = None
+    # ---- sampling: OpenAI's, then vLLM's extensions. Omitted (None): the checkpoint's generation_config
+    # values where it has them (the engine fills them in), else OpenAI's defaults.
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(None, max_length=64)
     # Known but unsupported (see `_UNSUPPORTED`): typed loosely so that the message is "unsupported".
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
     function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     response_format: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
     logit_bias: Any = None
 
     @field_validator("messages")
@@ -343,9 +346,17 @@ class ChatCompletionRequest(_Strict):
 
     @field_validator("n")
     @classmethod
-    def _only_one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise _fail("unsupported_value", f"only n=1 is supported, got n={v}")
+    def _choices_within_limit(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_n
+        if v is not None and v > limit:
+            raise _fail("invalid_value", f"n={v} is more than this server's limit of {limit} choices")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise _fail("invalid_value", "top_logprobs needs logprobs: true")
         return v
 
     @field_validator(*_UNSUPPORTED)
@@ -446,15 +457,23 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
                 parts.append({"type": "image", "data_b64": part.image_url.data_b64})
         # The chat template knows "system" only; OpenAI's "developer" is the same thing.
         messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": parts})
-    top_k = req.top_k if req.top_k is not None else -1
     engine_request = {
         "messages": messages,
         "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": -1 if top_k == 0 else top_k,
+        # Sampling parameters left out stay None: the engine fills in the checkpoint's defaults.
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": -1 if req.top_k == 0 else req.top_k,
+        "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
         "seed": req.seed,
         "stop": req.stop or [],
+        "stop_token_ids": req.stop_token_ids or [],
+        "n": req.n or 1,
+        "logprobs": bool(req.logprobs),
+        "top_logprobs": req.top_logprobs or 0,
         "chat_template_kwargs": req.chat_template_kwargs or {},
     }
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -522,21 +541,33 @@ class CompletionMeta:
         return cls(new_completion_id(), model, int(time.time()))
 
 
-def chat_completion(meta: CompletionMeta, content: str, reasoning: str, finish_reason: str,
-                    usage: dict[str, int]) -> dict[str, Any]:
+def logprobs_object(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """OpenAI's ``choice.logprobs``: the engine's entries (token, logprob, bytes, top_logprobs) under
+    ``content`` (every generated token's, the reasoning block's included), or null when not asked for."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def chat_choice(index: int, content: str, reasoning: str, finish_reason: str,
+                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning:
         message["reasoning_content"] = reasoning
+    return {"index": index, "message": message, "logprobs": logprobs_object(logprobs), "finish_reason": finish_reason}
+
+
+def chat_completion(meta: CompletionMeta, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    """The non-streamed answer; ``choices`` from `chat_choice`, one per choice (``n``)."""
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage}
+            "choices": choices, "usage": usage}
 
 
 def completion_chunk(meta: CompletionMeta, delta: dict[str, str], finish_reason: str | None = None,
-                     *, with_usage_field: bool = False) -> dict[str, Any]:
+                     *, with_usage_field: bool = False, index: int = 0,
+                     logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs_object(logprobs),
+                     "finish_reason": finish_reason}]}
     if with_usage_field:  # OpenAI: with include_usage every chunk carries "usage": null
         chunk["usage"] = None
     return chunk

@@ -1,0 +1,332 @@
+"""Speculative decoding benchmark: one process, tp=1, random weights, through the server's own runner and
+the engine's own acceptance code (engine/speculative.py).
+
+    # one H200, Qwen3.6-27B shapes, bf16 (about 8 minutes with the baseline's compile):
+    python benchmarks/bench_spec.py --preset 27b --device cuda
+    # any machine, the tiny preset (checks the script end to end; its figures mean nothing):
+    python benchmarks/bench_spec.py --preset tiny --device cpu --tokens 16 --no-write
+
+Measured in the same call, after a 512-token prompt (tiny: 64), one stream:
+- the plain 1-token decode step (ms per token);
+- the cost of a verify step over 2 and 4 positions (k = 1, 3), accept included, against the plain step;
+- the cost of an MTP draft step (the head's k drafts for one row);
+- effective ms per output token at forced acceptance profiles: the drafter is handed the target's own
+  greedy continuation and each draft is right with the profile's probability (0%; 88/77/66% at positions
+  1/2/3; 100%), k = 3, the engine's acceptance (and its stop-drafting rule) applied;
+- ngram prompt lookup on a repetitive workload (a paragraph repeated 4 times), with its measured acceptance;
+- MTP at k = 3 end to end (its acceptance on random weights is meaningless: labelled);
+- transformers' generate with its static cache + torch.compile on the same card (skip with --no-baseline).
+Acceptance-dependent figures from random weights are labelled `random weights` in the results. Writes
+benchmarks/results/DATE-CARD-tp1-spec.json (rows with run, decode_ms_per_token, floor_ms, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_qwen_vision.checkpoint import make_config  # noqa: E402
+
+PROFILES = {"forced 0%": (0.0,), "forced 88/77/66%": (0.88, 0.77 / 0.88, 0.66 / 0.77), "forced 100%": (1.0,)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+@torch.no_grad()
+def randomize(model, seed: int) -> None:
+    """Random weights (as benchmarks/bench_27b.py): matrices ~N(0, 1/fan_in), norms and GDN vectors non-trivial."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.uniform_(1.0, 16.0, generator=gen).log_()
+        elif p.dim() == 1:
+            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
+        else:
+            p.normal_(0.0, (p[0].numel()) ** -0.5, generator=gen)
+
+
+class Oracle:
+    """Forced acceptance: drafts from the target's own greedy continuation, each right with the profile's
+    probability (conditional on the earlier ones), otherwise a wrong token. Plugged in as the n-gram index."""
+
+    def __init__(self, n_prompt: int, continuation: list[int], profile, vocab: int, seed: int = 0):
+        self.tokens, self.n_prompt, self.cont, self.profile = [0] * n_prompt, n_prompt, continuation, profile
+        self.rng, self.vocab = random.Random(seed), vocab
+
+    def extend(self, tokens):
+        self.tokens.extend(tokens)
+
+    def draft(self, k):
+        g = len(self.tokens) - self.n_prompt
+        out = []
+        for i, true in enumerate(self.cont[g:g + k]):
+            p = self.profile[min(i, len(self.profile) - 1)]
+            out.append(true if self.rng.random() < p else (true + 1) % self.vocab)
+        return out
+
+
+def generate(runner, prompt: list[int], n: int, index=None, device=None):
+    """One stream the way the engine runs it (plan -> run -> acceptance); returns (tokens, seconds, stats)."""
+    from prometheus_client import CollectorRegistry
+
+    from ds_qwen_vision.engine.sampling import Sampling
+    from ds_qwen_vision.engine.speculative import Speculator
+    from ds_qwen_vision.plan import Prefill, StepPlan
+
+    seq = type("Seq", (), {})()
+    seq.slot, seq.input_ids, seq.sampling, seq.generator = 0, prompt, Sampling(max_tokens=n, temperature=0), None
+    seq.generated, seq.next_token = 0, None
+    spec = None
+    if runner.spec is not None:
+        spec = Speculator(runner.spec.method, runner.spec.k, CollectorRegistry())
+        spec.start(seq)
+        if index is not None:
+            seq.spec.index = index
+    logits = runner.run(StepPlan(prefill=[Prefill(0, prompt)]))
+    out = [int(torch.argmax(logits[0]))]
+    seq.generated, seq.next_token = 1, out[0]
+    sync(device)
+    t0 = time.perf_counter()
+    steps = 0
+    while seq.generated < n:
+        plan = StepPlan()
+        if spec is not None:
+            spec.schedule(plan, seq)
+        else:
+            plan.decode.append((0, seq.next_token))
+        row = runner.run(plan)[0]
+        steps += 1
+        tokens = None
+        if plan.verify:
+            drafts = spec.drafts(seq, runner.verified[0])
+            if drafts:
+                tokens = spec.tokens(seq, row, drafts)
+            else:
+                seq.spec.accept, row = 0, row[0]
+        if tokens is None:
+            tokens = [int(torch.argmax(row))]
+        for token in tokens[:n - seq.generated]:
+            out.append(token)
+            seq.generated += 1
+            seq.next_token = token
+    sync(device)
+    seconds = time.perf_counter() - t0
+    stats = {"steps": steps}
+    if spec is not None:
+        drafted, accepted = spec.m_drafts._value.get(), spec.m_accepted._value.get()
+        stats.update(drafts=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else None,
+                     tokens_per_step=(n - 1) / steps)
+        per_pos = {}
+        for metric in spec.m_pos_drafts.collect()[0].samples:
+            if metric.name.endswith("_total"):
+                per_pos[metric.labels["position"]] = [metric.value, 0]
+        for metric in spec.m_pos_accepted.collect()[0].samples:
+            if metric.name.endswith("_total"):
+                per_pos[metric.labels["position"]][1] = metric.value
+        stats["acceptance_per_position"] = {p: a / d for p, (d, a) in sorted(per_pos.items()) if d}
+    return out, seconds, stats
+
+
+def timed_steps(runner, plan_fn, repeats: int, device) -> float:
+    """Median seconds of runner.run(plan_fn()) (host read of the result included, as the engine reads it)."""
+    from ds_qwen_vision.plan import StepPlan  # noqa: F401
+
+    times = []
+    for _ in range(repeats + 3):
+        plan = plan_fn()
+        sync(device)
+        t = time.perf_counter()
+        out = runner.run(plan)
+        int(torch.argmax(out[0].reshape(-1)))
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[3:])
+
+
+def baseline_static(config, device, dtype, prompt, n) -> dict:
+    """transformers' generate with its static cache (+ torch.compile on CUDA), same shapes, random weights."""
+    from transformers import Qwen3_5ForConditionalGeneration
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = Qwen3_5ForConditionalGeneration(config).eval()
+    torch.set_default_dtype(default)
+    randomize(model, seed=0)
+    ids = torch.tensor([prompt], device=device)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": n + 1, "min_new_tokens": n + 1,
+              "cache_implementation": "static"}
+
+    def gen():
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(ids, streamer=clock, **kwargs)
+        t = clock.times[2:]
+        return [b - a for a, b in zip(t, t[1:])]
+
+    gen()  # warm-up (compiles on CUDA)
+    steps = gen() + gen()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"run": "transformers generate, static cache" + (" + torch.compile" if device.type == "cuda" else ""),
+            "decode_ms_per_token": 1e3 * statistics.median(steps)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="27b", choices=["27b", "tiny", "loadtest"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tokens", type=int, default=96, help="output tokens per end-to-end run")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; tiny 64)")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print the results only")
+    p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+
+    from ds_qwen_vision.engine.speculative import NgramIndex
+    from ds_qwen_vision.model import build_sharded, init_distributed
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
+    init_distributed(args.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = make_config(args.preset)
+    vocab = config.text_config.vocab_size
+    n_prompt = args.prompt or (64 if args.preset == "tiny" else 512)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, min(1200, vocab), (n_prompt,), generator=g).tolist()
+    paragraph = prompt[:n_prompt // 4]
+    repetitive = paragraph * 4  # an "edit / summarise this" workload: the answer repeats the prompt
+    max_len = n_prompt + args.tokens + 64
+
+    model = build_sharded(config, 1, dtype, mtp=True)
+    randomize(model, seed=0)
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    bw = copy_bandwidth(device)
+    floor_ms = 1e3 * weights / bw if bw else None
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    label = "random weights: acceptance (and so this figure) depends on content"
+
+    def runner(method="none", k=1):
+        return ModelRunner(model, device, max_slots=1, max_len=max_len, speculative={"method": method, "num_tokens": k})
+
+    # the plain step, and the target's greedy continuation (what the forced profiles hand the drafter)
+    plain = runner()
+    continuation, seconds, _ = generate(plain, prompt, args.tokens + 4, device=device)
+    plain_ms = 1e3 * seconds / (args.tokens + 3)
+    rows.append({"run": "ds-qwen-vision tp=1, plain decode step", "decode_ms_per_token": plain_ms, "floor_ms": floor_ms})
+    del plain
+
+    for k in (1, 3):
+        r = runner("ngram", k)
+        r.run(StepPlan(prefill=[Prefill(0, prompt)]))
+        drafts = continuation[1:k + 1]
+        step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]] + drafts)]), args.repeats, device)
+        # no accept between them: every timed verify runs at the same position
+        rows.append({"run": f"verify step, {k + 1} positions (k={k})", "step_ms": 1e3 * step,
+                     "over_plain_step": 1e3 * step / plain_ms, "floor_ms": floor_ms,
+                     "decode_ms_per_token": None})
+        if k == 3:
+            for name, profile in PROFILES.items():
+                index = Oracle(n_prompt, continuation, profile, vocab)
+                out, seconds, stats = generate(r, prompt, args.tokens, index=index, device=device)
+                assert out == continuation[:args.tokens], f"{name}: speculation changed the greedy output"
+                rows.append({"run": f"ngram k=3, {name} (drafter handed the target's continuation)",
+                             "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
+                             "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
+            out, seconds, stats = generate(r, repetitive, args.tokens, index=NgramIndex(repetitive), device=device)
+            rows.append({"run": "ngram k=3, repetitive prompt (a paragraph x4), prompt lookup",
+                         "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
+                         "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label, **stats})
+        del r
+
+    r = runner("mtp", 3)
+    r.run(StepPlan(prefill=[Prefill(0, prompt)]))
+    r.spec.verify_in_host = torch.tensor([[continuation[0]] * 4])
+    times = []
+    for _ in range(args.repeats + 3):
+        sync(device)
+        t = time.perf_counter()
+        r.spec._mtp_drafts(1, [0])
+        sync(device)
+        times.append(time.perf_counter() - t)
+    rows.append({"run": "MTP draft step (k=3 drafts, one row)", "step_ms": 1e3 * statistics.median(times[3:]),
+                 "over_plain_step": 1e3 * statistics.median(times[3:]) / plain_ms, "decode_ms_per_token": None,
+                 "floor_ms": floor_ms})
+    del r
+    r = runner("mtp", 3)
+    out, seconds, stats = generate(r, prompt, args.tokens, device=device)
+    assert out == continuation[:args.tokens], "mtp: speculation changed the greedy output"
+    rows.append({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),
+                 "floor_ms": floor_ms, "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label,
+                 **stats})
+    del r, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    if not args.no_baseline:
+        row = baseline_static(config, device, dtype, prompt, min(args.tokens, 64))
+        row["floor_ms"] = floor_ms
+        rows.append(row)
+
+    date = datetime.datetime.now(datetime.timezone.utc)
+    result = {"date": date.isoformat(timespec="seconds"), "card": card, "command": " ".join(["python"] + sys.argv),
+              "tp": 1, "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": n_prompt,
+              "output_tokens": args.tokens, "rows": rows}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if not args.no_write:
+        name = card.replace("NVIDIA ", "").replace(" ", "-")
+        out = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp1-spec.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(out)
+
+
+if __name__ == "__main__":
+    main()

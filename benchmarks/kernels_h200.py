@@ -1,0 +1,154 @@
+"""Kernel-level check and timing on one GPU, the 27B decode shapes at tp=1 (issue 10):
+
+    python3 benchmarks/kernels_h200.py --out OUT/kernels.json
+
+1. Decode attention (kernels/decode_attention.py): the split-KV Triton kernel against a float64 reference
+   (bf16 inputs) and against the matmul reference path, 1 and 8 query tokens, 1 and 16 rows, a 9,472-position
+   static cache holding 512 or 9,000 tokens; time per layer call (16 calls, one per attention layer, each
+   over its own cache, replayed as a CUDA graph).
+2. Projections at 1..16 rows: cuBLAS (F.linear) on the separate and the fused weights, and the Triton skinny
+   GEMM (kernels/gemv.py), as achieved weight-read bandwidth against the measured copy bandwidth. Each
+   timing replays a CUDA graph over enough distinct weight copies that none is served from L2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_qwen_vision.kernels import gemv  # noqa: E402
+from ds_qwen_vision.kernels.decode_attention import reference_attention, split_kv_attention  # noqa: E402
+
+HIDDEN = 5120
+
+
+def graph_time_ms(fn, calls: int, repeats: int = 20) -> float:
+    """Median ms per call of `calls` invocations of fn(i) captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bw() -> float:
+    a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    ms = graph_time_ms(lambda i: b.copy_(a), 4)
+    return 2 * a.numel() * 2 / (ms * 1e-3)
+
+
+def attention(results) -> None:
+    rows = []
+    hq, hkv, d, length = 24, 4, 256, 9472
+    for b in (1, 16):
+        for t in (1, 8):
+            for ctx in (512, 9000):
+                if ctx + t > length:
+                    continue
+                caches = [(torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16),
+                           torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(16)]
+                q = torch.randn(b, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                pos = ctx + torch.arange(t, device="cuda")
+                mask = (torch.arange(length, device="cuda")[None, None] <= pos[None, :, None]).expand(b, t, length)
+                mask = mask[:, None]
+                k, v = caches[0]
+                scale = d ** -0.5
+                ref64 = reference_attention(q.double(), k.double(), v.double(), mask, scale)
+                got = split_kv_attention(q, k, v, mask, scale)
+                matmul = reference_attention(q, k, v, mask, scale)
+                err = ((got.double() - ref64).norm() / ref64.norm()).item()
+                err_mm = ((matmul.double() - ref64).norm() / ref64.norm()).item()
+                t_kernel = graph_time_ms(lambda i: split_kv_attention(q, *caches[i], mask, scale), 16)
+                t_matmul = graph_time_ms(lambda i: reference_attention(q, *caches[i], mask, scale), 16)
+                rows.append({"rows": b, "query_tokens": t, "context": ctx, "rel_err_kernel": err,
+                             "rel_err_matmul": err_mm, "kernel_us": 1e3 * t_kernel, "matmul_us": 1e3 * t_matmul})
+                print(f"attention b={b} t={t} ctx={ctx}: kernel {1e3 * t_kernel:.1f} us (rel err {err:.1e}), "
+                      f"matmul {1e3 * t_matmul:.1f} us (rel err {err_mm:.1e})", flush=True)
+                del caches
+                torch.cuda.empty_cache()
+    results["attention"] = rows
+
+
+SHAPES = {  # name: (rows of each member, in_features); tp=1 27B
+    "gdn in_proj qkv|z|b|a": ((10240, 6144, 48, 48), HIDDEN),
+    "mlp gate|up": ((17408, 17408), HIDDEN),
+    "attn q|k|v": ((12288, 1024, 1024), HIDDEN),
+    "gdn out_proj": ((HIDDEN,), 6144),
+    "attn o_proj": ((HIDDEN,), 6144),
+    "mlp down_proj": ((HIDDEN,), 17408),
+    "lm_head": ((248320,), HIDDEN),
+}
+
+
+def projections(results, bw) -> None:
+    rows = []
+    for name, (members, k) in SHAPES.items():
+        n = sum(members)
+        nbytes = n * k * 2
+        copies = max(2, -(-(1 << 30) // nbytes))  # >= 1 GiB of distinct weights per replay
+        fused = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        parts = [list(w.split(members)) for w in fused]
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.double(), fused[0].double())
+            got = gemv.skinny_linear(x, fused[0])
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            t_sep = graph_time_ms(lambda i: [F.linear(x, p) for p in parts[i]], copies)
+            t_fused = graph_time_ms(lambda i: F.linear(x, fused[i]), copies)
+            t_triton = graph_time_ms(lambda i: gemv.skinny_linear(x, fused[i]), copies)
+            row = {"proj": name, "rows": m, "n": n, "k": k, "weight_mb": nbytes / 1e6,
+                   "cublas_separate_us": 1e3 * t_sep, "cublas_fused_us": 1e3 * t_fused, "triton_us": 1e3 * t_triton,
+                   "triton_rel_err": err, "floor_us": 1e6 * nbytes / bw}
+            for key in ("cublas_separate", "cublas_fused", "triton"):
+                row[key + "_pct_of_copy_bw"] = 100 * row["floor_us"] / row[key + "_us"]
+            rows.append(row)
+            print(f"{name:24s} m={m:2d}: floor {row['floor_us']:7.1f} us | cuBLAS separate {1e3 * t_sep:7.1f} "
+                  f"({row['cublas_separate_pct_of_copy_bw']:3.0f}%) fused {1e3 * t_fused:7.1f} "
+                  f"({row['cublas_fused_pct_of_copy_bw']:3.0f}%) | triton {1e3 * t_triton:7.1f} "
+                  f"({row['triton_pct_of_copy_bw']:3.0f}%, rel err {err:.1e})", flush=True)
+        del fused, parts
+        torch.cuda.empty_cache()
+    results["projections"] = rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bw()
+    results = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_tbs": bw / 1e12}
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    for part in (attention, lambda r: projections(r, bw)):
+        try:
+            part(results)
+        except Exception as e:  # keep what the other part measured
+            results.setdefault("errors", []).append(repr(e))
+            print("ERROR", repr(e), flush=True)
+        a.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Speculative decoding on this rank: the verify step, per-position state selection, the MTP drafter.
+
+A verify step runs the target over T = k + 1 tokens per decoding row ([fed token, k drafts]) in one
+forward -- one read of every weight for up to T tokens -- with logits for all T positions. The Gated
+DeltaNet conv and recurrent state after each position go to SlotState's step buffers (kernels/gdn.py);
+KV is written at the T positions. Rank 0 decides how many drafts each row accepts and says so in the
+next plan (`StepPlan.accept`), where the runner first selects the state after the last accepted
+position (SlotState.select_steps): rollback without recompute. KV past the accepted length is never
+attended (the masks stop at each query's position) and is overwritten when the sequence gets there.
+
+Drafts: `ngram` drafts come from rank 0's host in the plan. `mtp` drafts are made here, on every rank,
+by the checkpoint's MTP head (ds_qwen_vision/mtp.py) with its own KV (one full-attention layer) per
+slot; its logits are all-reduced like the main model's, so every rank drafts the same tokens
+(greedy argmax drafts: a deterministic drafter, so rank 0's acceptance rule needs no draft probabilities).
+
+The MTP head's KV at position i holds the pair (h_i, token_{i+1}), h_i being the main model's last
+hidden state (after the final norm) at i -- vLLM's convention. A step for an MTP row with fed token t
+at position L first catches up the pairs since the last step (positions L-n .. L-1, the accepted
+tokens' hidden states kept from the previous verify, n = accepted + 1, or the prompt's last hidden
+state after prefill), drafting d1 from the last; then k - 1 single-position head steps draft d2 .. dk.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ..model import log
+from .slot_state import CacheView
+
+METHODS = ("none", "mtp", "ngram")
+
+
+class Speculation:
+    def __init__(self, runner, method: str, k: int):
+        if method not in METHODS[1:]:
+            raise ValueError(f"speculative.method {method!r}: one of {', '.join(METHODS)}")
+        if k < 1:
+            raise ValueError(f"speculative.num_tokens is {k}; it must be at least 1")
+        self.runner, self.method, self.k, self.t = runner, method, k, k + 1
+        model, device, slots = runner.model, runner.device, runner.max_slots
+        runner.state.alloc_steps(self.t)
+        self.lm = model.model.language_model
+        # Inputs at fixed addresses, for the graphs: token, cache position, M-RoPE position [slots, T].
+        self.verify_in = torch.zeros((3, slots, self.t), dtype=torch.long, device=device)
+        self.offsets = torch.arange(self.t, device=device)
+        self.hidden: torch.Tensor | None = None  # the final norm's last output (the MTP head's input)
+        self.lm.norm.register_forward_hook(self._keep_hidden)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.mtp = None
+        if method == "mtp":
+            self.mtp = getattr(model, "mtp", None)
+            if self.mtp is None:
+                raise ValueError("speculative.method mtp: the model was loaded without its mtp.* head")
+            self.mtp.config._attn_implementation = model.config.text_config._attn_implementation
+            self.mtp_state = SimpleNamespace(kv={})
+            for layer in self.mtp.layers:
+                attn = layer.self_attn
+                shape = (slots, attn.k_proj.weight.shape[0] // attn.head_dim, runner.kv_len, attn.head_dim)
+                self.mtp_state.kv[attn.layer_idx] = (torch.zeros(shape, dtype=runner.dtype, device=device),
+                                                     torch.zeros(shape, dtype=runner.dtype, device=device))
+            hidden = model.config.text_config.hidden_size
+            # Per slot: the main model's hidden states not yet paired into the head's KV, and their tokens.
+            self.pend_hidden = torch.zeros((slots, self.t, hidden), dtype=runner.dtype, device=device)
+            self.pend_n = [0] * slots
+            self.pend_tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.verified: list[list[int]] = [[] for _ in range(slots)]  # the T tokens of each slot's last verify
+
+    def _keep_hidden(self, module, args, out):
+        self.hidden = out
+
+    # ---- rollback -------------------------------------------------------------------------------
+    def accept(self, accepts: list[tuple[int, int]]) -> None:
+        """The previous verify's first i + 1 tokens of each (slot, i) are the sequence's: keep that state."""
+        device = self.runner.device
+        slots = torch.tensor([s for s, _ in accepts], device=device)
+        index = torch.tensor([i for _, i in accepts], device=device)
+        self.runner.state.select_steps(slots, index)
+        for slot, i in accepts:
+            if not 0 <= i < self.t:
+                raise ValueError(f"slot {slot}: accepted position {i} outside the verified {self.t}")
+            self.runner.length[slot] += i + 1
+            if self.mtp is not None:
+                self.pend_n[slot] = i + 1
+                self.pend_tokens[slot] = self.verified[slot][1:i + 1]
+
+    # ---- prefill: the MTP head's KV over the prompt -----------------------------------------------
+    def after_prefill(self, slot: int, start: int, end: int, n_prompt: int, embeds: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+        """Pairs (h_i, token_{i+1}) for the prompt chunk [start, end) into the head's KV; the prompt's last
+        hidden state waits for the first sampled token (paired at the slot's first verify)."""
+        if self.mtp is None:
+            return
+        hidden = self.hidden  # [1, end - start, hidden], the chunk's final-norm output
+        stop = min(end, n_prompt - 1)
+        if stop > start:
+            mask = None
+            if start > 0:
+                rows = torch.arange(start, stop, device=self.runner.device)
+                mask = (self.runner.key_index[None, :stop] <= rows[:, None])[None, None]
+            pos = positions[:, :, start:stop]
+            self.mtp(embeds[:, start + 1:stop + 1], hidden[:, :stop - start], self.lm.rotary_emb(hidden, pos),
+                     mask, pos, CacheView(self.mtp_state, slice(slot, slot + 1), start=start))
+        if end == n_prompt:
+            self.pend_hidden[slot, 0] = hidden[0, -1]
+            self.pend_n[slot] = 1
+            self.pend_tokens[slot] = []
+
+    # ---- MTP drafts ----------------------------------------------------------------------------
+    def _mtp_drafts(self, b: int, rows: list[int]) -> None:
+        """k drafts for each MTP row, written into verify_in[0, row, 1:] (on device, no host sync)."""
+        runner, t, device = self.runner, self.t, self.runner.device
+        ids, pos = torch.zeros((b, t), dtype=torch.long), torch.zeros((b, t), dtype=torch.long)
+        last = torch.zeros(b, dtype=torch.long)
+        delta = torch.tensor(runner.rope_delta[:b])
+        for r in range(b):
+            length = runner.length[r]
+            if r in rows:
+                n = self.pend_n[r]
+                if n < 1:
+                    raise ValueError(f"slot {r}: no MTP state (prefill it first)")
+                toks = self.pend_tokens[r] + [int(self.verify_in_host[r][0])]
+                ids[r, :n] = torch.tensor(toks)
+                pos[r] = length - n + torch.arange(t)
+                last[r] = n - 1
+            else:
+                pos[r] = length + torch.arange(t)
+        pos = pos.clamp(max=runner.kv_len - 1)
+        ids, pos, last, delta = ids.to(device), pos.to(device), last.to(device), delta.to(device)
+        kv_view = lambda p: CacheView(self.mtp_state, slice(0, b), positions=p)  # noqa: E731
+        embed, head = self.lm.embed_tokens, runner.model.lm_head
+        key_index = runner.key_index
+        # catch-up: the pairs since the last step, the last of them drafts d1
+        mrope = (pos + delta[:, None])[None].expand(3, b, t)
+        mask = (key_index[None, None, :] <= pos[:, :, None])[:, None]
+        h = self.pend_hidden[:b]
+        out = self.mtp(embed(ids), h, self.lm.rotary_emb(h, mrope), mask, mrope, kv_view(pos))
+        h = out[torch.arange(b, device=device), last][:, None]  # [b, 1, hidden]
+        token = head(h).argmax(-1)  # [b, 1]
+        drafts = [token]
+        step_pos = pos.gather(1, last[:, None])  # the position of the last caught-up pair
+        for j in range(1, self.k):
+            step_pos = (step_pos + 1).clamp(max=runner.kv_len - 1)
+            mrope = (step_pos + delta[:, None])[None].expand(3, b, 1)
+            mask = (key_index[None, None, :] <= step_pos[:, :, None])[:, None]
+            h = self.mtp(embed(token), h, self.lm.rotary_emb(h, mrope), mask, mrope, kv_view(step_pos), step=j)
+            token = head(h).argmax(-1)
+            drafts.append(token)
+        drafts = torch.cat(drafts, dim=1)  # [b, k]
+        rows_t = torch.tensor(rows, device=device)
+        self.verify_in[0, rows_t, 1:] = drafts[rows_t]
+
+    # ---- verify --------------------------------------------------------------------------------
+    def _verify_forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """T tokens for rows [0, b): logits [b, T, vocab] and final hidden states [b, T, hidden].
+        Reads only verify_in, so it can be captured."""
+        ids, positions, mrope = self.verify_in[:, :b]
+        view = CacheView(self.runner.state, slice(0, b), positions=positions, steps=True)
+        mask = (self.runner.key_index[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, T, len]
+        logits = self.runner.model(input_ids=ids, position_ids=mrope[None].expand(3, b, self.t),
+                                   past_key_values=view, use_cache=True, logits_to_keep=0,
+                                   attention_mask={"full_attention": mask, "linear_attention": None}).logits
+        return logits, self.hidden
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> None:
+        """One CUDA graph of the target verify per decode batch size (T fixed by the config)."""
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.verify_in.zero_()  # no row's own state is touched by a verify (it writes the step buffers)
+        for b in reversed(self.runner.batch_sizes):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._verify_forward(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits, hidden = self._verify_forward(b)
+            self.graphs[b] = (graph, logits, hidden)
+        torch.cuda.synchronize()
+        log(f"[rank {os.environ.get('RANK', '0')}] captured verify CUDA graphs (T={self.t}) for batch sizes "
+            f"{self.runner.batch_sizes}")
+
+    @torch.inference_mode()
+    def verify(self, items: list[tuple[int, list[int]]]) -> tuple[dict[int, torch.Tensor], dict[int, list[int]]]:
+        """T tokens for each (slot, [fed token, host drafts...]) (padded to T; with MTP the drafts are
+        made here). Returns per slot the logits [T, vocab] (float32) and the T tokens verified."""
+        runner, t = self.runner, self.t
+        b = next(size for size in runner.batch_sizes if size > max(slot for slot, _ in items))
+        step = torch.zeros((3, b, t), dtype=torch.long)
+        length = torch.tensor(runner.length[:b])
+        # Rows not verifying write KV where their own tokens will go (never attended before rewritten).
+        step[1] = (length[:, None] + torch.arange(t)).clamp(max=runner.kv_len - 1)
+        step[2] = step[1] + torch.tensor(runner.rope_delta[:b])[:, None]
+        for slot, tokens in items:
+            if not 1 <= len(tokens) <= t:
+                raise ValueError(f"slot {slot}: {len(tokens)} tokens to verify; 1 to {t} allowed")
+            if runner.length[slot] + t > runner.kv_len:
+                raise ValueError(f"slot {slot} is full ({runner.max_len} tokens)")
+            step[0, slot] = torch.tensor(tokens + [tokens[-1]] * (t - len(tokens)))
+        self.verify_in_host = step[0]
+        self.verify_in[:, :b].copy_(step)
+        if self.mtp is not None:
+            self._mtp_drafts(b, [slot for slot, _ in items])
+        if b in self.graphs:
+            graph, logits, hidden = self.graphs[b]
+            graph.replay()
+        else:
+            logits, hidden = self._verify_forward(b)
+        rows = torch.tensor([slot for slot, _ in items], device=runner.device)
+        if self.mtp is not None:
+            self.pend_hidden[rows] = hidden[rows].to(self.pend_hidden.dtype)
+        verified = self.verify_in[0, rows].tolist()
+        out = logits[rows].float()
+        result, tokens = {}, {}
+        for i, (slot, host) in enumerate(items):
+            self.verified[slot] = verified[i] if self.mtp is not None else host
+            result[slot] = out[i]
+            tokens[slot] = self.verified[slot]
+        return result, tokens

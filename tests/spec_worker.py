@@ -1,0 +1,36 @@
+"""One tensor-parallel rank for the speculative-decoding test (started by tests/ranks.py under the deepspeed
+launcher): loads the checkpoint with its MTP head through the product's path, and on the same ranks runs
+the same jobs with ngram (forced acceptance) and mtp speculation; saves each run's greedy tokens."""
+import json
+import sys
+
+import torch
+
+from ds_qwen_vision.model import chat_inputs, init_distributed, load_model, load_processor
+from ds_qwen_vision.runner import ModelRunner
+from spec_driver import drive
+
+
+def main(spec_path: str) -> None:
+    spec = json.load(open(spec_path))
+    rank, world = init_distributed("cpu")
+    model = load_model(spec["model"], world, "cpu", torch.float32, mtp=True, show_progress=False)
+    processor = load_processor(spec["model"])
+    x = [chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]]) for c in spec["cases"]]
+    jobs = [(0, 0, x[0]), (1, 2, x[1]), (("after", 0), 0, x[2])]
+    result = {}
+    for method in ("mtp", "ngram"):
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256,
+                             speculative={"method": method, "num_tokens": 3})
+        oracle = spec["oracle"] if method == "ngram" else None
+        stats = {}
+        result[method] = drive(runner, jobs, spec["new_tokens"], chunk=6, stats=stats, oracle=oracle,
+                               profile=(0.88, 0.77 / 0.88, 0.66 / 0.77))
+        result[method + "_stats"] = stats
+    mtp_params = {n: list(p.shape) for n, p in model.named_parameters() if n.startswith("mtp.")}
+    result["mtp_params"] = mtp_params
+    torch.save(result, f"{spec['out']}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

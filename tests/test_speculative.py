@@ -1,0 +1,372 @@
+"""Speculative decoding: the multi-token GDN forward, greedy speculation (ngram, forced acceptance, MTP)
+token for token equal to transformers' generate and to no speculation, the MTP head's drafts against a
+whole-sequence computation, speculative sampling's distribution, the n-gram index, refusals."""
+import random
+
+import pytest
+import torch
+from transformers import Qwen3_5ForConditionalGeneration
+
+from conftest import make_image
+from ds_qwen_vision.checkpoint import build_checkpoint
+from ds_qwen_vision.engine.speculative import NgramIndex, accept_greedy, accept_sampled
+from ds_qwen_vision.kernels.gdn import gdn_multi_token
+from ds_qwen_vision.model import chat_inputs, load_model, load_processor
+from ds_qwen_vision.runner import ModelRunner
+from spec_driver import drive
+
+N = 12
+K = 3
+PROMPTS = [
+    ([{"role": "user", "content": "Hello there, how are you? Hello there, how are you?"}], []),
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}], [make_image(64, 48)]),
+    ([{"role": "user", "content": "A different question, longer than the first one by far, with more words."}], []),
+]
+# Forced acceptance: the drafter is handed the true continuation; draft i is right with these probabilities
+# (conditional on the earlier ones), so rows accept 0 .. k drafts at every position.
+PROFILES = {"none": (0.0,), "half": (0.5,), "88/77/66": (0.88, 0.77 / 0.88, 0.66 / 0.77), "all": (1.0,)}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt):
+    processor = load_processor(tiny_ckpt)
+    reference = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    inputs, expected, long = [], [], []
+    for messages, images in PROMPTS:
+        x = chat_inputs(processor, messages, images)
+        with torch.inference_mode():
+            out = reference.generate(**x, max_new_tokens=N + K, do_sample=False)
+        long.append(out[0, x["input_ids"].shape[1]:].tolist())
+        expected.append(long[-1][:N])
+        inputs.append(x)
+    return reference, inputs, expected, long
+
+
+def runner_for(ckpt, method: str, k: int = K, slots: int = 4):
+    model = load_model(ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=method == "mtp")
+    return ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=256,
+                       speculative={"method": method, "num_tokens": k})
+
+
+@pytest.fixture(scope="module")
+def ngram_runner(tiny_ckpt):
+    return runner_for(tiny_ckpt, "ngram")
+
+
+@pytest.fixture(scope="module")
+def mtp_runner(tiny_ckpt):
+    return runner_for(tiny_ckpt, "mtp")
+
+
+# 0 in slot 0; 1 (an image) joins slot 2 at step 1 (slot 1 idle inside the batch); 2 joins slot 1 at step 3,
+# prefilled 5 tokens a step while the others verify; when 0 ends, 0 again reuses slot 0 (no state may leak).
+def jobs(x):
+    return [(0, 0, x[0]), (1, 2, x[1]), (3, 1, x[2]), (("after", 0), 0, x[0])]
+
+
+def test_gdn_multi_token_matches_transformers(tiny_ckpt):
+    """kernels/gdn.py over T tokens from a cached state == transformers' GDN forward (its chunked path over
+    the T tokens, and its one-token decode path for the state after each position)."""
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    gdn = model.model.language_model.layers[0].linear_attn
+
+    class Cache:  # the part of transformers' cache interface its GDN forward uses
+        def __init__(self, conv, rec):
+            self.conv, self.rec = conv.clone(), rec.clone()
+
+        def is_recording_past(self, layer_idx):
+            return False
+
+        def get_conv_state(self, layer_idx, state_idx=0):
+            return self.conv
+
+        def get_recurrent_state(self, layer_idx, state_idx=0):
+            return self.rec
+
+        def update_conv_state(self, new, layer_idx, conv_kernel_size=None, **kw):
+            full = torch.cat([self.conv, new], -1)
+            self.conv = full[..., -self.conv.shape[-1]:].clone()
+            return full
+
+        def update_recurrent_state(self, new, layer_idx, **kw):
+            self.rec = new
+
+    g = torch.Generator().manual_seed(0)
+    b, t = 2, 5
+    hidden = torch.randn(b, t, model.config.text_config.hidden_size, generator=g)
+    conv = torch.randn(b, gdn.conv_dim, gdn.conv_kernel_size, generator=g)
+    rec = torch.randn(b, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, generator=g) * 0.3
+    with torch.inference_mode():
+        out, conv_states, rec_states = gdn_multi_token(gdn, hidden, conv, rec)
+        whole = Cache(conv, rec)
+        torch.testing.assert_close(out, gdn(hidden, cache_params=whole), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rec_states[:, -1], whole.rec, rtol=1e-4, atol=1e-4)
+        step = Cache(conv, rec)
+        for i in range(t):
+            torch.testing.assert_close(out[:, i:i + 1], gdn(hidden[:, i:i + 1], cache_params=step), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(conv_states[:, i], step.conv, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rec_states[:, i], step.rec, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_greedy_forced_acceptance_matches_transformers(setup, ngram_runner, profile):
+    """Every accepted length at every draft position, rows joining/leaving, chunked prefill in the same steps."""
+    _, x, expected, long = setup
+    stats = {}
+    got = drive(ngram_runner, jobs(x), N, chunk=5, stats=stats, oracle=[long[0], long[1], long[2], long[0]],
+                profile=PROFILES[profile])
+    assert got == [expected[i] for i in (0, 1, 2, 0)]
+    assert stats["drafts"] > 0
+    if profile == "none":
+        assert stats["accepted"] == 0
+    if profile == "all":
+        assert stats["accepted"] > 0.8 * stats["drafts"] and stats["steps"] < 3 * N
+
+
+def test_greedy_ngram_matches_plain_and_transformers(setup, ngram_runner, tiny_ckpt):
+    _, x, expected, _ = setup
+    plain = runner_for(tiny_ckpt, "none")
+    assert drive(plain, jobs(x), N, chunk=5) == [expected[i] for i in (0, 1, 2, 0)]
+    assert drive(ngram_runner, jobs(x), N, chunk=5) == [expected[i] for i in (0, 1, 2, 0)]
+
+
+def test_greedy_mtp_matches_transformers(setup, mtp_runner):
+    _, x, expected, _ = setup
+    stats = {}
+    assert drive(mtp_runner, jobs(x), N, chunk=5, stats=stats) == [expected[i] for i in (0, 1, 2, 0)]
+    assert stats["drafts"] > 0
+
+
+def test_mtp_drafts_match_whole_sequence_head(setup, tiny_ckpt):
+    """The MTP drafts of every step == the head run over the whole sequence at once (no cache): pairs
+    (h_i after the final norm, embed(token_{i+1})) at position i, then its own output with its draft."""
+    reference, x, _, _ = setup
+    runner = runner_for(tiny_ckpt, "mtp", k=2, slots=2)
+    seen = []
+    original = runner.spec.verify
+
+    def spy(items):
+        out = original(items)
+        seen.append({slot: (runner.length[slot], list(tokens)) for slot, tokens in out[1].items()})
+        return out
+
+    runner.spec.verify = spy
+    prompt = x[1]  # an image: M-RoPE positions differ from text positions
+    tokens = drive(runner, [(0, 1, prompt)], N, chunk=7)[0]
+    ids = torch.cat([prompt["input_ids"], torch.tensor([tokens])], 1)
+    mtp = runner.model.mtp
+    inner = reference.model
+    with torch.inference_mode():
+        mm = (ids == reference.config.image_token_id).int()
+        out = inner(input_ids=ids, pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
+                    mm_token_type_ids=mm)
+        h = out.last_hidden_state  # after the final norm
+        embeds = inner.get_input_embeddings()(ids)
+        image = torch.cat(inner.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"],
+                                                   return_dict=True).pooler_output)
+        mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
+        embeds = embeds.masked_scatter(mask, image)
+        positions, _ = inner.get_rope_index(ids, mm, image_grid_thw=prompt["image_grid_thw"])
+        rotary, head = inner.language_model.rotary_emb, reference.lm_head
+        for step in seen:
+            length, verified = step[1]
+            # pairs 0 .. length - 1 (the fed token verified[0] sits at `length`)
+            e = torch.cat([embeds[:, 1:length], inner.get_input_embeddings()(torch.tensor([[verified[0]]]))], 1)
+            pos = positions[:, :, :length]
+            o = mtp(e, h[:, :length], rotary(h, pos), None, pos, None)
+            d1 = int(head(o[:, -1]).argmax())
+            assert verified[1] == d1
+            # the second draft: the head's own output with d1, one position on
+            e2 = torch.cat([e, inner.get_input_embeddings()(torch.tensor([[d1]]))], 1)
+            h2 = torch.cat([h[:, :length], o[:, -1:]], 1)
+            pos2 = torch.cat([pos, pos[:, :, -1:] + 1], 2)
+            o2 = mtp(e2, h2, rotary(h2, pos2), None, pos2, None)
+            assert verified[2] == int(head(o2[:, -1]).argmax())
+    assert len(seen) >= N // 3
+
+
+def chi_square_ok(counts: dict, expected: dict, n: int) -> bool:
+    from scipy.stats import chi2
+
+    cells = [c for c in expected if expected[c] * n >= 5]  # pool the rare cells
+    stat = sum((counts.get(c, 0) - expected[c] * n) ** 2 / (expected[c] * n) for c in cells)
+    rest_e = n - sum(expected[c] * n for c in cells)
+    rest_o = n - sum(counts.get(c, 0) for c in cells)
+    if rest_e >= 5:
+        stat += (rest_o - rest_e) ** 2 / rest_e
+        cells.append(None)
+    return chi2.sf(stat, len(cells) - 1) > 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["deterministic", "sampled"])
+def test_speculative_sampling_follows_the_target(drafter):
+    """Three-token continuations of a Markov-chain 'target' (vocab 4) through speculative sampling with a
+    different drafter, k = 2, against their exact probabilities (chi-square over 64 cells)."""
+    v, k, n = 4, 2, 12000
+    g = torch.Generator().manual_seed(1)
+    P = torch.softmax(torch.randn(v, v, generator=g, dtype=torch.float64) * 1.5, -1)  # target p(next | prev)
+    Q = torch.softmax(torch.randn(v, v, generator=g, dtype=torch.float64) * 1.5, -1)  # drafter q(next | prev)
+    start = 0
+    counts = {}
+    for _ in range(n):
+        seq = [start]
+        while len(seq) < 4:
+            drafts, qs, prev = [], [], seq[-1]
+            for _ in range(k):
+                if drafter == "sampled":
+                    d = int(torch.multinomial(Q[prev], 1, generator=g))
+                    qs.append(Q[prev])
+                else:
+                    d = int(Q[prev].argmax())
+                drafts.append(d)
+                prev = d
+            probs = torch.stack([P[t] for t in [seq[-1]] + drafts])
+            seq += accept_sampled(drafts, probs, g, torch.stack(qs) if qs else None)
+        key = tuple(seq[1:4])
+        counts[key] = counts.get(key, 0) + 1
+    expected = {(a, b, c): float(P[start, a] * P[a, b] * P[b, c]) for a in range(v) for b in range(v) for c in range(v)}
+    assert chi_square_ok(counts, expected, n)
+    # The test can fail: the drafter's own distribution is far from the target's.
+    wrong = {(a, b, c): float(Q[start, a] * Q[a, b] * Q[b, c]) for a in range(v) for b in range(v) for c in range(v)}
+    assert not chi_square_ok(counts, wrong, n)
+
+
+def test_sampled_speculation_runs_through_the_runner(setup, ngram_runner):
+    """Temperature > 0 with forced-acceptance drafts: every row gets its tokens, drafts are accepted."""
+    from ds_qwen_vision.engine.sampling import Sampling
+
+    _, x, _, long = setup
+    stats = {}
+    out = drive(ngram_runner, jobs(x)[:2], N, chunk=5, sampling=Sampling(max_tokens=N, temperature=0.7),
+                stats=stats, oracle=[long[0], long[1]], profile=(1.0,))
+    assert [len(o) for o in out] == [N, N] and stats["drafts"] > 0
+
+
+def test_accept_greedy():
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]
+    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
+    assert accept_greedy([5], [4, 1]) == [4]
+    assert accept_greedy([], [3]) == [3]
+
+
+def test_ngram_index_matches_brute_force():
+    def brute(tokens, k):
+        for n in range(min(3, len(tokens)), 0, -1):
+            suffix = tokens[len(tokens) - n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == suffix:
+                    return tokens[start + n:start + n + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = [rng.randrange(5) for _ in range(rng.randrange(1, 30))]
+        index = NgramIndex(tokens[:3])
+        for i in range(3, len(tokens)):
+            index.extend([tokens[i]])
+            assert index.draft(3) == brute(tokens[:i + 1], 3), tokens[:i + 1]
+
+
+def test_config_refusals():
+    from ds_qwen_vision.config import ConfigError, load_config_json
+
+    assert load_config_json('{"speculative": {"method": "mtp", "num_tokens": 3}}').speculative.num_tokens == 3
+    for bad, word in [('{"speculative": {"method": "eagle"}}', "method"),
+                      ('{"speculative": {"method": "ngram", "num_tokens": 0}}', "num_tokens"),
+                      ('{"speculative": {"method": "ngram", "k": 2}}', "k")]:
+        with pytest.raises(ConfigError, match=word):
+            load_config_json(bad)
+
+
+def test_checkpoint_without_mtp_serves_plain_and_refuses_mtp(tmp_path, setup):
+    from ds_qwen_vision.loading import CheckpointError, has_mtp_weights
+
+    _, x, expected, _ = setup
+    bare = str(build_checkpoint(tmp_path / "bare", preset="tiny", seed=0, mtp=False))
+    assert not has_mtp_weights(bare)
+    for method in ("none", "ngram"):
+        assert drive(runner_for(bare, method), [(0, 0, x[0])], N) == [expected[0]]  # same main weights
+    with pytest.raises(CheckpointError, match="mtp"):
+        load_model(bare, 1, "cpu", torch.float32, show_progress=False, mtp=True)
+    model = load_model(bare, 1, "cpu", torch.float32, show_progress=False)
+    with pytest.raises(ValueError, match="mtp"):
+        ModelRunner(model, torch.device("cpu"), max_slots=1, max_len=64, speculative={"method": "mtp", "num_tokens": 2})
+
+
+def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp_path):
+    """Real DeepSpeed ranks at tp=2: the MTP head sharded by the table, drafts identical on both ranks (the
+    verify would desync otherwise), greedy tokens with mtp and ngram equal to transformers' generate."""
+    import json
+    from pathlib import Path
+
+    from ranks import launch
+
+    reference = setup[0]
+    processor = load_processor(tiny_ckpt)
+    cases = [{"images": [], "messages": [{"role": "user", "content": "Tell me a story about the sea."}]},
+             {"images": image_files[:1], "messages": [{"role": "user", "content": [{"type": "image"},
+                                                                                  {"type": "text", "text": "What?"}]}]},
+             {"images": [], "messages": [{"role": "user", "content": "First."}, {"role": "assistant", "content": "Yes."},
+                                         {"role": "user", "content": "And then?"}]}]
+    expected, oracle = [], []
+    for c in cases:
+        x = chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]])
+        with torch.inference_mode():
+            out = reference.generate(**x, max_new_tokens=N + K, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+        oracle.append(out)
+        expected.append(out[:N])
+    spec = {"model": tiny_ckpt, "new_tokens": N, "out": str(tmp_path), "cases": cases, "oracle": oracle}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launch(2, [str(Path(__file__).parent / "spec_worker.py"), str(tmp_path / "spec.json")],
+           cwd=str(Path(__file__).parent))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["mtp"] == expected and r["ngram"] == expected
+        assert r["ngram_stats"]["accepted"] > 0 and r["mtp_stats"]["drafts"] > 0
+    c = reference.config.text_config
+    q = ranks[0]["mtp_params"]["mtp.layers.0.self_attn.q_proj.weight"]
+    assert q[0] == 2 * c.num_attention_heads * c.head_dim // 2  # whole heads per rank
+    assert ranks[0]["mtp_params"]["mtp.fc.weight"] == [c.hidden_size, 2 * c.hidden_size]  # replicated
+
+
+def test_server_with_mtp_speculation_answers_like_transformers(tmp_path_factory):
+    """launch.sh with speculative mtp (tp=2): two concurrent greedy chats (one multi-turn, one streamed)
+    answer transformers' generate; /metrics counts drafts per position."""
+    import concurrent.futures
+    import json
+    import urllib.request
+
+    from ds_qwen_vision.checkpoint import demo_dir
+    from server_fixture import start_server
+
+    server = start_server(tmp_path_factory.mktemp("spec-server"),
+                          {"speculative": {"method": "mtp", "num_tokens": 2}, "limits": {"max_concurrent": 2}})
+    try:
+        processor = load_processor(str(demo_dir()))
+        reference = Qwen3_5ForConditionalGeneration.from_pretrained(str(demo_dir()), dtype=torch.float32).eval()
+        chats = [[{"role": "user", "content": "Tell me about the sea."}],
+                 [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Count to five."}]]
+        expected = []
+        for messages in chats:
+            x = chat_inputs(processor, messages, [], {"enable_thinking": False})
+            with torch.inference_mode():
+                out = reference.generate(**x, max_new_tokens=N, do_sample=False)[0, x["input_ids"].shape[1]:]
+            expected.append(processor.tokenizer.decode(out.tolist(), skip_special_tokens=True))
+
+        def ask(messages):
+            body = {"model": "ds-qwen-vision-demo", "messages": messages, "max_tokens": N, "temperature": 0,
+                    "chat_template_kwargs": {"enable_thinking": False}}
+            req = urllib.request.Request(f"{server.base_url}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, chats)) == expected
+        with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+        assert 'dsqv_spec_position_drafts_total{position="2"}' in metrics
+        assert "dsqv_spec_draft_tokens_total" in metrics
+    finally:
+        assert server.stop() == 0, server.log()

@@ -9,7 +9,8 @@ a cold prefill of the same prompt, measured in the same run, through the server'
 
 The conversation: turn 1 is a user message with two images (--image-side, default 1024x1024) and
 --text-tokens of text; every later turn adds an assistant reply (--reply-tokens) and a user message of
---text-tokens. For turn t (--turns, default 2 and 5):
+--text-tokens. For turn t (--turns, default 1, 2 and 5; turn 1 shows what the caches cost a prompt they
+cannot help: its prefill is split where its snapshot is taken):
 - ours: the engine with both caches on (config `cache` section, budgets --prefix-gib / --image-gib), after
   turns 1 .. t-1 of the same conversation ran through it (each generating one token); then turn t.
 - cold: the same prompt on an engine with both caches off (the server before this change).
@@ -131,7 +132,7 @@ def main() -> None:
     p.add_argument("--preset", default="27b")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--turns", type=int, nargs="+", default=[2, 5])
+    p.add_argument("--turns", type=int, nargs="+", default=[1, 2, 5])
     p.add_argument("--text-tokens", type=int, default=256)
     p.add_argument("--reply-tokens", type=int, default=64)
     p.add_argument("--image-side", type=int, default=1024)
@@ -162,7 +163,7 @@ def main() -> None:
     def fresh(cache: CacheConfig) -> Engine:
         runner.snapshots.snapshots.clear()  # what an engine of its own would find: nothing held
         runner.images.entries.clear()
-        return Engine(runner, LocalChannel(), processor, limits, cache)
+        return Engine(runner, LocalChannel(), processor, limits, cache=cache)
 
     images = [image_png(args.image_side, seed=i) for i in range(2)]
     rows, last = [], max(args.turns)

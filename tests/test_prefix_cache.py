@@ -144,7 +144,7 @@ class Harness:
         model = load_model(ckpt, 1, "cpu", torch.float32, show_progress=False)
         self.runner = ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=512)
         limits = LimitsConfig(max_prompt_tokens=400, max_new_tokens=64, max_concurrent=slots, prefill_chunk_tokens=chunk)
-        self.engine = Engine(self.runner, LocalChannel(), processor, limits, cache)
+        self.engine = Engine(self.runner, LocalChannel(), processor, limits, cache=cache)
         self.loop = threading.Thread(target=self.engine.run, daemon=True)
         self.loop.start()
 

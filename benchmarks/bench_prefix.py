@@ -1,8 +1,9 @@
 """Multi-turn chat with images: time to first token with prefix reuse + the image embedding cache, against
 a cold prefill of the same prompt, measured in the same run, through the server's own Engine and ModelRunner.
 
-    # the GPU figure (one card, tp=1, Qwen3.6-27B shapes, random bf16 weights):
+    # the GPU figure (one card, tp=1, Qwen3.6-27B shapes, random bf16 weights; run_prefix.sh wraps it):
     python benchmarks/bench_prefix.py --preset 27b --device cuda --dtype bfloat16 --out benchmarks/results
+    bash benchmarks/run_prefix.sh OUT
     # the same code on CPU with the tiny preset (a check, not a figure):
     python benchmarks/bench_prefix.py --preset tiny --device cpu --dtype float32 --turns 2 --text-tokens 32 \
         --image-side 64 --repeats 1 --out /tmp/bench-prefix
@@ -205,7 +206,7 @@ def main() -> None:
               "note": "ttft_vs_cold: ours / cold of the same turn (target <= 0.25). decode_ms_per_token: "
                       "measured after the last turn's reused prefill only; floor_ms: weight bytes / copy bandwidth."}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = card.removeprefix("NVIDIA ").replace(" ", "-")
+    slug = card.removeprefix("NVIDIA ").replace(" ", "-").lower()  # as run_2gpu.sh names them: h200
     path = args.out / f"{date:%Y-%m-%d}-{slug}-tp1-prefix.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(path)

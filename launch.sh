@@ -4,6 +4,7 @@
 #   ./launch.sh                                  the embedded demo: tiny checkpoint, CPU ranks, tp=2, 127.0.0.1:8000
 #   ./launch.sh --config ds_config/FILE.json     a real deployment
 #   overrides: --model DIR --host H --port N --tp N --gpus 2,3 --device cpu|cuda --dtype float32|bfloat16
+#   ./launch.sh --prebuild [--config ...]        load and warm up once, filling the compile caches; serve nothing
 #
 # Exit codes (for a supervisor): 0 after a requested shutdown (SIGTERM/SIGINT) that finished cleanly;
 # 2 for a bad config or arguments; anything else means a rank or the front died: restart it.
@@ -14,6 +15,17 @@ export PYTHONUNBUFFERED=1
 # NVLink multicast can take a shared host's GPUs down; NCCL does fine without it.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 trap 'exit 0' TERM INT  # stopped before anything started: nothing to clean up
+prebuild=0
+if [[ "${1:-}" == "--prebuild" ]]; then prebuild=1; shift; fi
+
+# Compiled kernels (inductor), Triton's compiled kernels and its autotune results persist here, so a
+# restart on the same machine skips compiling and tuning (warm-up then only loads them).
+cache_root=${DSQV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ds-qwen-vision}
+compile_cache=${DSQV_COMPILE_CACHE_DIR:-$cache_root/compile}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$compile_cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$compile_cache/triton}
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # autotune results on disk, not re-benchmarked
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR" || exit 1
 
 config_json=$(python3 -m ds_qwen_vision.config "$@" --dump) || exit 2
 get() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v := v[k] for k in sys.argv[2].split(".")]; print(v)' "$config_json" "$1"; }
@@ -45,7 +57,7 @@ rm -f "$socket" "$socket.pid"
 # ---- Where the ranks run (ds_qwen_vision/launcher.py): the launcher's GPU selection (--include
 # localhost:2,3, or --num_gpus on CPU), a master port of this deployment's own, and the checks that refuse
 # (exit 2) what cannot work: tp not dividing the heads, the HTTP or master port taken, too few GPUs.
-plan=$(python3 -m ds_qwen_vision.launcher "$@" ${demo_dir:+--model-dir "$demo_dir"}) || exit 2
+plan=$(python3 -m ds_qwen_vision.launcher "$@" ${demo_dir:+--model-dir "$demo_dir"}) || exit $?  # 2: refused
 eval "$plan"  # launcher_args=(...) master_port=N lock_gpus=(...)
 # One lock per GPU, held (flock, on an fd this shell and the launcher inherit) until the deployment is gone,
 # even by kill -9: a second deployment naming a GPU in use is refused instead of running out of memory.
@@ -59,12 +71,19 @@ for gpu in "${lock_gpus[@]}"; do
     echo "launch.sh pid $$, server.port $(get server.port)" >"$lock"
 done
 # ---- end of rank placement
+if (( prebuild )); then  # the ranks' start-up alone (on the same GPUs), then exit: no socket, no front
+    [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
+    env -u CUDA_VISIBLE_DEVICES deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" --prebuild; code=$?
+    rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*
+    exit $(( code == 2 ? 1 : code ))
+fi
 # DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank in /dev/shm).
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*' EXIT
 [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
 # Own sessions (setsid): a terminal's Ctrl-C or a supervisor's SIGTERM reaches this script only, which then
 # asks rank 0 to drain and stop the followers; the launcher itself would SIGTERM every rank at once.
 stopping=0
+early_stop=0  # stopped before rank 0 took its signal handler: its ranks were killed, which is no failure
 ranks=
 shutdown() {
     stopping=1
@@ -74,6 +93,7 @@ shutdown() {
     if [[ -f "$socket.pid" ]]; then
         kill -TERM "$(cat "$socket.pid")" 2>/dev/null
     elif [[ -n "$ranks" ]]; then
+        early_stop=1
         kill -TERM -- "-$ranks" 2>/dev/null
     fi
 }
@@ -83,7 +103,8 @@ trap shutdown TERM INT
 setsid env -u CUDA_VISIBLE_DEVICES deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" &
 ranks=$!
 
-# Wait for rank 0's socket (every rank loaded and reported ready) or for the ranks to fail.
+# Wait for rank 0's socket (it opens it first thing; /health then reports loading, warming_up, ready)
+# or for the ranks to fail.
 until [[ -S "$socket" ]]; do
     if ! kill -0 "$ranks" 2>/dev/null; then
         wait "$ranks"; code=$?
@@ -116,7 +137,7 @@ reap() { local code; while :; do wait "$1"; code=$?; kill -0 "$1" 2>/dev/null ||
 reap "$ranks"; ranks_code=$?
 reap "$front"; front_code=$?
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
-if (( stopping )) && (( ranks_code == 0 )); then
+if (( stopping )) && (( ranks_code == 0 || early_stop )); then
     exit 0
 fi
 echo "launch.sh: model ranks exited $ranks_code, HTTP front exited $front_code" >&2

@@ -131,6 +131,11 @@ def engine_main(args) -> None:
     on_gpu = isinstance(processor.image_processor, TorchvisionBackend)  # as engine.Engine chooses
     results["image_processor_on_gpu"] = on_gpu
 
+    def save():  # after each phase: a run cut short by the device call's limit still leaves its figures
+        if rank == 0:
+            args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": [results],
+                                            "partial": True}, indent=1))
+
     def preprocess(gpu=on_gpu):  # what Engine.prepare runs: bytes -> pixels held on the host
         out = processor.image_processor(images=[open_image(img)], return_tensors="pt",
                                         **({"device": device} if gpu else {}))
@@ -164,6 +169,8 @@ def engine_main(args) -> None:
     peer = AllReduceConfig(peer_memory=args.allreduce)  # the decode all-reduces: NCCL (off) or kernels/allreduce.py
     runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False, allreduce=peer)
     results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
+    results["ttft_text512_unfused_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text512), args.repeats))
+    save()
     del runner
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -180,6 +187,7 @@ def engine_main(args) -> None:
     results["ttft_image1024_text256_ms"] = results["prefill_image1024_text256_ms"] + results["image_preprocess_ms"]
     results["image_preprocess_host_ms"] = 1e3 * statistics.median(timed(lambda: preprocess(False), args.repeats))
     results["pixels_max_abs_diff_host_vs_gpu"] = float((preprocess(False)["pixel_values"] - pixels).abs().max())
+    save()
 
     steps = decode_steps(args.decode_tokens)
     results["decode_ms_per_token"] = 1e3 * statistics.median(steps)
@@ -188,6 +196,7 @@ def engine_main(args) -> None:
     graphs, runner.graphs = runner.graphs, {}  # the same step without the graph
     results["decode_eager_ms_per_token"] = 1e3 * statistics.median(decode_steps(16))
     runner.graphs = graphs
+    save()
     if args.profile:
         profile_decode(runner, rank, StepPlan)
         from torch.profiler import ProfilerActivity, profile
@@ -212,6 +221,7 @@ def engine_main(args) -> None:
     results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
     results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
     results["prompt_tokens_8k_image"] = len(long_ids)
+    save()
 
     # Concurrency: `streams` requests of 512 prompt tokens arrive together, each generates 256 tokens.
     # Scheduled as the engine does (engine.Engine.plan): prompts prefilled within a token budget per step
@@ -348,7 +358,7 @@ def baseline_main(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="this run's JSON (required unless --collect)")
     p.add_argument("--baseline", choices=["eager", "static"], default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -366,10 +376,13 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--what", default="decode", help="the WHAT of DATE-CARD-tpN-WHAT.json")
     p.add_argument("--command", default="", help="the command line that produced the results (recorded)")
+    p.add_argument("--code", default="", help="the commit the results were measured with (recorded)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.collect:
         collect(args)
+    elif args.out is None:
+        p.error("--out is required")
     else:
         baseline_main(args) if args.baseline else engine_main(args)
 
@@ -386,13 +399,21 @@ def collect(args) -> None:
         if "ranks" in r:
             r0 = r["ranks"][0]
             tp, card = r0["tp"], r0["gpu"]
+            g = r0.get  # a partial run (cut short) lacks the later phases' figures: None
             row = {"run": f"ds-qwen-vision tp={r0['tp']}", "decode_ms_per_token": r0["decode_ms_per_token"],
                    "floor_ms": r0["floor_ms"], "decode_over_floor": r0["decode_ms_per_token"] / r0["floor_ms"],
-                   "ttft_text512_ms": r0["ttft_text512_ms"], "ttft_image1024_text256_ms": r0["ttft_image1024_text256_ms"],
-                   "streams16_tokens_per_s": r0["streams_tokens_per_s"], "step16_ms": r0["streams_decode_step_ms"],
-                   "step16_over_step1": r0["streams_decode_step_ms"] / r0["decode_ms_per_token"],
-                   "peak_reserved_gib": max(x["peak_reserved_gib_8k_image"] for x in r["ranks"])}
+                   "ttft_text512_ms": g("ttft_text512_ms"), "ttft_image1024_text256_ms": g("ttft_image1024_text256_ms"),
+                   "streams16_tokens_per_s": g("streams_tokens_per_s"), "step16_ms": g("streams_decode_step_ms"),
+                   "step16_over_step1": (g("streams_decode_step_ms") or 0) / r0["decode_ms_per_token"] or None,
+                   "peak_reserved_gib": max(x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]) or None,
+                   "partial": bool(r.get("partial"))}
             row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
+            rows.append(row)
+            row = {"run": f"ds-qwen-vision tp={r0['tp']}, fuse=False (transformers' forwards, no compiled "
+                          "norms; decode attention kernel and fused weights as served), same run",
+                   "decode_ms_per_token": r0["decode_unfused_ms_per_token"], "floor_ms": r0["floor_ms"],
+                   "decode_over_floor": r0["decode_unfused_ms_per_token"] / r0["floor_ms"],
+                   "ttft_text512_ms": g("ttft_text512_unfused_ms")}
         else:
             card = card or r["gpu"]
             row = {"run": r["mode"], "decode_ms_per_token": r["decode_ms_per_token"], "floor_ms": r["floor_ms"],
@@ -400,12 +421,13 @@ def collect(args) -> None:
                    "ttft_text512_ms": r["ttft_text512_ms"], "peak_allocated_gib": r["peak_allocated_gib"]}
             row.update({k: v for k, v in r.items() if k not in row and k != "mode"})
         rows.append(row)
-    date = datetime.datetime.now(datetime.timezone.utc)
+    newest = max(p.stat().st_mtime for p in args.collect if p.exists())  # when the run wrote its figures
+    date = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc)
     name = (card or "GPU").replace("NVIDIA ", "").replace(" ", "-")
     out = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp{tp or 1}-{args.what}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": date.isoformat(timespec="seconds"), "card": card, "command": args.command,
-                               "tp": tp or 1, "rows": rows}, indent=1))
+                               "code": args.code, "tp": tp or 1, "rows": rows}, indent=1))
     print(out)
 
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_qwen_vision.checkpoint import build_checkpoint, demo_dir  # noqa: E402
-from ds_qwen_vision.engine import Sampling, sample  # noqa: E402
+from ds_qwen_vision.engine import RowParams, Sampling, sample  # noqa: E402
 from ds_qwen_vision.model import load_processor  # noqa: E402
 from ds_qwen_vision.engine.textstream import TextStream  # noqa: E402
 
@@ -38,13 +38,13 @@ def main() -> None:
     whole = time.perf_counter() - t
     print(f"detokenize {len(ids)} tokens one at a time: incremental {1e3 * incremental:.0f} ms, "
           f"re-decoding the whole output {1e3 * whole:.0f} ms")
-    logits = torch.randn(248_320)
+    logits = torch.randn(1, 248_320)
     for s in (Sampling(1, 1.0), Sampling(1, 0.7, top_p=0.9), Sampling(1, 0.7, top_k=50)):
-        g = torch.Generator().manual_seed(0)
+        rows = RowParams.build([s], [torch.Generator().manual_seed(0)], logits.shape[-1], logits.device)
         times = []
         for _ in range(10):
             t = time.perf_counter()
-            sample(logits, s, g)
+            sample(logits, rows)
             times.append(time.perf_counter() - t)
         print(f"sample on the host, temperature {s.temperature} top_p {s.top_p} top_k {s.top_k}: "
               f"{1e3 * statistics.median(times):.1f} ms per row")

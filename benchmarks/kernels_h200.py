@@ -55,6 +55,8 @@ def graph_time_ms(fn, calls: int, repeats: int = 20) -> float:
 def copy_bw() -> float:
     a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
+    for _ in range(200):  # ~0.2 s of copies first: an idle card's clocks ramp up (2.71 TB/s read cold, 2026-12-01)
+        b.copy_(a)
     ms = graph_time_ms(lambda i: b.copy_(a), 4)
     return 2 * a.numel() * 2 / (ms * 1e-3)
 

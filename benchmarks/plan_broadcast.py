@@ -1,4 +1,5 @@
-"""Host cost of sending a step plan to the followers (plan.ControlChannel: pickled, gloo broadcast).
+"""Host cost of sending a step plan to the followers (plan.ControlChannel: a fixed-size tensor for
+decode-only plans, a pickle after it otherwise; gloo broadcasts).
 
     python benchmarks/plan_broadcast.py          # 2 processes on this host, CPU only
 
@@ -21,7 +22,7 @@ from ds_qwen_vision.plan import ControlChannel, Prefill, StepPlan  # noqa: E402
 def worker(rank: int, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    channel = ControlChannel()
+    channel = ControlChannel(max_slots=16)
     plans = {"16 decodes": StepPlan(decode=[(s, 1000 + s) for s in range(16)]),
              "8,192-token prefill": StepPlan(prefill=[Prefill(0, list(range(100, 8292)), start=0, end=2048)])}
     for name, plan in plans.items():

@@ -5,6 +5,13 @@
 Every rank loads its shard. Rank 0 runs the engine and the IPC server the HTTP front talks to;
 the other ranks run the plans rank 0 broadcasts until it tells them to stop.
 
+Start-up, as `/health` reports it (`engine.phase`): rank 0 opens the IPC socket first, so the front
+can answer from the start: `loading` (every rank loads its shard, captures its decode graphs), then
+`warming_up` (runner/warmup.py: every shape class the engine can produce runs once, through plans the
+followers run too), then `ready` (every rank reported ready). Requests before that get a 503.
+``--prebuild`` runs the same start-up and exits 0 once warm-up is done: it fills the compile caches
+(launch.sh's TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR) for the next start.
+
 Exit codes: 0 after a requested stop (SIGTERM/SIGINT to rank 0: it drains for up to
 ``server.shutdown_grace_s``, then stops the followers); EXIT_CRASH when anything breaks -- an exception
 on any rank, rank 0 gone (a follower's broadcast raises), or a step running longer than
@@ -27,7 +34,7 @@ import torch
 from .checkpoint import demo_dir
 from .config import add_cli_args, config_from_args
 from .model import DTYPES, init_distributed, load_model, load_processor, log
-from .plan import ControlChannel
+from .plan import ControlChannel, StepPlan
 from .runner import ModelRunner, follower_loop
 
 EXIT_CRASH = 1
@@ -39,11 +46,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds_qwen_vision.serve")
     add_cli_args(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    config = config_from_args(parser.parse_args(argv))
+    parser.add_argument("--prebuild", action="store_true",
+                        help="load, warm up (filling the compile caches) and exit 0, serving nothing")
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
     model_dir = str(demo_dir()) if config.is_demo else config.model
     rank, world = init_distributed(config.device)
     if world != config.tensor_parallel.tp_size:
         raise SystemExit(f"started {world} ranks but tensor_parallel.tp_size is {config.tensor_parallel.tp_size}")
+    ipc = None
+    if rank == 0 and not args.prebuild:
+        from .ipc import IpcServer
+
+        # Open at once: /health says "loading" instead of nothing answering for the whole start-up.
+        ipc = IpcServer(config.socket_path(), Starting(world)).start()
     t0 = time.perf_counter()
     spec = config.speculative
     if spec.method == "mtp":
@@ -60,7 +76,7 @@ def main(argv=None) -> int:
     runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
                          max_len=limits.max_prompt_tokens + limits.max_new_tokens, allreduce=config.allreduce,
                          speculative={"method": spec.method, "num_tokens": spec.num_tokens})
-    channel = ControlChannel()
+    channel = ControlChannel(limits.max_concurrent)
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     if rank != 0:
@@ -69,10 +85,18 @@ def main(argv=None) -> int:
         return 0
 
     from .engine import Engine
-    from .ipc import IpcServer
+    from .runner.warmup import warm_up
 
     engine = Engine(runner, channel, processor, config.limits, config.sampling.generation_config_defaults,
                     cache=config.cache)
+    engine.phase = "warming_up"
+    if ipc is not None:
+        ipc.handler = engine  # health and requests from now on: 503s with the phase until ready
+    warm_up(engine, log)  # also sets engine.prefill_budget (limits.max_gap_steps)
+    if args.prebuild:
+        channel.broadcast(StepPlan(stop=True))
+        log(f"[rank 0] prebuilt in {time.perf_counter() - t0:.1f}s; the compile caches are filled")
+        return 0
     grace_s = config.server.shutdown_grace_s
 
     def on_signal(*_) -> None:
@@ -82,10 +106,9 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    engine.heartbeat()  # every rank reports ready before the socket opens
+    engine.heartbeat()  # every rank reports ready
+    engine.phase = "ready"
     Path(config.socket_path() + ".pid").write_text(str(os.getpid()))  # launch.sh signals rank 0 here
-    ipc = IpcServer(config.socket_path(), engine)
-    ipc.start()
 
     crashing = threading.Lock()  # the watchdog and the main thread may both get here; the first one exits
 
@@ -96,7 +119,8 @@ def main(argv=None) -> int:
             hard_exit(EXIT_CRASH)
 
     StepWatchdog(engine, config.server.step_timeout_s, crash).start()
-    log(f"[rank 0] engine ready on {config.socket_path()}")
+    log(f"[rank 0] engine ready on {config.socket_path()} {time.perf_counter() - t0:.1f}s after the start "
+        f"of loading")
     try:
         engine.run()
     except BaseException:  # run() has failed every request already
@@ -109,6 +133,26 @@ def main(argv=None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+class Starting:
+    """Rank 0's IPC handler while the ranks load: /health says so, requests get a 503."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def health(self) -> dict:
+        return {"ready": False, "phase": "loading", "alive": True, "stopping": False, "failure": None,
+                "ranks": [], "queue_depth": 0, "in_flight": 0}
+
+    def metrics(self) -> str:
+        return ""
+
+    def generate(self, request: dict):
+        from .ipc import error_event
+
+        yield error_event(503, "the server is starting (loading); retry once /health is 200",
+                          code="loading")
 
 
 def follow(runner, channel, rank: int) -> int:

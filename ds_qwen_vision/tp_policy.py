@@ -201,16 +201,22 @@ def permute_fused_rows(model, tp: int) -> None:
             module.weight.data = module.weight.data[torch.cat(order)].contiguous()
 
 
+def decoder_layers(model) -> list:
+    """The language model's decoder layers and, when loaded, the MTP head's (mtp.py: the same class)."""
+    mtp = getattr(model, "mtp", None)
+    return [*model.model.language_model.layers, *(mtp.layers if mtp is not None else ())]
+
+
 @torch.no_grad()
 def fuse_projections(model) -> None:
     """One storage per FUSED_PROJECTIONS group of every language-model layer; members become views of it.
 
     Runs after sharding (on this rank's shards; the cut is the table's, see verify_shards) and before
     loading. Values are kept, so it also works on a model that already holds weights. Meta weights are
-    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute, not a parameter: parameters() still counts each
-    weight once, through its member.
+    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute,
+    not a parameter: parameters() still counts each weight once, through its member.
     """
-    for layer in model.model.language_model.layers:
+    for layer in decoder_layers(model):
         for kind, members in FUSED_PROJECTIONS.items():
             parent = getattr(layer, kind, None)
             if parent is None:

@@ -168,8 +168,8 @@ def missing_fields() -> list[Case]:
 def roles_and_conversations() -> list[Case]:
     cases = [Case(f"role:{r!r}", req({"role": r, "content": "hi"}), 400, "invalid_role", "unknown role",
                   "messages[0].role") for r in ["bot", "USER", "", "human", "model", "System", "user ", "ai"]]
-    cases += [Case(f"role:{r}", req(user("hi"), {"role": r, "content": "x"}), 400, "unsupported_role",
-                   "does not do tool calling", "messages[1].role") for r in ["tool", "function"]]
+    cases += [Case("role:function", req(user("hi"), {"role": "function", "content": "x"}), 400, "unsupported_role",
+                   "is not supported", "messages[1].role")]
     img = [{"type": "image_url", "image_url": {"url": data_url(png())}}]
     cases += [
         Case("conv:empty_messages", {"model": MODEL, "messages": []}, 400, "invalid_value", "at least one message",
@@ -296,9 +296,7 @@ def numbers() -> list[Case]:
         Case("image_detail", req(user([{"type": "image_url", "image_url": {"url": data_url(png()), "detail": "max"}}])),
              400, v, "'auto', 'low' or 'high'", "messages[0].content[0].image_url.detail"),
     ]
-    unsupported = {"tools": [{"type": "function", "function": {"name": "f"}}], "functions": [{"name": "f"}],
-                   "tool_choice": "required", "function_call": {"name": "f"},
-                   "response_format": {"type": "json_object"}, "logit_bias": {"1": 5}}
+    unsupported = {"functions": [{"name": "f"}], "function_call": {"name": "f"}, "logit_bias": {"1": 5}}
     cases += [Case(f"unsupported:{k}", req(**{k: x}), 400, "unsupported_parameter", "is not supported", k)
               for k, x in unsupported.items()]
     return cases
@@ -323,13 +321,86 @@ def sizes() -> list[Case]:
     return cases
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tools_and_formats() -> list[Case]:
+    """Tools, tool_choice, tool messages and response_format: malformed at the front, or schemas that only
+    the grammar engine (on rank 0, before anything is broadcast) finds it cannot compile."""
+    v, m, t = "invalid_value", "missing_required_parameter", "invalid_type"
+    fn = lambda **f: [{"type": "function", "function": {"name": "f", **f}}]  # noqa: E731
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    cases = [
+        Case("tools:not_list", req(tools={"type": "function"}), 400, t, "valid array", "tools"),
+        Case("tools:type", req(tools=[{"type": "retrieval", "function": {"name": "f"}}]), 400, v, "'function'",
+             "tools[0].type"),
+        Case("tools:no_function", req(tools=[{"type": "function"}]), 400, m, "tools[0].function", "tools[0].function"),
+        Case("tools:no_name", req(tools=[{"type": "function", "function": {}}]), 400, m, "name",
+             "tools[0].function.name"),
+        Case("tools:name_number", req(tools=fn(name=5)), 400, t, "valid string", "tools[0].function.name"),
+        Case("tools:name_long", req(tools=fn(name="x" * 65)), 400, v, "not a valid function name",
+             "tools[0].function.name"),
+        Case("tools:name_tag", req(tools=fn(name="a>b")), 400, v, "not a valid function name", "tools[0].function.name"),
+        Case("tools:duplicate", req(tools=[TOOL, TOOL]), 400, v, "two tools are named", "tools"),
+        Case("tools:parameters_list", req(tools=fn(parameters=[])), 400, t, "should be an object",
+             "tools[0].function.parameters"),
+        Case("tools:parameters_array", req(tools=fn(parameters={"type": "array"})), 400, v, "of type 'object'",
+             "tools[0].function.parameters"),
+        Case("tools:properties_list", req(tools=fn(parameters={"type": "object", "properties": []})), 400, t,
+             "'properties'", "tools[0].function.parameters"),
+        Case("tool_choice:unknown_name", req(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}),
+             400, v, "no tool is named 'nope'", "tool_choice"),
+        Case("tool_choice:without_tools", req(tool_choice="required"), 400, v, "needs tools", "tool_choice"),
+        Case("tool_choice:named_without_tools", req(tool_choice={"type": "function", "function": {"name": "f"}}),
+             400, v, "needs tools", "tool_choice"),
+        Case("tool_choice:bad_string", req(tools=[TOOL], tool_choice="always"), 400, None, "tool_choice", SKIP),
+        Case("tool_choice:no_function", req(tools=[TOOL], tool_choice={"type": "function"}), 400, None,
+             "tool_choice", SKIP),
+        Case("parallel_tool_calls:string", req(tools=[TOOL], parallel_tool_calls="false"), 400, t, "valid boolean",
+             "parallel_tool_calls"),
+        Case("tool_message:no_id", req(user("hi"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                                       {"role": "tool", "content": "sunny"}), 400, m, "tool_call_id", "messages[2]"),
+        Case("tool_call:arguments_object", req(user("hi"), {"role": "assistant", "tool_calls": [
+            {**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}), 400, t, "valid string",
+            "messages[1].tool_calls[0].function.arguments"),
+        Case("tool_call:arguments_array", req(user("hi"), {"role": "assistant", "tool_calls": [
+            {**call, "function": {"name": "get_weather", "arguments": "[1]"}}]}), 400, v, "JSON object",
+            "messages[1].tool_calls[0].function.arguments"),
+        Case("tool_call:not_list", req(user("hi"), {"role": "assistant", "tool_calls": call}), 400, t, "valid array",
+             "messages[1].tool_calls"),
+        Case("response_format:string", req(response_format="json"), 400, t, "response_format",
+             "response_format"),
+        Case("response_format:type", req(response_format={"type": "json"}), 400, v, "'json_schema'",
+             "response_format.type"),
+        Case("response_format:no_json_schema", req(response_format={"type": "json_schema"}), 400, m,
+             "needs 'json_schema'", "response_format"),
+        Case("response_format:no_name", req(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+             400, m, "name", "response_format.json_schema.name"),
+        Case("response_format:schema_list", req(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": [1]}}), 400, t, "should be an object", "response_format.json_schema.schema"),
+    ]
+    # Valid JSON, but schemas xgrammar cannot compile: refused by the engine, naming the field.
+    bad_schemas = {"unknown_type": {"type": "object", "properties": {"a": {"type": "strin"}}},
+                   "dangling_ref": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+                   "type_number": {"type": "object", "properties": {"a": {"type": 7}}}}
+    for name, schema in bad_schemas.items():
+        cases.append(Case(f"grammar:response_format:{name}", req(response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}), 400, "invalid_schema",
+            "cannot compile", "response_format.json_schema.schema", engine=True))
+        tools = [TOOL, {"type": "function", "function": {"name": "bad", "parameters": schema}}]
+        cases.append(Case(f"grammar:tools:{name}", req(tools=tools, tool_choice="required"), 400, "invalid_schema",
+                          "cannot compile", "tools[1].function.parameters", engine=True))
+    return cases
+
+
 def build_corpus() -> list[Case]:
     # test_server_api's cases, but for the two that depend on its max_new_tokens (64, here 1024).
     handwritten = [Case(f"api:{name}", body, status, code, fragment, param)
                    for name, body, status, code, fragment, param in MALFORMED
                    if name not in ("max_tokens_huge", "max_completion_tokens_huge")]
     corpus = handwritten + wrong_types() + bad_json() + missing_fields() + roles_and_conversations() + images() \
-        + numbers() + sizes()
+        + numbers() + sizes() + tools_and_formats()
     names = [c.name for c in corpus]
     assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
     return corpus

@@ -79,6 +79,9 @@ class FakeRunner:
         row[self.token] = 1.0
         return {slot: row for slot in [p.slot for p in plan.prefill] + [s for s, _ in plan.decode]}
 
+    def feed(self, slots, picks) -> None:  # the tokens stay on the "device": nothing to hand on
+        pass
+
     def status(self) -> dict:
         return {"rank": 0, "ready": True}
 

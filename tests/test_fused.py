@@ -79,7 +79,7 @@ def test_gdn_in_proj_matches_the_four_projections(models):
 @torch.no_grad()
 def test_mlp_matches(models):
     ref, ours = models
-    x = torch.randn(2, 7, ref.config.text_config.hidden_size)
+    x = torch.randn(2, 5, ref.config.text_config.hidden_size)
     assert rel(layer_of(ours, "mlp").mlp(x), layer_of(ref, "mlp").mlp(x)) <= TOL
 
 
@@ -89,8 +89,8 @@ def test_decoder_layer_matches(models, kind):
     """The whole decoder layer (fused add + RMSNorm, MLP, and for attention its fused q|k|v and gate)."""
     ref, ours = models
     lm_ref = ref.model.language_model
-    x = torch.randn(2, 9, ref.config.text_config.hidden_size)
-    pos = torch.arange(9).view(1, 1, -1).expand(3, 2, -1)
+    x = torch.randn(2, 8, ref.config.text_config.hidden_size)
+    pos = torch.arange(8).view(1, 1, -1).expand(3, 2, -1)
     emb = lm_ref.rotary_emb(x, pos)
     want = layer_of(ref, kind)(x, position_embeddings=emb)
     got = layer_of(ours, kind)(x, position_embeddings=emb)
@@ -98,12 +98,17 @@ def test_decoder_layer_matches(models, kind):
 
 
 @torch.no_grad()
-def test_whole_model_logits_match(models, tiny_ckpt):
+def test_whole_model_logits_match(models, tiny_ckpt, monkeypatch):
+    """Prefill-length inputs normally run transformers' forwards (FUSED_MAX_TOKENS); here the fused ones too."""
+    from ds_qwen_vision.kernels import layers
+
+    monkeypatch.setattr(layers, "FUSED_MAX_TOKENS", 10**6)
     ref, ours = models
     processor = load_processor(tiny_ckpt)
     from conftest import make_image
     x = chat_inputs(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}],
                     [make_image(40, 56)])
+    assert x["input_ids"].shape[1] > layers.MAX_QUERY_TOKENS
     assert rel(ours(**x).logits, ref(**x).logits) <= TOL
 
 
@@ -157,3 +162,29 @@ def test_tp2_fused_forwards_and_weights(tiny_ckpt, image_files, tmp_path):
             cuts = [shard_tensor(full[prefix + m + ".weight"], rule_for(prefix + m + ".weight"), 2, rank, segments)
                     for m in FUSED_PROJECTIONS[kind]]
             assert torch.equal(fused, torch.cat(cuts)), (layer, kind, rank)
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_steps_through_fused_forwards(tiny_ckpt, method):
+    """fuse=True on CPU (fused forwards, their eager chains; the MTP head's layer fused too): speculative
+    verify steps of T = k + 1 tokens (decode attention over 1..8 query tokens) give transformers' greedy
+    tokens, with forced acceptance of every length for ngram."""
+    from spec_driver import drive
+
+    from ds_qwen_vision.runner import ModelRunner
+
+    n, k = 10, 3
+    processor = load_processor(tiny_ckpt)
+    ref = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    x = chat_inputs(processor, [{"role": "user", "content": "Say something about the sea, twice over."}], [])
+    with torch.inference_mode():
+        want = ref.generate(**x, max_new_tokens=n + k, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=method == "mtp")
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=256, fuse=True,
+                         speculative={"method": method, "num_tokens": k})
+    if method == "mtp":
+        assert fused_weight(model.mtp.layers[0].mlp) is not None
+    stats = {}
+    extra = {"oracle": [want], "profile": (0.88, 0.77 / 0.88, 0.66 / 0.77)} if method == "ngram" else {}
+    assert drive(runner, [(0, 1, x)], n, chunk=5, stats=stats, **extra) == [want[:n]]
+    assert stats["drafts"] > 0

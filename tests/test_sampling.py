@@ -37,10 +37,14 @@ def test_greedy_and_vanishing_temperature_pick_the_argmax():
 
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
     (0.7, -1, 1.0, 0.0), (1.0, 7, 1.0, 0.0), (1.3, -1, 0.8, 0.0), (1.0, -1, 1.0, 0.1),
-    (0.6, 20, 0.95, 0.0), (0.9, 50, 0.5, 0.05)])
-def test_filtering_equals_transformers_warpers(temperature, top_k, top_p, min_p):
-    rows = [Sampling(1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * 3 + [Sampling(1)]
-    got = filter_logits(LOGITS, params(rows))
+    (0.6, 20, 0.95, 0.0), (0.9, 50, 0.5, 0.05), (1.0, 300, 0.9, 0.0), (2.0, 400, 1.0, 0.02)])
+@pytest.mark.parametrize("fourth", ["untouched", "greedy"])  # the full path, and the top-k candidates' path
+def test_filtering_equals_transformers_warpers(temperature, top_k, top_p, min_p, fourth):
+    last = Sampling(1) if fourth == "untouched" else Sampling(1, temperature=0)
+    rows = [Sampling(1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * 3 + [last]
+    p = params(rows, None if fourth == "untouched" else [0, 1, 2, None])
+    assert bool(p.top_k_max) == (fourth == "greedy" and top_k > 0)
+    got = filter_logits(LOGITS, p)
     warpers = [TemperatureLogitsWarper(temperature)]
     warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
     warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
@@ -52,7 +56,8 @@ def test_filtering_equals_transformers_warpers(temperature, top_k, top_p, min_p)
     assert torch.equal(torch.isfinite(got[:3]), kept)
     assert kept.sum(-1).min() >= 1 and (top_k <= 0 and top_p == 1 and min_p == 0 or (~kept).any())
     torch.testing.assert_close(got[:3][kept], expected[kept])
-    assert torch.equal(got[3], LOGITS[3])  # a row without parameters is untouched, in the same batch
+    if fourth == "untouched":
+        assert torch.equal(got[3], LOGITS[3])  # a row without parameters is untouched, in the same batch
 
 
 def openai_penalties(logits: list[float], generated: list[int], presence: float, frequency: float) -> list[float]:
@@ -150,6 +155,16 @@ def test_draws_follow_the_filtered_distribution_per_row_and_the_seed_decides():
         assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(expected[i]).flatten().tolist())
         assert (freq - expected[i]).abs().max() < 0.04, i  # ~4 sigma at 3000 draws
     assert set(draws[:, 2].tolist()) == {int(LOGITS[2].argmax())}
+    # Every sampled row with a top_k: the draws come from the top-k candidates (the fast path).
+    fast = params([Sampling(1, temperature=0.9, top_k=8), Sampling(1, temperature=1.2, top_k=30, top_p=0.7),
+                   Sampling(1, temperature=0), Sampling(1, temperature=1.0, top_k=12, min_p=0.1)], seeds)
+    assert fast.top_k_max == 30
+    draws = torch.stack([sample(LOGITS, fast).tokens for _ in range(3000)])
+    expected = filter_logits(LOGITS, fast).softmax(-1)
+    for i in (0, 1, 3):
+        freq = torch.bincount(draws[:, i], minlength=V).double() / len(draws)
+        assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(expected[i]).flatten().tolist())
+        assert (freq - expected[i]).abs().max() < 0.04, i
     again = params(rows, seeds)
     first = [sample(LOGITS, again).tokens.tolist() for _ in range(30)]
     again = params(rows, seeds)
@@ -167,3 +182,12 @@ def test_generation_defaults_take_only_what_the_config_sets():
     s = Sampling.from_request({"temperature": None, "top_k": 0, "min_p": 0.1}, {"temperature": 0.6, "top_k": 20}, 5)
     assert (s.temperature, s.top_k, s.top_p, s.min_p) == (0.6, -1, 1.0, 0.1)
     assert not math.isnan(s.repetition_penalty)
+
+
+def test_a_sampled_row_without_a_generator_still_filters():
+    """speculative.target_probs asks for the filtered distribution of rows it draws from itself."""
+    p = RowParams.build([Sampling(1, temperature=0.5, top_k=3)], [None], V, "cpu")
+    got = filter_logits(LOGITS[:1], p)
+    assert int(torch.isfinite(got).sum()) == 3
+    torch.testing.assert_close(got[0, LOGITS[0].topk(3).indices], LOGITS[0].topk(3).values / 0.5)
+    assert sample(LOGITS[:1], p).tokens.tolist() == [int(LOGITS[0].argmax())]  # no noise: the most likely

@@ -186,8 +186,6 @@ def test_mtp_drafts_match_whole_sequence_head(setup, tiny_ckpt):
 
 
 def chi_square_ok(counts: dict, expected: dict, n: int) -> bool:
-    from scipy.stats import chi2
-
     cells = [c for c in expected if expected[c] * n >= 5]  # pool the rare cells
     stat = sum((counts.get(c, 0) - expected[c] * n) ** 2 / (expected[c] * n) for c in cells)
     rest_e = n - sum(expected[c] * n for c in cells)
@@ -195,7 +193,9 @@ def chi_square_ok(counts: dict, expected: dict, n: int) -> bool:
     if rest_e >= 5:
         stat += (rest_o - rest_e) ** 2 / rest_e
         cells.append(None)
-    return chi2.sf(stat, len(cells) - 1) > 1e-3
+    df = len(cells) - 1  # chi-square survival function: the regularised upper incomplete gamma
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64))) > 1e-3
 
 
 @pytest.mark.parametrize("drafter", ["deterministic", "sampled"])
@@ -370,3 +370,42 @@ def test_server_with_mtp_speculation_answers_like_transformers(tmp_path_factory)
         assert "dsqv_spec_draft_tokens_total" in metrics
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_sequence_whose_drafts_fail_stops_drafting(setup, ngram_runner):
+    """At 0% acceptance the row verifies STOP_AFTER times, then decodes one token a step (plain steps)."""
+    from ds_qwen_vision.engine.speculative import STOP_AFTER
+
+    _, x, expected, long = setup
+    n = STOP_AFTER + 6
+    with torch.inference_mode():
+        ref = setup[0].generate(**x[0], max_new_tokens=n + K, do_sample=False)[0, x[0]["input_ids"].shape[1]:].tolist()
+    stats = {}
+    assert drive(ngram_runner, [(0, 0, x[0])], n, stats=stats, oracle=[ref], profile=(0.0,)) == [ref[:n]]
+    assert stats["drafts"] == STOP_AFTER * K and stats["accepted"] == 0
+
+
+def test_launch_refuses_mtp_on_a_checkpoint_without_it(tmp_path):
+    """launch.sh: exit 2 (a config error) before any rank starts."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    bare = build_checkpoint(tmp_path / "bare", preset="tiny", seed=0, mtp=False)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": str(bare), "device": "cpu", "speculative": {"method": "mtp", "num_tokens": 2},
+                               "server": {"ipc_socket": str(tmp_path / "s.sock")}}))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(repo / "launch.sh"), "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has no mtp.* weights" in proc.stderr, proc.stderr
+
+
+def test_shard_table_covers_every_mtp_key_once(tiny_ckpt):
+    from test_shard_policy import checkpoint_shapes
+
+    from ds_qwen_vision.tp_policy import rules_for
+
+    keys = [k for k in checkpoint_shapes(tiny_ckpt) if k.startswith("mtp.")]
+    assert len(keys) > 10
+    for key in keys:
+        assert len(rules_for(key)) == 1, key

@@ -19,10 +19,11 @@ def main(spec_path: str) -> None:
     model = load_model(spec["model"], world, "cpu", torch.float32)
     fused = {}
     if spec.get("fused"):  # test_fused.py: the fused forwards, and this rank's fused weights to check
-        from ds_qwen_vision.kernels.layers import install_fused_forwards
+        from ds_qwen_vision.kernels import layers
         from ds_qwen_vision.tp_policy import FUSED_PROJECTIONS, fused_weight
 
-        install_fused_forwards(model)
+        layers.install_fused_forwards(model)
+        layers.FUSED_MAX_TOKENS = 10**6  # the prompt's logits through the fused forwards too
         for i, layer in enumerate(model.model.language_model.layers):
             for kind in FUSED_PROJECTIONS:
                 if hasattr(layer, kind):

@@ -4,6 +4,14 @@ Requests arrive from the IPC threads (`Engine.generate`), are checked against th
 template, image processor, token limits) before they are queued, and are then run by the main loop
 (`Engine.run`), which broadcasts a StepPlan per step so every rank runs the same forward. Nothing about
 a request reaches the other ranks until it has passed every check.
+
+The loop keeps one step in flight: it plans, broadcasts and launches step N+1, then reads step N's
+tokens (already picked on the device, and already fed to step N+1 there) and does the host work --
+detokenization, stop strings, logprob entries, events -- while the GPU runs N+1. A sequence that ends
+at step N (end of sequence, a stop string or token) is therefore computed once more in step N+1; that
+token is dropped, never emitted. max_tokens is counted when steps are scheduled, so it costs no extra
+step. A step whose picks need the host's view of the tokens so far (`synchronous`) waits for them
+first; with speculative decoding (engine/speculative.py) every step runs synchronously, as before.
 """
 from __future__ import annotations
 
@@ -21,12 +29,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image
-from ..plan import Prefill, StepPlan
+from ..plan import FROM_DEVICE, Prefill, StepPlan
+from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
 from .prefix_cache import PrefixCache, PromptKeys
 from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
 from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
+from .tools import ToolCallParser
 
 HEARTBEAT_S = 1.0
 
@@ -57,7 +67,9 @@ class Sequence:
     created: float = field(default_factory=time.perf_counter)
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
-    next_token: int | None = None   # sampled, fed to the model in the next step
+    next_token: int | None = None   # sampled, fed to the model in the next step (synchronous steps)
+    in_flight: int = 0              # tokens scheduled whose value the host has not read yet
+    picked: int = 0                 # tokens picked on the device so far (the host reads them one step later)
     generated: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
@@ -67,6 +79,41 @@ class Sequence:
     pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
     spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
     prefix: PromptKeys | None = None  # prefix reuse + image cache (prefix_cache.py); None: caches off
+    # Constrained decoding (engine/grammar.py): this row's next-token mask needs its previous token
+    # accepted first, so a constrained row decodes one token a step (no drafts) and a step holding one
+    # is synchronous (`Engine.synchronous`): the previous step's tokens are read before it is launched.
+    grammar: object = None          # an xgrammar GrammarMatcher
+    tools: ToolCallParser | None = None  # tool calls read out of the content (engine/tools.py)
+
+
+class Step:
+    """A launched step: its outputs (slot, sequence or None) in order, and its picks being copied to the
+    host (pinned memory, an event). `wait()` returns them (a Picked of host tensors) once they are there."""
+
+    def __init__(self, outputs: list[tuple[int, Sequence | None]], picked: Picked | None = None, event=None):
+        self.outputs, self.picked, self.event = outputs, picked, event
+
+    def wait(self) -> Picked | None:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.picked
+
+
+def to_host(picked: Picked) -> tuple[Picked, object]:
+    """Start copying a step's picks to the host without waiting for them: (host Picked, CUDA event)."""
+    if picked.tokens.device.type != "cuda":
+        return picked, None
+
+    def copy(t):
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    host = Picked(copy(picked.tokens), copy(picked.logprob), copy(picked.top_ids), copy(picked.top_logprobs))
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class Engine:
@@ -83,6 +130,8 @@ class Engine:
         self.vocab_size = getattr(runner.model.config.text_config, "vocab_size", None)
         self.penalties = PenaltyState(self.max_slots)
         self.token_bytes = TokenBytes(self.tokenizer)
+        # (a runner that does not say its vocabulary size -- a test's fake -- gets the tokenizer's)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size or len(self.tokenizer), self.eos_ids)
         self._rows: tuple[tuple[int, ...], RowParams, torch.Tensor] | None = None  # the last step's rows
         # transformers' torchvision image processor resizes and normalises on the GPU when asked: the same
         # pixels (max difference 0.0 on a 1024x1024 image) in 37 ms instead of 96 ms on the host (H200 box).
@@ -95,6 +144,14 @@ class Engine:
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.ranks: list[dict] = []
+        # Start-up phase: serve.py sets "warming_up" while runner/warmup.py runs, then "ready". Until
+        # then /health is 503 and requests are refused (503), so no request ever meets a compilation.
+        self.phase = "ready"
+        self.warmup: str | None = None  # warm-up progress, for /health
+        # Prompt tokens prefilled per step: limits.prefill_chunk_tokens, or what warm-up derived from
+        # limits.max_gap_steps and the measured step times.
+        self.prefill_budget = limits.prefill_chunk_tokens
+        self.prefill_overhead = 0  # a prefill forward's fixed cost in tokens, charged per prompt after the first
         self.alive = True
         self.failure: str | None = None
         self.stopping = threading.Event()
@@ -131,6 +188,11 @@ class Engine:
             log(f"[rank 0] image processor on {device} failed ({e!r}); images are processed on the host")
             return False
 
+    def image_unit(self) -> int:
+        """Pixels per side of one merged image token (patch size x spatial merge)."""
+        vision = self.runner.model.config.vision_config
+        return vision.patch_size * vision.spatial_merge_size
+
     @staticmethod
     def _eos_ids(model) -> set[int]:
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -153,12 +215,14 @@ class Engine:
                     else:
                         parts.append({"type": "text", "text": part["text"]})
                 content = parts
-            messages.append({"role": message["role"], "content": content})
+            messages.append({**message, "content": content})  # tool_calls, tool_call_id as the template reads them
         if len(images) > self.limits.max_images_per_request:
             raise RequestError(400, f"at most {self.limits.max_images_per_request} images per request", "messages")
+        # tool_choice "none": the model is not told about the tools, so it answers in text.
+        tools = request.get("tools") if request.get("tool_choice") != "none" else None
         try:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                        **request.get("chat_template_kwargs", {}))
+            prompt = self.processor.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                        tokenize=False, **request.get("chat_template_kwargs", {}))
         except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         try:
@@ -186,6 +250,10 @@ class Engine:
         if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
             raise RequestError(400, f"stop_token_ids holds an id past the vocabulary ({self.vocab_size} tokens)",
                                "stop_token_ids", "invalid_value")
+        try:
+            compiled = self.grammars.compile(request, prompt_opens_thinking(prompt))
+        except GrammarError as e:
+            raise RequestError(400, str(e), e.param, "invalid_schema") from None
         pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
         if pixels is not None:  # held on the host until the prefill: queued requests take no device memory
             pixels = pixels.cpu()
@@ -198,8 +266,10 @@ class Engine:
                 generator = torch.Generator(device=getattr(self.runner, "device", "cpu"))
                 generator.manual_seed(sampling.seed + index if sampling.seed is not None else torch.seed())
             stream = TextStream(self.tokenizer, sampling.stop, prompt_opens_thinking(prompt))
+            parser = ToolCallParser(tools, request.get("parallel_tool_calls", True)) if tools else None
             group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
                                   sampling, stream, events, generator, index=index, group=group,
+                                  grammar=self.grammars.matcher(compiled), tools=parser,
                                   prefix=copy.copy(inputs.get("prefix"))))  # each its own reuse state
         return group[0]
 
@@ -212,6 +282,10 @@ class Engine:
         if self.stopping.is_set():
             yield RequestError(503, "the server is shutting down; retry on another replica or after a restart",
                                type="service_unavailable_error", code="shutting_down").event()
+            return
+        if self.phase != "ready":
+            yield RequestError(503, f"the server is starting ({self.phase}); retry once /health is 200",
+                               type="service_unavailable_error", code=self.phase).event()
             return
         try:
             seq = self.prepare(request)
@@ -251,9 +325,9 @@ class Engine:
                     self.wake.set()
 
     def health(self) -> dict:
-        ready = (self.alive and not self.stopping.is_set() and len(self.ranks) == self.channel.world
-                 and all(r.get("ready") for r in self.ranks))
-        return {"ready": ready, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
+        ready = (self.alive and not self.stopping.is_set() and self.phase == "ready"
+                 and len(self.ranks) == self.channel.world and all(r.get("ready") for r in self.ranks))
+        return {"ready": ready, "phase": self.phase, "warmup": self.warmup, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
                 "ranks": self.ranks, "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
 
     def metrics(self) -> str:
@@ -268,9 +342,18 @@ class Engine:
         watchdog (serve.py): a rank that died leaves the others spinning in the all-reduce, never raising.
         """
         last_beat = 0.0
+        pending: Step | None = None  # the step in flight, its tokens not read yet
         try:
             while not (self.stopping.is_set() and (self.idle() or time.monotonic() >= self.drain_deadline)):
                 plan = self.plan()
+                if pending is not None and (plan.empty() or self.synchronous(plan)):
+                    # nothing to launch before its tokens are known, or this step's picks need them
+                    self.busy_since = time.monotonic()
+                    self.consume(pending)
+                    pending = None
+                    self.busy_since = None
+                    if plan.empty():
+                        continue
                 if plan.empty():
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         self.busy_since = time.monotonic()
@@ -282,14 +365,19 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 self.busy_since = time.monotonic()
-                self.channel.broadcast(plan)
                 pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-                logits = self.runner.run(plan, pixels)
-                self.after_step(plan, logits)
+                if self.spec is not None:  # speculative steps stay synchronous: tokens read in the step
+                    self.channel.broadcast(plan)
+                    self.after_step(plan, self.runner.run(plan, pixels))
+                else:
+                    step = self.launch(plan, pixels, self.running)
+                    if pending is not None:  # step N's tokens, while the device runs step N+1
+                        self.consume(pending)
+                    pending = step
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
-                stepped = len(plan.prefill) + len(plan.decode)
+                stepped = len(plan.prefill) + len(plan.decode) + len(plan.verify)
                 if stepped:
                     self.m_tps.set(stepped / dt)
         except BaseException as e:
@@ -313,22 +401,25 @@ class Engine:
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
         self.prefix_cache.begin_plan(plan)
-        budget = self.limits.prefill_chunk_tokens
+        budget = self.prefill_budget + self.prefill_overhead  # the first prefill's overhead is in the budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
-                budget -= self.prefix_cache.finished(plan, seq)  # a snapshot job in the slot it left, if deferred
+                if job := self.prefix_cache.finished(plan, seq):  # a snapshot job in the slot it left, if deferred
+                    budget -= job + self.prefill_overhead
             elif seq.prefilled < len(seq.input_ids):
-                budget -= self.schedule_prefill(plan, seq, budget)
-            elif seq.next_token is not None:
-                if self.spec is not None:
+                budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
+            elif self.spec is not None:
+                if seq.next_token is not None:
                     self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
-                else:
-                    plan.decode.append((slot, seq.next_token))
+            elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
+                # its previous token is on the device already (picked there, maybe not read yet)
+                plan.decode.append((slot, FROM_DEVICE))
+                seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
-        while free and budget > 0:
+        while free and budget > self.prefill_overhead:
             try:
                 seq = self.waiting.get_nowait()
             except queue.Empty:
@@ -342,15 +433,18 @@ class Engine:
             seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
             if self.spec is not None:
                 self.spec.start(seq)
-            budget -= self.schedule_prefill(plan, seq, budget)
+                if seq.grammar is not None:  # each token's mask needs the token before it: no drafts
+                    seq.spec.drafting = False
+            budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
         if self.spec is not None:
             self.spec.merge(plan)
         self.m_queue.set(self.waiting.qsize())
         self.m_inflight.set(len(self.running))
         return plan
 
-    def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
-        """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns its length."""
+    def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
+        """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns what it costs
+        of the step's budget: its length plus `overhead` (nothing when no chunk fits)."""
         start = seq.prefilled
         end = min(len(seq.input_ids), start + budget)
         if end <= start:
@@ -365,7 +459,54 @@ class Engine:
             seq.pixel_values = pixels
         plan.prefill.extend(items)
         seq.prefilled = end
-        return end - start
+        if end == len(seq.input_ids):
+            seq.in_flight += 1  # the prompt's last chunk gives the first token
+        return end - start + overhead
+
+    def synchronous(self, plan: StepPlan) -> bool:
+        """Whether this step must wait for the previous step's tokens on the host before it is launched:
+        a pick that depends on the host's view of the tokens so far (a grammar's state for token_mask)
+        must return True here for the sequences it constrains; speculative steps always do."""
+        # A constrained row's mask comes from its matcher, which must have accepted the token before.
+        return self.spec is not None or any(self.running[slot].grammar is not None for slot, _ in plan.decode)
+
+    def launch(self, plan: StepPlan, pixels: dict[int, torch.Tensor], seqs: dict[int, Sequence] | None = None) -> Step:
+        """Broadcast and run one step; its tokens are picked and fed to the next step on the device, and
+        start on their way to the host (`Step.wait`). `seqs`: the sequence of each slot (None: greedy
+        picks and nothing to read, as warm-up's text prompts run)."""
+        self.channel.broadcast(plan)
+        logits = self.runner.run(plan, pixels)
+        if not logits:
+            return Step([])
+        slots = list(logits)
+        outputs = [(slot, (seqs or {}).get(slot)) for slot in slots]
+        rows = torch.stack(list(logits.values()))
+        if all(seq is not None for _, seq in outputs):
+            # Every row's token is picked where the logits are, all rows at once (engine.sampling)
+            picked = self.pick(rows, [seq for _, seq in outputs])
+        else:
+            picked = Picked(rows.argmax(-1))
+        if self.spec is None:  # as follower_loop decides: speculative steps carry their tokens in the plan
+            self.runner.feed(slots, picked.tokens)
+        return Step(outputs, *to_host(picked))
+
+    def consume(self, step: Step) -> None:
+        """The host's side of a step, one step late: its tokens into text and events (one host copy per
+        step, started at launch)."""
+        picked = step.wait()
+        if picked is None:
+            return
+        now = time.perf_counter()
+        tokens = picked.tokens.tolist()
+        logprobs = self.logprob_entries(picked, tokens, [seq.sampling if seq else None for _, seq in step.outputs])
+        for i, ((_, seq), token) in enumerate(zip(step.outputs, tokens)):
+            if seq is None or seq.done or seq.cancelled:
+                continue  # computed after the sequence ended (one step late): never emitted
+            seq.in_flight -= 1
+            if logprobs is not None and logprobs[i] is not None:
+                seq.pending_logprobs.append(logprobs[i])
+            seq.pixel_values = None  # prefilled: the pixels are no longer needed
+            self.deliver(seq, token, now)
 
     def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
         now = time.perf_counter()
@@ -408,17 +549,19 @@ class Engine:
             seq.first_token_at = now
             self.m_ttft.observe(now - seq.created)
         finish = None
-        if token in self.eos_ids or token in seq.sampling.stop_token_ids:
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            finish = "stop"  # cannot happen (the token was picked under the grammar's mask); never loop on it
+        elif token in self.eos_ids or token in seq.sampling.stop_token_ids:
             finish = "stop"
         else:
             reasoning, content = seq.stream.add(token)
             self.emit(seq, reasoning, content)
-            if seq.stream.stopped:
+            if seq.stream.stopped or (seq.tools is not None and seq.tools.done):
                 finish = "stop"
             elif seq.generated >= seq.sampling.max_tokens:
                 finish = "length"
         if finish:
-            self.emit(seq, *seq.stream.finish())
+            self.emit(seq, *seq.stream.finish(), final=True)
             self.finish(seq, finish)
             return True
         seq.next_token = token
@@ -435,21 +578,27 @@ class Engine:
         counts = prompt = None
         if params.use_penalties:
             for seq in seqs:
-                if seq.generated == 0 and seq.sampling.penalised:  # its first token: counts start at 0
+                if seq.picked == 0 and seq.sampling.penalised:  # its first token: counts start at 0
                     self.penalties.start(seq.slot, seq.input_ids, rows.shape[-1], rows.device)
             if self.penalties.counts is not None:
                 counts, prompt = self.penalties.rows(slots)
         picked = sample(rows, params, counts, prompt, self.token_mask(seqs, rows))
         if counts is not None:
             self.penalties.record(slots, picked.tokens)
+        for seq in seqs:  # counted here, not when the host reads it: that is one step later
+            seq.picked += 1
         return picked
 
     def token_mask(self, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor | None:
-        """Hook for constrained decoding: a [R, V] mask of the tokens each row may take (bool, True =
-        allowed; or additive float), applied before the penalties and sampling. None: no constraint."""
-        return None
+        """Constrained decoding: a [R, V] additive mask (0 allowed, -inf not) of the tokens each row may
+        take, from its grammar (engine/grammar.py), applied before the penalties and sampling. None: no
+        row is constrained. The host fills the bitmasks before anything reads the rows, so on a GPU that
+        work overlaps the forward still running."""
+        matchers = [None if seq.done else seq.grammar for seq in seqs]  # a row computed past its end: free
+        return None if all(m is None for m in matchers) else self.grammars.additive_mask(matchers, rows)
 
-    def logprob_entries(self, picked: Picked, tokens: list[int], rows: list[Sampling]) -> list[dict | None] | None:
+    def logprob_entries(self, picked: Picked, tokens: list[int],
+                        rows: list[Sampling | None]) -> list[dict | None] | None:
         """OpenAI logprob entries of the rows that asked for them (None for the others)."""
         if picked.logprob is None:
             return None
@@ -458,7 +607,7 @@ class Engine:
         top_lps = picked.top_logprobs.tolist() if picked.top_logprobs is not None else None
         out: list[dict | None] = []
         for i, s in enumerate(rows):
-            if not s.logprobs:
+            if s is None or not s.logprobs:
                 out.append(None)
                 continue
             k = s.top_logprobs
@@ -467,15 +616,25 @@ class Engine:
         return out
 
     @staticmethod
-    def emit(seq: Sequence, reasoning: str, content: str) -> None:
-        if reasoning or content:
+    def emit(seq: Sequence, reasoning: str, content: str, final: bool = False) -> None:
+        calls: list[dict] = []
+        if seq.tools is not None:  # only the content: a call written inside the reasoning is not a call
+            content, calls = seq.tools.feed(content)
+            if final:
+                rest, more = seq.tools.finish()
+                content, calls = content + rest, calls + more
+        if reasoning or content or calls:
             event = {"event": "delta", "index": seq.index, "content": content, "reasoning_content": reasoning}
+            if calls:
+                event["tool_calls"] = calls
             if seq.sampling.logprobs:  # the tokens up to this text (some held back text until now)
                 event["logprobs"], seq.pending_logprobs = seq.pending_logprobs, []
             seq.events.put(event)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
+        if reason == "stop" and seq.tools is not None and seq.tools.calls:
+            reason = "tool_calls"
         # This choice's end (with the logprobs of tokens that produced no text); the request's end once
         # every choice has ended.
         event = {"event": "delta", "index": seq.index, "content": "", "reasoning_content": "",

@@ -150,19 +150,21 @@ class PrefixCache:
 
     # ---- request intake (IPC threads) ---------------------------------------------------------------
     def process(self, processor, prompt: str, images: list[bytes], image_device: dict) -> dict:
-        """The processor's inputs for a rendered prompt (input_ids [1, n], image_grid_thw, pixel_values) plus
-        "prefix": its PromptKeys. Images whose embeddings the ranks hold are neither decoded nor processed."""
+        """The processor's inputs for a rendered prompt (input_ids [1, n], image_grid_thw, pixel_values of the
+        images processed) plus "prefix": its PromptKeys. Images whose embeddings the ranks hold are neither
+        decoded nor processed."""
         self.processor, self.image_device = processor, image_device
         hashes = [hashlib.sha256(data).hexdigest() for data in images]
         with self.grids_lock:
             grids = [self.grids.get(h) for h in hashes]
         todo = [j for j, (h, g) in enumerate(zip(hashes, grids)) if g is None or f"{h}:{_grid(g)}" not in self.images]
-        pixels = [None] * len(images)
+        pixels, processed = [None] * len(images), None
         if todo:
             out = processor.image_processor(images=[open_image(images[j]) for j in todo], return_tensors="pt",
                                             **image_device)
             done = out["image_grid_thw"].tolist()
-            rows = out["pixel_values"].cpu().split([_patches(g) for g in done])
+            processed = out["pixel_values"].cpu()
+            rows = processed.split([_patches(g) for g in done])  # views: no copy
             for j, grid, row in zip(todo, done, rows, strict=True):
                 grids[j], pixels[j] = grid, row
                 with self.grids_lock:
@@ -177,7 +179,9 @@ class PrefixCache:
         input_ids = torch.tensor(processor.tokenizer(text)["input_ids"])
         keys = self.prompt(input_ids[0].tolist(), [f"{h}:{_grid(g)}" for h, g in zip(hashes, grids)], grids)
         keys.pixels, keys.images = pixels, images
-        return {"input_ids": input_ids, "image_grid_thw": grid_t, "pixel_values": None, "prefix": keys}
+        # pixel_values: the processed images' (all of them when none is held, as the processor returns them;
+        # what warm-up prefills); the engine schedules through `schedule`, which takes them per image.
+        return {"input_ids": input_ids, "image_grid_thw": grid_t, "pixel_values": processed, "prefix": keys}
 
     def prompt(self, input_ids: list[int], image_keys: list[str], grids: list[list[int]]) -> PromptKeys:
         tokens = [_patches(g) // self.merge**2 for g in grids]  # the processor's pad tokens per image

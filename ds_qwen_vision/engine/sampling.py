@@ -22,6 +22,9 @@ import torch
 # Temperatures below this are greedy (vLLM's threshold): dividing by them would overflow float32.
 GREEDY_BELOW = 1e-5
 MAX_TOP_LOGPROBS = 20
+# When every sampled row has a top_k up to this, the candidates are the rows' top-k (torch.topk) instead of a
+# sort of the whole vocabulary (Qwen3.6's default top_k is 20).
+TOP_K_FAST_PATH = 1024
 
 
 @dataclass
@@ -99,13 +102,14 @@ class RowParams:
     presence: torch.Tensor
     frequency: torch.Tensor
     repetition: torch.Tensor
-    generators: list[torch.Generator | None]  # per row; None on greedy rows
+    generators: list[torch.Generator | None]  # per row; None on greedy rows (and rows that only filter)
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
     use_min_p: bool
     use_penalties: bool
     use_repetition: bool
+    top_k_max: int              # > 0: every sampled row has a top_k, at most this (see TOP_K_FAST_PATH)
     logprobs: bool              # some row wants logprobs
     top_logprobs: int           # the most any row wants
 
@@ -113,10 +117,14 @@ class RowParams:
     def build(cls, rows: list[Sampling], generators: list[torch.Generator | None], vocab: int,
               device: torch.device | str) -> RowParams:
         device = torch.device(device)
-        greedy = [s.greedy or g is None for s, g in zip(rows, generators)]
+        # A sampled row without a generator (speculative.target_probs wants the filtered distribution only)
+        # keeps its parameters; drawn with no noise, it takes the most likely token.
+        greedy = [s.greedy for s in rows]
         top_k = [vocab if g or s.top_k <= 0 else min(s.top_k, vocab) for s, g in zip(rows, greedy)]
         top_p = [1.0 if g else s.top_p for s, g in zip(rows, greedy)]
         min_p = [0.0 if g else s.min_p for s, g in zip(rows, greedy)]
+        sampled_k = [k for k, g in zip(top_k, greedy) if not g]
+        top_k_max = max(sampled_k) if sampled_k and max(sampled_k) <= min(TOP_K_FAST_PATH, vocab - 1) else 0
         f32 = torch.float32
         return cls(
             greedy=_column(greedy, torch.bool, device),
@@ -129,7 +137,7 @@ class RowParams:
             generators=[None if g else gen for g, gen in zip(greedy, generators)],
             all_greedy=all(greedy), use_top_k=any(k < vocab for k in top_k), use_top_p=any(p < 1 for p in top_p),
             use_min_p=any(p > 0 for p in min_p), use_penalties=any(s.penalised for s in rows),
-            use_repetition=any(s.repetition_penalty != 1 for s in rows),
+            use_repetition=any(s.repetition_penalty != 1 for s in rows), top_k_max=top_k_max,
             logprobs=any(s.logprobs for s in rows), top_logprobs=max((s.top_logprobs for s in rows), default=0))
 
 
@@ -157,9 +165,29 @@ def apply_penalties(logits: torch.Tensor, p: RowParams, counts: torch.Tensor,
     return logits - p.frequency * counts - p.presence * (counts > 0)
 
 
+def top_k_candidates(logits: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path of `filter_logits` (every sampled row has a top_k, at most p.top_k_max): the rows'
+    candidates, [R, K] values (most likely first; -inf where dropped) and their token ids. The same rules,
+    applied to the K best only: top-p and min-p never keep a token that top-k drops. (Ties with the k-th
+    value beyond K are dropped, where transformers' TopK would keep them.)"""
+    values, ids = (logits / p.temperature).topk(p.top_k_max, dim=-1)
+    position = torch.arange(p.top_k_max, device=values.device)
+    values = values.masked_fill(position >= p.top_k, float("-inf"))
+    if p.use_top_p:  # transformers' rule, most likely first: drop a token once the mass before it reaches top_p
+        probs = values.softmax(dim=-1)
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= p.top_p, float("-inf"))
+    if p.use_min_p:
+        probs = values.softmax(dim=-1)
+        values = values.masked_fill(probs < p.min_p * probs[:, :1], float("-inf"))
+    return values, ids
+
+
 def filter_logits(logits: torch.Tensor, p: RowParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p (transformers' warpers, batched with per-row values):
     the logits the draw is made from, with the tokens out of the running at -inf."""
+    if p.top_k_max:
+        values, ids = top_k_candidates(logits, p)
+        return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
     logits = logits / p.temperature
     if p.use_top_k or p.use_top_p:
         ascending, order = logits.sort(dim=-1)
@@ -194,14 +222,22 @@ def sample(logits: torch.Tensor, p: RowParams, counts: torch.Tensor | None = Non
         x = apply_penalties(x, p, counts, prompt_mask)
     tokens = x.argmax(dim=-1)
     if not p.all_greedy:
-        probs = filter_logits(x, p).softmax(dim=-1)
+        ids = None
+        if p.top_k_max:  # [R, K] candidates instead of the whole vocabulary
+            values, ids = top_k_candidates(x, p)
+            probs = values.softmax(dim=-1)
+        else:
+            probs = filter_logits(x, p).softmax(dim=-1)
         # One draw per row with the row's own generator: argmax(probs / q), q ~ Exp(1), is a draw from
         # probs (the exponential race), and the argmax is batched over the rows.
         q = torch.ones_like(probs)
         for i, generator in enumerate(p.generators):
             if generator is not None:
                 q[i].exponential_(generator=generator)
-        tokens = torch.where(p.greedy[:, 0], tokens, (probs / q).argmax(dim=-1))
+        drawn = (probs / q).argmax(dim=-1)
+        if ids is not None:
+            drawn = ids.gather(1, drawn[:, None])[:, 0]
+        tokens = torch.where(p.greedy[:, 0], tokens, drawn)
     picked = Picked(tokens)
     if p.logprobs:
         logprobs = raw.log_softmax(dim=-1)

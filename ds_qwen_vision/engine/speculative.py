@@ -25,7 +25,7 @@ from prometheus_client import Counter
 NGRAM_MAX, NGRAM_MIN = 3, 1
 # A sequence whose drafts keep failing stops drafting (so it never runs slower than without them):
 # after STOP_AFTER verifies, if fewer than STOP_BELOW drafts per verify were accepted on average.
-STOP_AFTER, STOP_BELOW = 16, 0.3
+STOP_AFTER, STOP_BELOW = 16, 0.4
 
 
 class NgramIndex:
@@ -189,6 +189,8 @@ class Speculator:
             self.m_pos_drafts.labels(str(i + 1)).inc()
             if i < a:
                 self.m_pos_accepted.labels(str(i + 1)).inc()
-        if s.verifies >= STOP_AFTER and s.accepted / s.verifies < STOP_BELOW and self.method == "ngram":
+        if s.verifies >= STOP_AFTER and s.accepted / s.verifies < STOP_BELOW:
+            # From now on a plain decode row (merged into a verify batch it takes position 0 only, and an
+            # MTP head's drafts for it are ignored).
             s.drafting = False
         return out

@@ -2,15 +2,16 @@
 
 A decode step reads every weight once for a handful of rows, so a projection is bound by how fast its
 weight streams from memory. cuBLAS answers these shapes with split-K GEMV kernels plus a separate
-reduce (docs/benchmarks.md: ~73% of copy bandwidth at tp=2). This Triton kernel gives each program a
-block of output features and the whole reduction (no second kernel), with several K tiles in flight;
-`benchmarks/kernels_h200.py` times it against cuBLAS per shape and `linear` uses whichever won for
-that weight (`choose`). CPU reference: torch.nn.functional.linear.
+reduce. This Triton kernel gives each program a block of output features and the whole reduction (no
+second kernel), with several K tiles in flight. `benchmarks/kernels_h200.py` times it against cuBLAS on
+every decode projection shape (2026-12-01, H200, docs/benchmarks.md): on the fused weights cuBLAS
+already reads at the copy-bandwidth floor and this kernel is within 0-5% of it (lm_head: 7%), inside
+run-to-run spread, so serving keeps cuBLAS (torch.nn.functional.linear, also the CPU reference) and
+this stays the measured alternative.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -19,31 +20,6 @@ except ImportError:
     triton = None
 
 MAX_ROWS = 16
-# (n, k) of a weight -> True when the Triton kernel beat cuBLAS at 1 row on this device (see choose)
-_PICK: dict[tuple[int, int, int], bool] = {}
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) (no bias), through the faster kernel for this weight's shape when rows <= 16."""
-    rows = x.numel() // x.shape[-1]
-    if rows <= MAX_ROWS and x.is_cuda and _PICK.get((weight.shape[0], weight.shape[1], weight.device.index)):
-        return skinny_linear(x, weight)
-    return F.linear(x, weight)
-
-
-def choose(weight: torch.Tensor, repeats: int = 20) -> bool:
-    """Time both kernels on this weight at 1 and 16 rows (device events) and remember the winner."""
-    key = (weight.shape[0], weight.shape[1], weight.device.index)
-    if key in _PICK or triton is None or not weight.is_cuda:
-        return _PICK.get(key, False)
-    total = {"cublas": 0.0, "triton": 0.0}
-    for rows in (1, 16):
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        for name, fn in (("cublas", F.linear), ("triton", skinny_linear)):
-            total[name] += triton.testing.do_bench(lambda: fn(x, weight), warmup=5, rep=repeats,
-                                                   return_mode="median")
-    _PICK[key] = total["triton"] < 0.97 * total["cublas"]
-    return _PICK[key]
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

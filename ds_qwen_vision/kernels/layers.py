@@ -3,10 +3,16 @@ instances (install_fused_forwards); classes, module names and weights stay trans
 
 What each saves in a decode step (27B: 64 layers, 16 of them full attention):
 * Qwen3_5MLP: one GEMM for gate_proj | up_proj (tp_policy.fuse_projections) and SiLU·mul in one kernel.
-* Qwen3_5Attention: one GEMM for q_proj | k_proj | v_proj and the output gate x·sigmoid(g) in one kernel.
+* Qwen3_5Attention: one GEMM for q_proj | k_proj | v_proj, q/k RMSNorm + rotary in one kernel, the output
+  gate x·sigmoid(g) in one kernel (decode attention itself: kernels/decode_attention.py).
 * Qwen3_5DecoderLayer: the residual add and the post-attention RMSNorm in one kernel.
 The Gated DeltaNet mixer is not touched here (its decode forward lives in kernels/gdn.py and asks
 kernels.projections.gdn_in_proj for its fused input projection).
+
+They apply to steps of at most FUSED_MAX_TOKENS tokens per row (decode, speculative verify): there every
+GEMM is a weight read and every kernel launch counts. Longer inputs (prefill chunks) run transformers'
+own forwards, whose GEMMs are compute-bound and where a compiled region costs more host time (dynamo's
+guards) than the eager ops it replaces; prefill is bound by host time (docs/benchmarks.md).
 
 Each forward is transformers' own, op for op, with the fused pieces swapped in; `compiled=False` runs
 the elementwise chains eagerly (the CPU reference path that tests/test_fused.py checks against
@@ -17,31 +23,35 @@ from __future__ import annotations
 import types
 
 import torch
-from transformers.models.qwen3_5.modeling_qwen3_5 import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
-                                                          eager_attention_forward)
+from transformers.models.qwen3_5.modeling_qwen3_5 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
-from ..tp_policy import FUSED_PROJECTIONS, fused_weight
-from . import gemv
-from .elementwise import add_rms_norm, compiled, sigmoid_gate, silu_mul
+from ..tp_policy import decoder_layers
+from .decode_attention import MAX_QUERY_TOKENS
+from .elementwise import add_rms_norm, compiled, qk_norm_rope, sigmoid_gate, silu_mul
 from .projections import fused_projection
+
+FUSED_MAX_TOKENS = MAX_QUERY_TOKENS  # decode (1) and speculative verify (k + 1 <= 8)
 
 
 def mlp_forward(self, x):
+    if x.shape[-2] > FUSED_MAX_TOKENS:
+        return self._dsqv_unfused(x)
     gate, up = fused_projection(self, x, ("gate_proj", "up_proj"))
     return self.down_proj(self._dsqv_silu_mul(gate, up))
 
 
 def attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    if hidden_states.shape[1] > FUSED_MAX_TOKENS:
+        return self._dsqv_unfused(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q, k, v = fused_projection(self, hidden_states, ("q_proj", "k_proj", "v_proj"))
     query_states, gate = torch.chunk(q.view(*input_shape, -1, self.head_dim * 2), 2, dim=-1)
     gate = gate.reshape(*input_shape, -1)
-    query_states = self.q_norm(query_states.reshape(hidden_shape)).transpose(1, 2)
-    key_states = self.k_norm(k.view(hidden_shape)).transpose(1, 2)
-    value_states = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    query_states, key_states = self._dsqv_qk_norm_rope(query_states, k.view(hidden_shape), self.q_norm.weight,
+                                                       self.k_norm.weight, self.q_norm.eps, self.k_norm.eps, cos, sin)
+    value_states = v.view(hidden_shape).transpose(1, 2)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -54,6 +64,9 @@ def attention_forward(self, hidden_states, position_embeddings, attention_mask, 
 
 def decoder_layer_forward(self, hidden_states, position_embeddings, attention_mask=None, position_ids=None,
                           past_key_values=None, **kwargs):
+    if hidden_states.shape[1] > FUSED_MAX_TOKENS:
+        return self._dsqv_unfused(hidden_states, position_embeddings, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, **kwargs)
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     if self.block_type == "linear_attention":
@@ -71,19 +84,19 @@ def decoder_layer_forward(self, hidden_states, position_embeddings, attention_ma
 def install_fused_forwards(model, compiled_chains: bool | None = None) -> None:
     """Swap the fused forwards in on every language-model decoder layer, its attention and its MLP.
     compiled_chains: compile the elementwise chains (default: when the model is on CUDA)."""
-    lm = model.model.language_model
     if compiled_chains is None:
-        compiled_chains = next(lm.parameters()).is_cuda
-    for layer in lm.layers:
-        layer._dsqv_add_rms_norm = compiled(add_rms_norm, compiled_chains)
-        layer.forward = types.MethodType(decoder_layer_forward, layer)
-        layer.mlp._dsqv_silu_mul = compiled(silu_mul, compiled_chains)
-        layer.mlp.forward = types.MethodType(mlp_forward, layer.mlp)
+        compiled_chains = next(model.model.language_model.parameters()).is_cuda
+    for layer in decoder_layers(model):  # the MTP head's layer too (speculative drafts are decode steps)
+        _install(layer, decoder_layer_forward, _dsqv_add_rms_norm=compiled(add_rms_norm, compiled_chains))
+        _install(layer.mlp, mlp_forward, _dsqv_silu_mul=compiled(silu_mul, compiled_chains))
         if hasattr(layer, "self_attn"):
-            layer.self_attn._dsqv_sigmoid_gate = compiled(sigmoid_gate, compiled_chains)
-            layer.self_attn.forward = types.MethodType(attention_forward, layer.self_attn)
-        if compiled_chains:  # cuBLAS or the Triton skinny GEMM for each fused weight shape, whichever is faster
-            for kind in FUSED_PROJECTIONS:
-                weight = fused_weight(getattr(layer, kind)) if hasattr(layer, kind) else None
-                if weight is not None:
-                    gemv.choose(weight)
+            _install(layer.self_attn, attention_forward, _dsqv_sigmoid_gate=compiled(sigmoid_gate, compiled_chains),
+                     _dsqv_qk_norm_rope=compiled(qk_norm_rope, compiled_chains))
+
+
+def _install(module, forward, **chains) -> None:
+    if not hasattr(module, "_dsqv_unfused"):  # installing twice keeps the original
+        module._dsqv_unfused = module.forward
+    for name, fn in chains.items():
+        setattr(module, name, fn)
+    module.forward = types.MethodType(forward, module)

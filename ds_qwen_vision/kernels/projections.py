@@ -11,9 +11,9 @@ module without one (never fused) runs its members one by one: the reference path
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..tp_policy import FUSED_SPLITS, fused_weight
-from .gemv import linear
 
 
 def fused_projection(module, hidden: torch.Tensor, members: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -22,7 +22,7 @@ def fused_projection(module, hidden: torch.Tensor, members: tuple[str, ...]) -> 
     fused = fused_weight(module)
     if fused is None:
         return tuple(getattr(module, m)(hidden) for m in members)
-    return torch.split(linear(hidden, fused), getattr(module, FUSED_SPLITS), dim=-1)
+    return torch.split(F.linear(hidden, fused), getattr(module, FUSED_SPLITS), dim=-1)
 
 
 def gdn_in_proj(gdn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

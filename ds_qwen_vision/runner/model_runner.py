@@ -22,15 +22,16 @@ import torch.distributed as tdist
 
 from ..kernels import allreduce as peer_allreduce
 from ..kernels import gdn as gdn_kernel
-from ..kernels.decode_attention import ATTENTION
+from ..kernels.decode_attention import ATTENTION, MAX_QUERY_TOKENS
 from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log
-from ..plan import Prefill, StepPlan
+from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
 from .image_cache import ImageEmbeddingCache
 from .slot_state import CacheView, SlotState
 from .snapshots import SnapshotStore
+from .warmup import decode_class, prefill_classes, vision_class
 
 
 class ModelRunner:
@@ -67,6 +68,17 @@ class ModelRunner:
         self.images = ImageEmbeddingCache(vision.out_hidden_size, vision.spatial_merge_size, self.dtype)
         # Decode inputs at fixed addresses, for the graphs: token, cache position, M-RoPE position, active.
         self.step_in = torch.zeros((4, max_slots), dtype=torch.long, device=device)
+        # The token each slot feeds next when a plan says FROM_DEVICE: rank 0 samples into it and every
+        # rank receives it over the model's group (feed), so no rank's host waits for a token.
+        self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.shapes: set[tuple] = set()  # the shape classes this runner has met (runner/warmup.py)
+        gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
+        # FLA's q/k L2 norm runs over rows = tokens x key heads (runner/warmup.py)
+        self.gdn_heads = (gdn[0].num_k_heads,) if gdn else ()
+        self.ready = False           # set once warm-up is over: compilations after it are counted
+        self.graphs_at_ready = 0
+        self.compiles_after_ready: list[str] = []
+        self.counting_compiles = device.type == "cuda" and self._count_triton_compiles()
         self.key_index = torch.arange(self.kv_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -125,6 +137,7 @@ class ModelRunner:
     def decode(self, tokens: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
         """One token for each (slot, token): next-token logits per slot ([vocab], float32)."""
         b = next(size for size in self.batch_sizes if size > max(slot for slot, _ in tokens))
+        self.shapes.add(decode_class(b))
         step = torch.zeros((4, b), dtype=torch.long)
         # Idle rows write where their own next token will go (a full slot: its last position; it is done)
         step[1, :] = torch.tensor(self.length[:b]).clamp(max=self.max_len - 1)
@@ -132,7 +145,12 @@ class ModelRunner:
             if self.length[slot] >= self.max_len:
                 raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
             step[0, slot], step[2, slot], step[3, slot] = token, self.length[slot] + self.rope_delta[slot], 1
-        self.step_in[:, :b].copy_(step)
+        if self.device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the GPU
+            step = step.pin_memory()
+        self.step_in[:, :b].copy_(step, non_blocking=True)
+        if any(token == FROM_DEVICE for _, token in tokens):
+            ids = self.step_in[0, :b]
+            ids.copy_(torch.where(ids == FROM_DEVICE, self.next_tokens[:b], ids))
         if b in self.graphs:
             graph, logits = self.graphs[b]
             graph.replay()
@@ -170,13 +188,19 @@ class ModelRunner:
                 self.length[item.slot] = self.snapshots.restore(item.restore, item.slot)
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
+        self.shapes |= prefill_classes(item.start, end - item.start, self.gdn_heads)
         embeds, positions = self.pending[item.slot]
         mask = None  # from the start of the cache: plain causal attention (SDPA's is_causal)
+        # A short continuing chunk goes to the decode attention kernel (kernels/decode_attention.py), whose
+        # split count is a compile-time constant of the key length: it sees the whole cache (a fixed
+        # length, the tail masked) so that every such chunk reuses the variants warm-up compiled.
+        span = self.kv_len if 0 < item.start and end - item.start <= MAX_QUERY_TOKENS else None
         if item.start > 0:
             rows = torch.arange(item.start, end, device=self.device)
-            mask = (self.key_index[None, :end] <= rows[:, None])[None, None]
+            mask = (self.key_index[None, :span or end] <= rows[:, None])[None, None]
         out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
-                         past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start),
+                         past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start,
+                                                   span=span),
                          attention_mask={"full_attention": mask, "linear_attention": None},
                          use_cache=True, logits_to_keep=1)
         self.length[item.slot] = end
@@ -204,11 +228,15 @@ class ModelRunner:
             image = self.image_embeddings(item, pixels)
             image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
             embeds = embeds.masked_scatter(image_mask, image.to(embeds.dtype))
-        mm_types = (ids == self.config.image_token_id).int()
-        positions, delta = inner.get_rope_index(ids, mm_types, image_grid_thw=grid)
+        # M-RoPE positions on the host (they depend on the ids and grids only): reading the position delta
+        # off the device would make the host wait for every step in flight.
+        ids_host = torch.tensor([item.input_ids])
+        mm_types = (ids_host == self.config.image_token_id).int()
+        grid_host = torch.tensor(item.image_grid_thw) if item.image_grid_thw else None
+        positions, delta = inner.get_rope_index(ids_host, mm_types, image_grid_thw=grid_host)
         self.rope_delta[item.slot] = int(delta.view(-1)[0])
         self.length[item.slot] = 0
-        return embeds, positions
+        return embeds, positions.to(self.device, non_blocking=True)
 
     def image_embeddings(self, item: Prefill, pixels: torch.Tensor | None) -> torch.Tensor:
         """Every image's embeddings, in prompt order ([image tokens, hidden]): the vision tower's for the
@@ -220,6 +248,7 @@ class ModelRunner:
         encode = [i for i, source in enumerate(sources) if source == "encode"]
         encoded = {}
         if encode:
+            self.shapes.add(vision_class([grids[i] for i in encode]))
             grid = torch.tensor([grids[i] for i in encode], device=self.device)
             features = self.model.model.get_image_features(pixels, grid, return_dict=True).pooler_output
             for i, embeds in zip(encode, features, strict=True):
@@ -243,6 +272,11 @@ class ModelRunner:
         """Execute one plan; returns the next-token logits ([vocab], float32) of each slot that has one:
         decoded slots, and slots whose prompt is complete. `pixels` (rank 0 only): the image pixels of
         each slot starting a prefill with images."""
+        if plan.reset:  # the end of warm-up (runner/warmup.py), on every rank
+            self.reset()
+            self.ready = True
+            self.graphs_at_ready = _dynamo_graphs()
+            return {}
         logits = {}
         if plan.accept:  # the previous step's verified tokens that were accepted: before anything else
             self.spec.accept(plan.accept)
@@ -261,6 +295,50 @@ class ModelRunner:
             logits.update(rows)
         return logits
 
+    @torch.inference_mode()
+    def feed(self, slots: list[int], picks: torch.Tensor | None) -> None:
+        """The next token of each of `slots` (those this step gave logits to, in that order) into
+        next_tokens, on every rank: rank 0 passes its picks (a device tensor, [len(slots)]), the others
+        None and receive rank 0's whole next_tokens over the model's group. Called by every rank after
+        every step that gave logits (both know which from the plan); no host sync."""
+        if picks is not None:
+            index = torch.tensor(slots)
+            if self.device.type == "cuda":
+                index = index.pin_memory()
+            self.next_tokens.index_copy_(0, index.to(self.device, non_blocking=True), picks.to(torch.long))
+        if self.world > 1:
+            tdist.broadcast(self.next_tokens, src=0)
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Every slot as at start: zero state, no length, nothing pending."""
+        for t in (*(x for kv in self.state.kv.values() for x in kv), *self.state.conv.values(),
+                  *self.state.recurrent.values(), self.next_tokens, self.step_in):
+            t.zero_()
+        for t in (getattr(self.state, "conv_scratch", None), self.state.conv_steps, self.state.rec_steps):
+            if t is not None:
+                t.zero_()
+        self.length = [0] * self.max_slots
+        self.rope_delta = [0] * self.max_slots
+        self.pending.clear()
+
+    def _count_triton_compiles(self) -> bool:
+        """Record every Triton kernel variant this process loads or compiles after ready: warm-up meant
+        there would be none (its cache hook runs on each in-memory miss; returning None compiles)."""
+        try:
+            from triton import knobs
+        except ImportError:  # an older Triton: nothing counted
+            return False
+        previous = knobs.runtime.jit_cache_hook
+
+        def hook(*args, **kwargs):
+            if self.ready:
+                self.compiles_after_ready.append(str(kwargs.get("repr", "?"))[:200])
+            return previous(*args, **kwargs) if previous is not None else None
+
+        knobs.runtime.jit_cache_hook = hook
+        return True
+
     def status(self) -> dict:
         """This rank's health report: ready, and device memory in use."""
         rank = int(os.environ.get("RANK", "0"))
@@ -272,7 +350,17 @@ class ModelRunner:
         else:
             with open("/proc/self/statm") as f:
                 mem = {"rss_bytes": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
-        return {"rank": rank, "ready": True, "device": str(self.device), "cuda_graphs": self.cuda_graphs, **mem}
+        return {"rank": rank, "ready": True, "device": str(self.device), "cuda_graphs": self.cuda_graphs,
+                "compiles_after_ready": len(self.compiles_after_ready) if self.counting_compiles else None,
+                "graphs_compiled_after_ready": _dynamo_graphs() - self.graphs_at_ready if self.ready else 0,
+                "first_compiles_after_ready": self.compiles_after_ready[:3], **mem}
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (the compiled norms)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def follower_loop(runner: ModelRunner, channel) -> None:
@@ -284,4 +372,7 @@ def follower_loop(runner: ModelRunner, channel) -> None:
         if plan.heartbeat:
             channel.gather(runner.status())
             continue
-        runner.run(plan)
+        logits = runner.run(plan)
+        # rank 0's sampled tokens, for the next step (speculative steps are synchronous: tokens in the plan)
+        if logits and getattr(runner, "spec", None) is None:
+            runner.feed(list(logits), None)

@@ -73,8 +73,9 @@ class CacheView:
     """
 
     def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
-                 active: torch.Tensor | None = None, steps: bool = False):
+                 active: torch.Tensor | None = None, steps: bool = False, span: int | None = None):
         self.state, self.rows, self.start, self.positions = state, rows, start, positions
+        self.span = span  # prefill: the keys returned cover [0, span) (None: up to the chunk's end)
         self.active = active
         self.steps = steps
         self.gdn_step = None if positions is None else ("verify" if steps else "decode")
@@ -88,7 +89,8 @@ class CacheView:
             end = self.start + key.shape[2]
             keys[:, :, self.start:end] = key
             values[:, :, self.start:end] = value
-            return keys[:, :, :end], values[:, :, :end]
+            stop = end if self.span is None else self.span
+            return keys[:, :, :stop], values[:, :, :stop]
         if self.positions.dim() == 1:
             keys[self.batch_index, :, self.positions] = key[:, :, 0]
             values[self.batch_index, :, self.positions] = value[:, :, 0]

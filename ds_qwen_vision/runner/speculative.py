@@ -65,6 +65,11 @@ class Speculation:
             self.pend_hidden = torch.zeros((slots, self.t, hidden), dtype=runner.dtype, device=device)
             self.pend_n = [0] * slots
             self.pend_tokens: list[list[int]] = [[] for _ in range(slots)]
+            # The head's inputs at fixed addresses (captured with the verify): catch-up tokens and positions
+            # [2, slots, T], the index of each row's last caught-up pair, its M-RoPE offset.
+            self.mtp_in = torch.zeros((2, slots, self.t), dtype=torch.long, device=device)
+            self.mtp_last = torch.zeros(slots, dtype=torch.long, device=device)
+            self.mtp_delta = torch.zeros(slots, dtype=torch.long, device=device)
         self.verified: list[list[int]] = [[] for _ in range(slots)]  # the T tokens of each slot's last verify
 
     def _keep_hidden(self, module, args, out):
@@ -74,12 +79,13 @@ class Speculation:
     def accept(self, accepts: list[tuple[int, int]]) -> None:
         """The previous verify's first i + 1 tokens of each (slot, i) are the sequence's: keep that state."""
         device = self.runner.device
+        for slot, i in accepts:
+            if not 0 <= i < self.t:
+                raise ValueError(f"slot {slot}: accepted position {i} outside the verified {self.t}")
         slots = torch.tensor([s for s, _ in accepts], device=device)
         index = torch.tensor([i for _, i in accepts], device=device)
         self.runner.state.select_steps(slots, index)
         for slot, i in accepts:
-            if not 0 <= i < self.t:
-                raise ValueError(f"slot {slot}: accepted position {i} outside the verified {self.t}")
             self.runner.length[slot] += i + 1
             if self.mtp is not None:
                 self.pend_n[slot] = i + 1
@@ -108,29 +114,35 @@ class Speculation:
             self.pend_tokens[slot] = []
 
     # ---- MTP drafts ----------------------------------------------------------------------------
-    def _mtp_drafts(self, b: int, rows: list[int]) -> None:
-        """k drafts for each MTP row, written into verify_in[0, row, 1:] (on device, no host sync)."""
-        runner, t, device = self.runner, self.t, self.runner.device
+    def _mtp_prepare(self, b: int, rows: list[int], fed: torch.Tensor) -> None:
+        """The head's inputs for rows [0, b) (host): for each MTP row the pairs to catch up (the tokens after
+        the pending hidden states, the fed token last); other rows write where they never attend."""
+        runner, t = self.runner, self.t
         ids, pos = torch.zeros((b, t), dtype=torch.long), torch.zeros((b, t), dtype=torch.long)
         last = torch.zeros(b, dtype=torch.long)
-        delta = torch.tensor(runner.rope_delta[:b])
         for r in range(b):
             length = runner.length[r]
             if r in rows:
                 n = self.pend_n[r]
                 if n < 1:
                     raise ValueError(f"slot {r}: no MTP state (prefill it first)")
-                toks = self.pend_tokens[r] + [int(self.verify_in_host[r][0])]
-                ids[r, :n] = torch.tensor(toks)
+                ids[r, :n] = torch.tensor(self.pend_tokens[r] + [int(fed[r])])
                 pos[r] = length - n + torch.arange(t)
                 last[r] = n - 1
             else:
                 pos[r] = length + torch.arange(t)
-        pos = pos.clamp(max=runner.kv_len - 1)
-        ids, pos, last, delta = ids.to(device), pos.to(device), last.to(device), delta.to(device)
+        self.mtp_in[:, :b].copy_(torch.stack([ids, pos.clamp(max=runner.kv_len - 1)]))
+        self.mtp_last[:b].copy_(last)
+        self.mtp_delta[:b].copy_(torch.tensor(runner.rope_delta[:b]))
+
+    def _mtp_forward(self, b: int) -> None:
+        """k drafts for rows [0, b) into verify_in[0, :b, 1:], on device (reads only the fixed inputs, so it is
+        captured with the verify): one catch-up forward over T positions, then k - 1 one-position steps."""
+        runner, t, device = self.runner, self.t, self.runner.device
+        ids, pos = self.mtp_in[:, :b]
+        last, delta = self.mtp_last[:b], self.mtp_delta[:b]
         kv_view = lambda p: CacheView(self.mtp_state, slice(0, b), positions=p)  # noqa: E731
-        embed, head = self.lm.embed_tokens, runner.model.lm_head
-        key_index = runner.key_index
+        embed, head, key_index = self.lm.embed_tokens, runner.model.lm_head, runner.key_index
         # catch-up: the pairs since the last step, the last of them drafts d1
         mrope = (pos + delta[:, None])[None].expand(3, b, t)
         mask = (key_index[None, None, :] <= pos[:, :, None])[:, None]
@@ -147,14 +159,14 @@ class Speculation:
             h = self.mtp(embed(token), h, self.lm.rotary_emb(h, mrope), mask, mrope, kv_view(step_pos), step=j)
             token = head(h).argmax(-1)
             drafts.append(token)
-        drafts = torch.cat(drafts, dim=1)  # [b, k]
-        rows_t = torch.tensor(rows, device=device)
-        self.verify_in[0, rows_t, 1:] = drafts[rows_t]
+        self.verify_in[0, :b, 1:] = torch.cat(drafts, dim=1)  # [b, k]; drafts of rows not verifying are unused
 
     # ---- verify --------------------------------------------------------------------------------
     def _verify_forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """T tokens for rows [0, b): logits [b, T, vocab] and final hidden states [b, T, hidden].
-        Reads only verify_in, so it can be captured."""
+        """T tokens for rows [0, b) (with MTP, its drafts first): logits [b, T, vocab] and final hidden states
+        [b, T, hidden]. Reads only verify_in (and the head's fixed inputs), so it can be captured."""
+        if self.mtp is not None:
+            self._mtp_forward(b)
         ids, positions, mrope = self.verify_in[:, :b]
         view = CacheView(self.runner.state, slice(0, b), positions=positions, steps=True)
         mask = (self.runner.key_index[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, T, len]
@@ -165,9 +177,14 @@ class Speculation:
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
-        """One CUDA graph of the target verify per decode batch size (T fixed by the config)."""
+        """One CUDA graph of the verify (with MTP: its drafts, then the target) per decode batch size (T fixed
+        by the config)."""
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.verify_in.zero_()  # no row's own state is touched by a verify (it writes the step buffers)
+        if self.mtp is not None:  # the head's KV at positions 0 .. T-1 of every slot: rewritten by any prefill
+            self.mtp_in.zero_()
+            self.mtp_last.zero_()
+            self.mtp_delta.zero_()
         for b in reversed(self.runner.batch_sizes):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -200,10 +217,9 @@ class Speculation:
             if runner.length[slot] + t > runner.kv_len:
                 raise ValueError(f"slot {slot} is full ({runner.max_len} tokens)")
             step[0, slot] = torch.tensor(tokens + [tokens[-1]] * (t - len(tokens)))
-        self.verify_in_host = step[0]
         self.verify_in[:, :b].copy_(step)
         if self.mtp is not None:
-            self._mtp_drafts(b, [slot for slot, _ in items])
+            self._mtp_prepare(b, [slot for slot, _ in items], step[0, :, 0])
         if b in self.graphs:
             graph, logits, hidden = self.graphs[b]
             graph.replay()

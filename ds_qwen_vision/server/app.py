@@ -34,11 +34,14 @@ from ds_qwen_vision.config import DeployConfig, config_from_env
 from ds_qwen_vision.ipc import EVENT_DELTA, EVENT_DONE, EVENT_ERROR, ClientGone, EngineClient, EngineUnavailable
 from ds_qwen_vision.server.errors import (EngineDown, ModelNotFound, Unauthorized, from_engine_event,
                                           register_error_handlers)
-from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, chat_choice, chat_completion,
-                                            completion_chunk, model_card, model_list, parse_chat_request, usage_chunk)
+from ds_qwen_vision.server.protocol import (ChatRequest, CompletionMeta, RequestLimits, assemble_tool_calls,
+                                            chat_choice, chat_completion, completion_chunk, model_card, model_list,
+                                            parse_chat_request, usage_chunk)
 
 log = logging.getLogger(__name__)
 
+# The engine's start-up phases before "ready" (serve.py), as /health's status.
+STARTING_PHASES = ("loading", "warming_up")
 # Routes that a load balancer / Prometheus reach without the API key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 # A client's X-Request-Id is echoed if it looks like an id; otherwise the response carries a new one.
@@ -82,6 +85,7 @@ def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> d
     content: list[list[str]] = [[] for _ in range(n)]
     reasoning: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # tool-call deltas (engine/tools.py)
     finish: list[str | None] = [None] * n
     try:
         for event in chain([first], events):
@@ -90,10 +94,12 @@ def complete(client: EngineClient, chat: ChatRequest, meta: CompletionMeta) -> d
                 content[i].append(event.get("content") or "")
                 reasoning[i].append(event.get("reasoning_content") or "")
                 logprobs[i] += event.get("logprobs") or []
+                calls[i] += event.get("tool_calls") or []
                 finish[i] = event.get("finish_reason") or finish[i]
             elif event["event"] == EVENT_DONE:
                 choices = [chat_choice(i, "".join(content[i]), "".join(reasoning[i]),
-                                       finish[i] or event["finish_reason"], logprobs[i] if want_logprobs else None)
+                                       finish[i] or event["finish_reason"], logprobs[i] if want_logprobs else None,
+                                       assemble_tool_calls(calls[i]))
                            for i in range(n)]
                 return chat_completion(meta, choices, event["usage"])
             elif event["event"] == EVENT_ERROR:
@@ -148,7 +154,7 @@ class SseStream:
             for event in chain([self._first], self._events):
                 if event["event"] == EVENT_DELTA:  # of choice `index`; its last one carries its finish_reason
                     i = event.get("index", 0)
-                    delta = {k: event[k] for k in ("content", "reasoning_content") if event.get(k)}
+                    delta = {k: event[k] for k in ("content", "reasoning_content", "tool_calls") if event.get(k)}
                     if delta or event.get("logprobs"):
                         yield _sse(completion_chunk(meta, delta, with_usage_field=usage_field, index=i,
                                                     logprobs=event.get("logprobs")))
@@ -290,8 +296,12 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
         except EngineUnavailable as e:
             log.warning("health: engine unavailable: %s", e)
             return jsonify({"status": "unavailable", "error": "engine unreachable", "engine": None}), 503
-        return jsonify({"status": "ok" if engine_ready(engine) else "unavailable", "engine": engine}), \
-            200 if engine_ready(engine) else 503
+        if engine_ready(engine):
+            return jsonify({"status": "ok", "engine": engine}), 200
+        # Starting up (the engine's phase: loading, then warming_up) is not a failure: say which.
+        phase = engine.get("phase") if engine.get("alive", True) else None
+        status = phase if phase in STARTING_PHASES else "unavailable"
+        return jsonify({"status": status, "engine": engine}), 503
 
     @app.get("/metrics")
     def prometheus() -> Response:

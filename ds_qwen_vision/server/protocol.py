@@ -8,7 +8,7 @@ template's own checks (system message first, a user query present, no image in a
 
 Types are strict, as in OpenAI's API: ``"max_tokens": "5"`` is a 400, not a coercion.  Unknown
 top-level fields are ignored (OpenAI-compatible servers do so) except a few OpenAI parameters
-whose silent omission would change the result (tools, logprobs, response_format, ...): those
+whose silent omission would change the result (functions, logit_bias): those
 are refused as unsupported.
 
 Images arrive as ``data:image/<fmt>;base64,<data>`` URLs.  Their bytes are checked without
@@ -166,23 +166,113 @@ ContentPart = Annotated[
 
 
 # ---------------------------------------------------------------------------------------------
+# Tools and structured output (the engine enforces them: engine/tools.py, engine/grammar.py)
+# ---------------------------------------------------------------------------------------------
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; also keeps the <function=NAME> tag sound
+
+
+def _function_name(v: str) -> str:
+    if not _FUNCTION_NAME.fullmatch(v):
+        raise _fail("invalid_value", f"{v[:80]!r} is not a valid function name (1-64 of a-z, A-Z, 0-9, _ and -)")
+    return v
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    _name = field_validator("name")(_function_name)
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Qwen's format passes arguments parameter by parameter: the schema must describe an object.
+        if v is not None and v.get("type", "object") != "object":
+            raise _fail("invalid_value", "a function's parameters must be a JSON schema of type 'object'")
+        if v is not None and not isinstance(v.get("properties", {}), dict):
+            raise _fail("invalid_type", "'properties' of a function's parameters must be an object")
+        return v
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+    _name = field_validator("name")(_function_name)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            value = json.loads(v)
+        except ValueError as e:
+            raise _fail("invalid_value", f"arguments must be a JSON object in a string ({e})") from None
+        if not isinstance(value, dict):
+            raise _fail("invalid_value", "arguments must be a JSON object in a string")
+        return v
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _fail("missing_required_parameter", "type 'json_schema' needs 'json_schema'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
 # Messages and the request
 # ---------------------------------------------------------------------------------------------
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatMessage(_Strict):
     role: str
     # A string is normalised to one text part; None (or absent) is allowed for assistant only.
     content: list[ContentPart] | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made (tools.py)
+    tool_call_id: str | None = None           # tool: the call this message answers
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, v: str) -> str:
-        if v in ("tool", "function"):
-            raise _fail("unsupported_role", f"role {v!r} is not supported (this server does not do tool calling)")
+        if v == "function":
+            raise _fail("unsupported_role", "role 'function' (OpenAI's deprecated function calling) is not "
+                        "supported; use tools and 'tool' messages")
         if v not in ROLES:
             raise _fail("invalid_role", f"unknown role {v!r}; expected one of {', '.join(ROLES)}")
         return v
@@ -198,8 +288,10 @@ class ChatMessage(_Strict):
 
     @model_validator(mode="after")
     def _content_fits_role(self) -> ChatMessage:
-        if self.tool_calls:
-            raise _fail("unsupported_parameter", "tool_calls are not supported (this server does not do tool calling)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise _fail("invalid_value", f"only assistant messages carry tool_calls, not a {self.role} message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise _fail("missing_required_parameter", "a tool message needs 'tool_call_id'")
         if self.content is None:
             if self.role != "assistant":
                 raise _fail("missing_required_parameter", f"a {self.role} message needs 'content'")
@@ -231,11 +323,8 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # OpenAI parameters this server does not implement, with the values that mean "not used".
 _UNSUPPORTED: dict[str, list[Any]] = {
-    "tools": [None, []],
     "functions": [None, []],
-    "tool_choice": [None, "none", "auto"],
     "function_call": [None, "none", "auto"],
-    "response_format": [None, {"type": "text"}],
     "logit_bias": [None, {}],
 }
 
@@ -266,12 +355,13 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(None, max_length=64)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # Known but unsupported (see `_UNSUPPORTED`): typed loosely so that the message is "unsupported".
-    tools: Any = None
     functions: Any = None
-    tool_choice: Any = None
     function_call: Any = None
-    response_format: Any = None
     logit_bias: Any = None
 
     @field_validator("messages")
@@ -301,6 +391,26 @@ class ChatCompletionRequest(_Strict):
         other = info.data.get("max_tokens")  # validated before max_completion_tokens
         if info.field_name == "max_completion_tokens" and None not in (v, other) and v != other:
             raise _fail("invalid_value", f"{v} differs from max_tokens={other}; set only max_completion_tokens")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, v: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in v or []]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise _fail("invalid_value", f"two tools are named {dup!r}")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, v: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []  # validated before tool_choice
+        if v in ("required",) or isinstance(v, NamedToolChoice):
+            if not tools:
+                raise _fail("invalid_value", "tool_choice needs tools: the request has none")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise _fail("invalid_value", f"no tool is named {v.function.name!r}")
         return v
 
     @field_validator("stop", mode="before")
@@ -456,7 +566,13 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
                 check_image(part.image_url.data, limits.max_image_pixels, f"messages[{i}].content[{j}].image_url")
                 parts.append({"type": "image", "data_b64": part.image_url.data_b64})
         # The chat template knows "system" only; OpenAI's "developer" is the same thing.
-        messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": parts})
+        message: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": parts}
+        if msg.tool_calls:  # the template renders each argument: it reads them as a mapping
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in msg.tool_calls]
+        if msg.tool_call_id is not None:
+            message["tool_call_id"] = msg.tool_call_id
+        messages.append(message)
     engine_request = {
         "messages": messages,
         "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
@@ -476,6 +592,13 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
         "top_logprobs": req.top_logprobs or 0,
         "chat_template_kwargs": req.chat_template_kwargs or {},
     }
+    if req.tools:
+        engine_request["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        choice = req.tool_choice or "auto"
+        engine_request["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+        engine_request["parallel_tool_calls"] = req.parallel_tool_calls is not False
+    if req.response_format is not None and req.response_format.type != "text":
+        engine_request["response_format"] = req.response_format.model_dump(exclude_none=True, by_alias=True)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatRequest(engine_request, req.model, bool(req.stream), include_usage)
 
@@ -548,10 +671,14 @@ def logprobs_object(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
 
 
 def chat_choice(index: int, content: str, reasoning: str, finish_reason: str,
-                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
+                logprobs: list[dict[str, Any]] | None = None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    # OpenAI: a message that only calls tools has content null.
+    message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls and not content else content}
     if reasoning:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": logprobs_object(logprobs), "finish_reason": finish_reason}
 
 
@@ -561,7 +688,18 @@ def chat_completion(meta: CompletionMeta, choices: list[dict[str, Any]], usage: 
             "choices": choices, "usage": usage}
 
 
-def completion_chunk(meta: CompletionMeta, delta: dict[str, str], finish_reason: str | None = None,
+def assemble_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call deltas (engine/tools.py) → the message's tool_calls, as a client assembles them."""
+    calls: list[dict[str, Any]] = []
+    for d in deltas:
+        if d["index"] == len(calls):
+            calls.append({"id": d["id"], "type": "function",
+                          "function": {"name": d["function"]["name"], "arguments": ""}})
+        calls[d["index"]]["function"]["arguments"] += d["function"].get("arguments", "")
+    return calls
+
+
+def completion_chunk(meta: CompletionMeta, delta: dict[str, Any], finish_reason: str | None = None,
                      *, with_usage_field: bool = False, index: int = 0,
                      logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {

@@ -1,0 +1,393 @@
+"""The served benchmark: launch.sh driven by streaming HTTP clients, beside the runner alone, in one call.
+
+    # GPU (one card, tp=1): 27B widths (hidden 5120, vocab 248,320, 27B vision tower), 16 of the 64 layers;
+    # three calls, each under ten minutes (--step all runs them in one):
+    python benchmarks/bench_served.py --step build --out benchmarks/results      # the checkpoint, ~18 GB
+    python benchmarks/bench_served.py --step prebuild --out benchmarks/results   # cold start: fills the caches
+    python benchmarks/bench_served.py --step bench --out benchmarks/results      # runner alone + served
+    # CPU check of the script itself (minutes): the loadtest preset
+    python benchmarks/bench_served.py --preset loadtest --layers 8 --device cpu --dtype float32 --streams 4 \\
+        --prompt-tokens 64 --new-tokens 16 --max-prompt 512 --chunk 256 --out /tmp/served
+
+Steps, all on the same real-format checkpoint (built once, random weights, `checkpoint.build_checkpoint`):
+- build: the checkpoint (cached: a second build returns at once);
+- prebuild: `launch.sh --prebuild` on an empty compile cache (OUT/compile-cache): a fresh machine's
+  start-up, load + warm-up with every compilation and autotune, timed (`startup_cold_s`);
+- bench: the runner alone (a subprocess, the baseline): one stream's decode step with the host reading
+  every token, and `--streams` prompts served by a tight loop scheduled like Engine.plan (no HTTP, no
+  IPC, no detokenization); then launch.sh on the filled cache: `startup_s` (start to /health 200, the
+  phases seen on the way), the first request's time to first token, then the same request warm; one
+  stream's ms per token; three bursts of `--streams` concurrent streams (tokens/s, every stream's
+  inter-token gaps, the first burst included); what still compiled after ready (from /health); SIGTERM.
+Writes OUT/DATE-CARD-tp1-served.json. Weights are random: the token counts (and so the figures) do
+not depend on content except where a stream meets an end-of-sequence token, which its usage shows.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they which one "
+         "you were her all she there would their we him been has when who will more no if out so said what "
+         "up its about into than them can only other new some could time these two may then do first any "
+         "my now such like our over man me even most made after also did many before must through back "
+         "years where much your way well down should because each just those people how too little state "
+         "good very make world still own see men work long get here between both life being under never").split()
+
+
+def checkpoint(args) -> Path:
+    from ds_qwen_vision.checkpoint import PRESETS, build_checkpoint
+
+    preset = args.preset
+    if args.layers is not None:  # the preset's widths with fewer layers (a multiple of 4: 3 GDN + 1 attention)
+        preset = f"{args.preset}-{args.layers}layers"
+        spec = copy.deepcopy(PRESETS[args.preset])
+        spec["text"]["num_hidden_layers"] = args.layers
+        PRESETS[preset] = spec
+    out = args.ckpt_dir or Path(os.environ.get("DSQV_CACHE_DIR", Path.home() / ".cache/ds-qwen-vision")) / \
+        f"bench-{preset}-{args.dtype}"
+    t = time.perf_counter()
+    path = build_checkpoint(out, preset=preset, seed=0, dtype=args.dtype)
+    print(f"checkpoint {path} ready in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def prompts(model_dir: Path, n_tokens: int, count: int) -> list[str]:
+    """`count` distinct user texts whose chat prompt is about n_tokens tokens (the checkpoint's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = []
+    for i in range(count):
+        rng = random.Random(i)
+        words = []
+        while len(tok(" ".join(words))["input_ids"]) < n_tokens - 20:  # ~20 tokens of chat template
+            words += rng.choices(WORDS, k=16)
+        texts.append(" ".join(words))
+    return texts
+
+
+# ---- 1. the runner alone ------------------------------------------------------------------------------
+
+
+def runner_main(args) -> None:
+    import torch
+
+    from ds_qwen_vision.model import DTYPES, chat_inputs, init_distributed, load_model, load_processor
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
+    init_distributed(args.device)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    model = load_model(str(args.model), 1, args.device, DTYPES[args.dtype], show_progress=False)
+    processor = load_processor(str(args.model))
+    ids = [chat_inputs(processor, [{"role": "user", "content": t}], [])["input_ids"][0].tolist()
+           for t in prompts(args.model, args.prompt_tokens, args.streams)]
+    runner = ModelRunner(model, device, max_slots=args.streams, max_len=args.max_prompt + args.new_tokens)
+    out = {"card": torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu",
+           "prompt_tokens": len(ids[0])}
+
+    def one_stream(n):  # the host reads every token, as a serving loop must
+        logits = runner.run(StepPlan(prefill=[Prefill(0, ids[0])]))
+        token, steps = int(torch.argmax(logits[0])), []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
+            steps.append(time.perf_counter() - t)
+        return steps
+
+    def streams():  # scheduled like Engine.plan: a prefill budget per step, every generating slot decodes
+        k = args.streams
+        prefilled, generated, nxt = [0] * k, [0] * k, [None] * k
+        while min(generated) < args.new_tokens:
+            plan, room = StepPlan(), args.chunk
+            for i in range(k):
+                if prefilled[i] < len(ids[i]) and room > 0:
+                    end = min(len(ids[i]), prefilled[i] + room)
+                    plan.prefill.append(Prefill(i, ids[i], start=prefilled[i], end=end))
+                    room -= end - prefilled[i]
+                    prefilled[i] = end
+                elif nxt[i] is not None and generated[i] < args.new_tokens:
+                    plan.decode.append((i, nxt[i]))
+            logits = runner.run(plan)
+            picks = torch.stack(list(logits.values())).argmax(-1).tolist() if logits else []
+            for slot, token in zip(logits, picks):
+                nxt[slot] = token
+                generated[slot] += 1
+
+    one_stream(8)
+    streams()  # warm-up: every shape these loops use
+    steps = one_stream(args.new_tokens)
+    out["runner_ms_per_token"] = 1e3 * statistics.median(steps)
+    sync()
+    t = time.perf_counter()
+    streams()
+    sync()
+    wall = time.perf_counter() - t
+    out["runner_streams_tokens_per_s"] = args.streams * args.new_tokens / wall
+    if args.device == "cuda":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_27b import copy_bandwidth
+
+        weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters()) + \
+            model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        out["floor_ms"] = 1e3 * weights / copy_bandwidth(device)
+    Path(args.runner_out).write_text(json.dumps(out))
+
+
+# ---- 2. served --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]:
+    """The deployment config (the same limits for prebuild and bench: the same shapes) and launch.sh's env."""
+    cfg = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
+           "tensor_parallel": {"tp_size": 1},
+           "server": {"port": port, "ipc_socket": str(workdir / f"{tag}.sock"), "threads": 64,
+                      "step_timeout_s": 600},
+           "limits": {"max_concurrent": args.streams, "max_prompt_tokens": args.max_prompt,
+                      "max_new_tokens": args.new_tokens, "prefill_chunk_tokens": args.chunk,
+                      "max_gap_steps": args.max_gap_steps, "max_images_per_request": 1}}
+    path = workdir / f"{tag}.json"
+    path.write_text(json.dumps(cfg))
+    env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.out / "compile-cache"))
+    for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(k, None)
+    return path, env
+
+
+def prebuild_main(args) -> dict:
+    """A fresh machine's start-up: launch.sh --prebuild on an empty compile cache."""
+    work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
+    shutil.rmtree(args.out / "compile-cache", ignore_errors=True)
+    path, env = server_config(args, work, "prebuild", free_port())
+    t = time.perf_counter()
+    proc = subprocess.run([str(REPO / "launch.sh"), "--prebuild", "--config", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    out = {"startup_cold_s": time.perf_counter() - t, "returncode": proc.returncode,
+           "warmup_log": [line for line in proc.stderr.splitlines() if "warm-up" in line or "loaded" in line]}
+    (args.out / "prebuild.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1), flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"launch.sh --prebuild exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+class Served:
+    def __init__(self, args, workdir: Path, tag: str):
+        self.port = free_port()
+        path, env = server_config(args, workdir, tag, self.port)
+        self.log = workdir / f"{tag}.log"
+        self.t0 = time.perf_counter()
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen([str(REPO / "launch.sh"), "--config", str(path)],
+                                         cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        self.phases: dict[str, float] = {}
+
+    def wait_ready(self, timeout: float) -> float:
+        while time.perf_counter() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launch.sh exited {self.proc.returncode}\n{self.log.read_text()[-6000:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", "/health")
+                r = c.getresponse()
+                body = json.loads(r.read() or b"{}")
+                self.phases.setdefault(body.get("status", "?"), round(time.perf_counter() - self.t0, 2))
+                if r.status == 200:
+                    return time.perf_counter() - self.t0
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"not ready within {timeout} s\n{self.log.read_text()[-6000:]}")
+
+    def stream(self, text: str, max_tokens: int) -> dict:
+        """One streaming chat completion: arrival time of every content chunk, and the usage."""
+        body = json.dumps({"model": Path(self.model_name).name, "stream": True, "max_tokens": max_tokens,
+                           "temperature": 0, "stream_options": {"include_usage": True},
+                           "messages": [{"role": "user", "content": text}],
+                           "chat_template_kwargs": {"enable_thinking": False}})
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        t0 = time.perf_counter()
+        c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]}")
+        times, usage = [], None
+        for line in r:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter() - t0
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                delta = choice.get("delta", {})
+                if delta.get("content") or delta.get("reasoning_content"):
+                    times.append(now)
+        return {"times": times, "usage": usage, "end": time.perf_counter() - t0}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
+    results = [None] * len(texts)
+
+    def go(i):
+        results[i] = server.stream(texts[i], new_tokens)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(texts))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+            "max_gap_ms": 1e3 * max(gaps), "median_gap_ms": 1e3 * statistics.median(gaps),
+            "ttft_max_s": max(r["times"][0] for r in results)}
+
+
+def served_main(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
+    texts = prompts(args.model, args.prompt_tokens, args.streams * 3 + 2)
+    out = {}
+    server = Served(args, work, "served")
+    server.model_name = str(args.model)
+    try:
+        out["startup_s"] = server.wait_ready(args.startup_timeout)
+        out["startup_phases_s"] = server.phases
+        first = server.stream(texts[0], 8)
+        out["first_request_ttft_s"] = first["times"][0]
+        out["warm_request_ttft_s"] = statistics.median(server.stream(texts[0], 8)["times"][0] for _ in range(3))
+        one = server.stream(texts[1], args.new_tokens)
+        n = one["usage"]["completion_tokens"]
+        out["served_ms_per_token"] = 1e3 * (one["times"][-1] - one["times"][0]) / max(1, n - 1)
+        out["served_one_stream_tokens"] = n
+        bursts = [burst(server, texts[2 + i * args.streams: 2 + (i + 1) * args.streams], args.new_tokens)
+                  for i in range(3)]
+        out["bursts"] = bursts
+        out["served_streams_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in bursts)
+        out["max_inter_token_gap_ms"] = max(b["max_gap_ms"] for b in bursts)
+        out["median_inter_token_gap_ms"] = statistics.median(b["median_gap_ms"] for b in bursts)
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        c.request("GET", "/health")
+        ranks = json.loads(c.getresponse().read())["engine"]["ranks"]
+        out["compiles_after_ready"] = [r.get("compiles_after_ready") for r in ranks]
+        out["graphs_compiled_after_ready"] = [r.get("graphs_compiled_after_ready") for r in ranks]
+        out["first_compiles_after_ready"] = [r.get("first_compiles_after_ready") for r in ranks]
+        log = server.log.read_text()
+        out["warmup_log"] = [line for line in log.splitlines() if "warm-up" in line][-3:]
+    finally:
+        server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for the results JSON (and the compile cache)")
+    p.add_argument("--step", default="all", choices=["build", "prebuild", "bench", "all"])
+    p.add_argument("--preset", default="27b", help="checkpoint.PRESETS widths")
+    p.add_argument("--layers", type=int, default=16, help="text layers (a multiple of 4; 0: the preset's)")
+    p.add_argument("--ckpt-dir", type=Path, default=None)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt", type=int, default=8192, help="limits.max_prompt_tokens of the server")
+    p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
+    p.add_argument("--max-gap-steps", type=float, default=3.0, help="limits.max_gap_steps")
+    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--runner-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.runner_out:
+        return runner_main(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.layers = args.layers or None
+    args.model = checkpoint(args)
+    if args.step == "build":
+        return
+    if args.step in ("prebuild", "all"):
+        prebuild_main(args)
+        if args.step == "prebuild":
+            return
+    cold = json.loads((args.out / "prebuild.json").read_text()) if (args.out / "prebuild.json").exists() else {}
+    runner_json = args.out / "runner-alone.json"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--model", str(args.model),
+                    "--runner-out", str(runner_json)], check=True,
+                   env=dict(os.environ, PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port())))
+    runner = json.loads(runner_json.read_text())
+    print(f"runner alone: {json.dumps(runner)} ({time.perf_counter() - t:.0f} s)", flush=True)
+    served = served_main(args)
+    print(f"served: {json.dumps(served)}", flush=True)
+    layers = args.layers or "all"
+    s = args.streams
+    rows = [
+        {"run": f"ds-qwen-vision served (launch.sh + HTTP streaming clients), {args.preset} widths, {layers} layers",
+         "decode_ms_per_token": served["served_ms_per_token"], "floor_ms": runner.get("floor_ms"),
+         "startup_s": served["startup_s"], "startup_cold_s": cold.get("startup_cold_s"),
+         "startup_phases_s": served["startup_phases_s"],
+         "first_request_ttft_s": served["first_request_ttft_s"], "warm_request_ttft_s": served["warm_request_ttft_s"],
+         "served_ms_per_token": served["served_ms_per_token"], "runner_ms_per_token": runner["runner_ms_per_token"],
+         f"served_streams{s}_tokens_per_s": served["served_streams_tokens_per_s"],
+         f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"],
+         "max_inter_token_gap_ms": served["max_inter_token_gap_ms"],
+         "median_inter_token_gap_ms": served["median_inter_token_gap_ms"],
+         "compiles_after_ready": served["compiles_after_ready"],
+         "graphs_compiled_after_ready": served["graphs_compiled_after_ready"],
+         "first_compiles_after_ready": served["first_compiles_after_ready"],
+         "bursts": served["bursts"], "served_one_stream_tokens": served["served_one_stream_tokens"],
+         "warmup_log": served["warmup_log"], "cold_warmup_log": cold.get("warmup_log", [])[-3:]},
+        {"run": "runner alone (baseline: ModelRunner steps in a tight loop, same checkpoint, same call)",
+         "decode_ms_per_token": runner["runner_ms_per_token"], "floor_ms": runner.get("floor_ms"),
+         "runner_ms_per_token": runner["runner_ms_per_token"],
+         f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"]},
+    ]
+    date = datetime.datetime.now(datetime.timezone.utc)
+    card = runner["card"]
+    result = {"date": date.isoformat(timespec="seconds"), "card": card,
+              "command": " ".join(["python", "benchmarks/bench_served.py", *sys.argv[1:]]), "tp": 1,
+              "checkpoint": {"preset": args.preset, "layers": layers, "dtype": args.dtype, "weights": "random"},
+              "prompt_tokens": runner["prompt_tokens"], "new_tokens": args.new_tokens, "streams": s,
+              "limits": {"prefill_chunk_tokens": args.chunk, "max_gap_steps": args.max_gap_steps}, "rows": rows}
+    name = f"{date:%Y-%m-%d}-{card.replace('NVIDIA ', '').replace(' ', '-')}-tp1-served.json"
+    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Warm-up covers what the scheduler emits: after it, serving varied requests (text and image prompts,
+chunked prefills, every decode batch size) meets no new shape class and compiles nothing new; it
+leaves every slot clean; /health reports the start-up phases."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+from conftest import make_image
+
+from ds_qwen_vision.config import LimitsConfig, load_config_json
+from ds_qwen_vision.engine import Engine
+from ds_qwen_vision.model import load_model, load_processor
+from ds_qwen_vision.runner import ModelRunner
+from ds_qwen_vision.runner.warmup import prefill_budget, warm_up
+
+
+class OneRank:
+    """The control channel of a single rank: nothing to send."""
+    world = 1
+
+    def broadcast(self, plan=None):
+        return plan
+
+    def gather(self, obj):
+        return [obj]
+
+
+def request(text: str, images: list[bytes] = (), max_tokens: int = 6, temperature: float = 0.0) -> dict:
+    content = [{"type": "image", "data_b64": base64.b64encode(b).decode()} for b in images]
+    return {"messages": [{"role": "user", "content": content + [{"type": "text", "text": text}]}],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": 1, "chat_template_kwargs": {}}
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def warmed(tiny_ckpt):
+    processor = load_processor(tiny_ckpt)
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
+    # fuse=True: the compiled RMSNorms (dynamo, dynamic shapes), whose compilations are counted below
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=320, fuse=True)
+    limits = LimitsConfig(max_prompt_tokens=256, max_new_tokens=64, max_concurrent=4, prefill_chunk_tokens=16,
+                          max_images_per_request=2)
+    engine = Engine(runner, OneRank(), processor, limits)
+    engine.phase = "warming_up"
+    seen = []
+    warm_up(engine, lambda msg: seen.append((msg, engine.health())))
+    engine.heartbeat()
+    engine.phase = "ready"
+    return engine, seen
+
+
+def test_warm_up_reports_its_phase_and_leaves_every_slot_clean(warmed):
+    engine, seen = warmed
+    assert seen and all(h["phase"] == "warming_up" and h["ready"] is False for _, h in seen)
+    assert any("decode batch 4" in msg for msg, _ in seen)
+    assert engine.health()["ready"] is True and engine.health()["phase"] == "ready"
+    runner = engine.runner
+    state = [*(t for kv in runner.state.kv.values() for t in kv), *runner.state.conv.values(),
+             *runner.state.recurrent.values(), runner.next_tokens]
+    assert all(not t.any() for t in state), "warm-up left state in a slot"
+    assert runner.length == [0] * 4 and not runner.pending
+
+
+def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
+    engine, _ = warmed
+    runner = engine.runner
+    warm, graphs = set(runner.shapes), unique_graphs()
+    assert graphs > 0  # the compiled norms were compiled (by warm-up): the count below means something
+    assert {("decode", b) for b in runner.batch_sizes} <= warm
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    requests = [request(" ".join(words[:n])) for n in (1, 3, 7, 12)]
+    requests += [request("Describe it.", [make_image(48, 32)]),
+                 request("Compare", [make_image(32, 32, seed=3), make_image(80, 48, seed=4)], temperature=0.8),
+                 request(" ".join(words * 6), max_tokens=3)]  # 72+ words: several chunks of 16
+    results = [None] * len(requests)
+
+    def client(i):
+        results[i] = list(e for e in engine.generate(requests[i]) if e is not None)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for c in clients:
+        c.start()
+        time.sleep(0.05)  # arrivals spread over steps: prompts join while others decode
+    for c in clients:
+        c.join(300)
+    engine.stop()
+    loop.join(30)
+    assert all(r and r[-1]["event"] == "done" for r in results), results
+    assert runner.shapes - warm == set(), f"met after warm-up: {runner.shapes - warm}"
+    assert unique_graphs() == graphs, "a request compiled a graph that warm-up did not"
+    assert runner.status()["graphs_compiled_after_ready"] == 0
+
+
+def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
+    # a chunk of n tokens costs 10 ms + 0.05 ms * n; a decode step 20 ms; 3 steps allowed -> n <= 600,
+    # and each further prompt in the step costs its 10 ms = 200 tokens' worth
+    prefill = {64: 0.010 + 0.05e-3 * 64, 2048: 0.010 + 0.05e-3 * 2048}
+    assert prefill_budget(0.020, prefill, 3.0, cap=2048) == (592, 200)  # a multiple of 16
+    assert prefill_budget(0.020, prefill, None, cap=2048) == (2048, 0)
+    assert prefill_budget(0.020, prefill, 100.0, cap=2048) == (2048, 200)
+    assert prefill_budget(0.001, prefill, 3.0, cap=2048) == (64, 200)  # unattainable: the floor
+
+
+def test_the_scheduler_charges_each_prompt_its_overhead(warmed):
+    """Two short prompts would fit the token budget together, but not with the second one's fixed cost."""
+    engine, _ = warmed
+    e = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
+    e.prefill_budget, e.prefill_overhead = 64, 200
+    for text in ("one two", "three four"):
+        seq = e.prepare(request(text))
+        e.waiting.put(seq)
+    plan = e.plan()
+    assert len(plan.prefill) == 1 and len(e.running) == 1  # the second waits for the next step
+    e2 = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
+    e2.prefill_budget = 64
+    for text in ("one two", "three four"):
+        e2.waiting.put(e2.prepare(request(text)))
+    assert len(e2.plan().prefill) == 2
+
+
+@pytest.fixture
+def front(tmp_path):
+    from ds_qwen_vision.ipc import IpcServer
+    from ds_qwen_vision.serve import Starting
+    from ds_qwen_vision.server.app import create_app
+
+    d = tempfile.mkdtemp(prefix="dsqv-wu-", dir="/tmp")
+    sock = f"{d}/e.sock"
+    ipc = IpcServer(sock, Starting(2)).start()
+    cfg = load_config_json(json.dumps({"server": {"ipc_socket": sock}}))
+    yield ipc, create_app(cfg).test_client()
+    ipc.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_health_says_loading_then_warming_up(front, warmed):
+    ipc, client = front
+    r = client.get("/health")
+    assert r.status_code == 503 and r.get_json()["status"] == "loading"
+    r = client.post("/v1/chat/completions", json={"model": "ds-qwen-vision-demo", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "loading"
+    warmed_engine, _ = warmed
+    engine = Engine(warmed_engine.runner, OneRank(), warmed_engine.processor, warmed_engine.limits)
+    ipc.handler = engine
+    engine.phase = "warming_up"
+    engine.heartbeat()
+    r = client.get("/health")
+    assert r.status_code == 503 and r.get_json()["status"] == "warming_up"
+    events = list(engine.generate(request("hi")))
+    assert events[0]["status"] == 503 and events[0]["code"] == "warming_up"
+    engine.phase = "ready"
+    assert client.get("/health").status_code == 200

@@ -17,7 +17,8 @@ cannot help: its prefill is split where its snapshot is taken):
 - cold: the same prompt on an engine with both caches off (the server before this change).
 Time to first token = from handing the request to the engine (chat template, image decoding + processor,
 hashing, queueing) to the first sampled token on the host; snapshot_job_ms = the engine's work after the
-answer (the snapshot a continued prompt leaves for the next turn, prefix_cache.py), off that path; scheduled exactly as Engine.run does (default
+answer until the engine idles (freeing the slot; the snapshot a continued prompt leaves for the next
+turn, prefix_cache.py), off that path; scheduled exactly as Engine.run does (default
 limits: prefill_chunk_tokens 2048). Medians over --repeats, after a warm-up of each. Weights are random:
 no figure here depends on what the model says (every turn's reply text is fixed).
 """
@@ -90,10 +91,38 @@ def conversation(tokenizer, turns: int, images: list[bytes], text_tokens: int, r
     return messages
 
 
+def drive(engine, runner) -> None:
+    """Engine.run's loop (tp=1: nothing to broadcast to) until a plan finds nothing to do and no step is in
+    flight: the request's steps, then whatever the engine does after it (freeing the slot, a snapshot job)."""
+    pending = None
+    while True:
+        plan = engine.plan()
+        if plan.empty():
+            if pending is None:
+                return
+            engine.consume(pending)
+            pending = None
+            continue
+        if pending is not None and engine.synchronous(plan):
+            engine.consume(pending)
+            pending = None
+        pixels = {p.slot: engine.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
+        if engine.spec is not None:
+            engine.after_step(plan, runner.run(plan, pixels))
+            continue
+        step = engine.launch(plan, pixels, engine.running)
+        if pending is not None:
+            engine.consume(pending)
+        pending = step
+
+
 def ask(engine, runner, messages, max_tokens: int = 1) -> dict:
-    """One request through the engine, stepped here exactly as Engine.run steps it (tp=1: no broadcast).
-    Returns time to first token, time per later token, prompt and cached tokens."""
+    """One request through the engine, stepped as Engine.run steps it. Returns time to first token (on the
+    host), time per later token, the work after the answer, prompt and cached tokens."""
     device = runner.device
+    finished = {}
+    finish = engine.finish
+    engine.finish = lambda seq, reason: (finished.setdefault(seq.id, time.perf_counter()), finish(seq, reason))
     sync(device)
     t0 = time.perf_counter()
     events = engine.generate({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
@@ -102,28 +131,18 @@ def ask(engine, runner, messages, max_tokens: int = 1) -> dict:
     assert start["event"] == "start", start
     prepared = time.perf_counter()
     seq = next(iter(engine.waiting.queue))
-    first = None
-    while not seq.done:
-        plan = engine.plan()
-        pixels = {p.slot: engine.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-        engine.after_step(plan, runner.run(plan, pixels))  # the host reads the picks: synchronised
-        if first is None and seq.first_token_at is not None:
-            first = time.perf_counter()
-    done = time.perf_counter()
+    drive(engine, runner)
+    sync(device)
+    idle = time.perf_counter()
+    engine.finish = finish
     usage = None
     while not seq.events.empty():
         event = seq.events.get_nowait()
+        assert event["event"] != "error", event
         usage = event["usage"] if event["event"] == "done" else usage
     events.close()
-    # The engine goes on to its next plans: the finished slot is freed, and a sequence that continued a
-    # snapshot gets its own snapshot taken there (prefix_cache.PrefixCache.finished), before the next turn.
-    sync(device)
-    t = time.perf_counter()
-    while not (plan := engine.plan()).empty():
-        engine.after_step(plan, runner.run(plan, {}))
-    sync(device)
-    job_ms = 1e3 * (time.perf_counter() - t)
-    return {"ttft_ms": 1e3 * (first - t0), "prepare_ms": 1e3 * (prepared - t0), "after_ms": job_ms,
+    first, done = seq.first_token_at, finished[seq.id]
+    return {"ttft_ms": 1e3 * (first - t0), "prepare_ms": 1e3 * (prepared - t0), "after_ms": 1e3 * (idle - done),
             "decode_ms_per_token": 1e3 * (done - first) / (seq.generated - 1) if seq.generated > 1 else None,
             "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 

@@ -57,7 +57,8 @@ rm -f "$socket" "$socket.pid"
 # ---- Where the ranks run (ds_qwen_vision/launcher.py): the launcher's GPU selection (--include
 # localhost:2,3, or --num_gpus on CPU), a master port of this deployment's own, and the checks that refuse
 # (exit 2) what cannot work: tp not dividing the heads, the HTTP or master port taken, too few GPUs.
-plan=$(python3 -m ds_qwen_vision.launcher "$@" ${demo_dir:+--model-dir "$demo_dir"}) || exit $?  # 2: refused
+no_http=(); (( prebuild )) && no_http=(--no-http)  # a prebuild starts no front: its port may be in use
+plan=$(python3 -m ds_qwen_vision.launcher "$@" ${demo_dir:+--model-dir "$demo_dir"} "${no_http[@]}") || exit $?  # 2: refused
 eval "$plan"  # launcher_args=(...) master_port=N lock_gpus=(...)
 # One lock per GPU, held (flock, on an fd this shell and the launcher inherit) until the deployment is gone,
 # even by kill -9: a second deployment naming a GPU in use is refused instead of running out of memory.

@@ -358,7 +358,7 @@ def baseline_main(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="this run's JSON (required unless --collect)")
     p.add_argument("--baseline", choices=["eager", "static"], default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -381,6 +381,8 @@ def main() -> None:
     args = p.parse_args()
     if args.collect:
         collect(args)
+    elif args.out is None:
+        p.error("--out is required")
     else:
         baseline_main(args) if args.baseline else engine_main(args)
 
@@ -402,8 +404,8 @@ def collect(args) -> None:
                    "floor_ms": r0["floor_ms"], "decode_over_floor": r0["decode_ms_per_token"] / r0["floor_ms"],
                    "ttft_text512_ms": g("ttft_text512_ms"), "ttft_image1024_text256_ms": g("ttft_image1024_text256_ms"),
                    "streams16_tokens_per_s": g("streams_tokens_per_s"), "step16_ms": g("streams_decode_step_ms"),
-                   "step16_over_step1": g("streams_decode_step_ms") and g("streams_decode_step_ms") / r0["decode_ms_per_token"],
-                   "peak_reserved_gib": max((x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]), default=None) or None,
+                   "step16_over_step1": (g("streams_decode_step_ms") or 0) / r0["decode_ms_per_token"] or None,
+                   "peak_reserved_gib": max(x.get("peak_reserved_gib_8k_image") or 0 for x in r["ranks"]) or None,
                    "partial": bool(r.get("partial"))}
             row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
             rows.append(row)

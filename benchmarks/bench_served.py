@@ -11,7 +11,8 @@
 
 Steps, all on the same real-format checkpoint (built once, random weights, `checkpoint.build_checkpoint`):
 - build: the checkpoint (cached: a second build returns at once);
-- prebuild: `launch.sh --prebuild` on an empty compile cache (OUT/compile-cache): a fresh machine's
+- prebuild: `launch.sh --prebuild` on an empty compile cache ($DSQV_CACHE_DIR/bench-served/compile-cache,
+  kept between calls like the checkpoint, default ~/.cache/ds-qwen-vision): a fresh machine's
   start-up, load + warm-up with every compilation and autotune, timed (`startup_cold_s`);
 - bench: the runner alone (a subprocess, the baseline): one stream's decode step with the host reading
   every token, and `--streams` prompts served by a tight loop scheduled like Engine.plan (no HTTP, no
@@ -175,7 +176,7 @@ def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]
                       "max_gap_steps": args.max_gap_steps, "max_images_per_request": 1}}
     path = workdir / f"{tag}.json"
     path.write_text(json.dumps(cfg))
-    env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.out / "compile-cache"))
+    env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.keep / "compile-cache"))
     for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         env.pop(k, None)
     return path, env
@@ -184,14 +185,16 @@ def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]
 def prebuild_main(args) -> dict:
     """A fresh machine's start-up: launch.sh --prebuild on an empty compile cache."""
     work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
-    shutil.rmtree(args.out / "compile-cache", ignore_errors=True)
+    if not args.keep_cache:
+        shutil.rmtree(args.keep / "compile-cache", ignore_errors=True)
     path, env = server_config(args, work, "prebuild", free_port())
     t = time.perf_counter()
     proc = subprocess.run([str(REPO / "launch.sh"), "--prebuild", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     out = {"startup_cold_s": time.perf_counter() - t, "returncode": proc.returncode,
+           "cache_emptied_first": not args.keep_cache,
            "warmup_log": [line for line in proc.stderr.splitlines() if "warm-up" in line or "loaded" in line]}
-    (args.out / "prebuild.json").write_text(json.dumps(out, indent=1))
+    (args.keep / "prebuild.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1), flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"launch.sh --prebuild exited {proc.returncode}\n{proc.stderr[-6000:]}")
@@ -316,7 +319,7 @@ def served_main(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for the results JSON (and the compile cache)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the results JSON")
     p.add_argument("--step", default="all", choices=["build", "prebuild", "bench", "all"])
     p.add_argument("--preset", default="27b", help="checkpoint.PRESETS widths")
     p.add_argument("--layers", type=int, default=16, help="text layers (a multiple of 4; 0: the preset's)")
@@ -330,12 +333,18 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
     p.add_argument("--max-gap-steps", type=float, default=3.0, help="limits.max_gap_steps")
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--keep-cache", action="store_true",
+                   help="prebuild: keep what OUT/compile-cache holds (to finish a prebuild cut short)")
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--runner-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.runner_out:
         return runner_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    # What later steps need (the compile cache, the cold start's figures) lives outside --out, which may be
+    # a fresh folder per call (the device tool's $OUT); the checkpoint too.
+    args.keep = Path(os.environ.get("DSQV_CACHE_DIR", Path.home() / ".cache/ds-qwen-vision")) / "bench-served"
+    args.keep.mkdir(parents=True, exist_ok=True)
     args.layers = args.layers or None
     args.model = checkpoint(args)
     if args.step == "build":
@@ -344,8 +353,8 @@ def main() -> None:
         prebuild_main(args)
         if args.step == "prebuild":
             return
-    cold = json.loads((args.out / "prebuild.json").read_text()) if (args.out / "prebuild.json").exists() else {}
-    runner_json = args.out / "runner-alone.json"
+    cold = json.loads((args.keep / "prebuild.json").read_text()) if (args.keep / "prebuild.json").exists() else {}
+    runner_json = args.keep / "runner-alone.json"
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--model", str(args.model),
                     "--runner-out", str(runner_json)], check=True,
@@ -360,6 +369,7 @@ def main() -> None:
         {"run": f"ds-qwen-vision served (launch.sh + HTTP streaming clients), {args.preset} widths, {layers} layers",
          "decode_ms_per_token": served["served_ms_per_token"], "floor_ms": runner.get("floor_ms"),
          "startup_s": served["startup_s"], "startup_cold_s": cold.get("startup_cold_s"),
+         "startup_cold_cache_emptied_first": cold.get("cache_emptied_first"),
          "startup_phases_s": served["startup_phases_s"],
          "first_request_ttft_s": served["first_request_ttft_s"], "warm_request_ttft_s": served["warm_request_ttft_s"],
          "served_ms_per_token": served["served_ms_per_token"], "runner_ms_per_token": runner["runner_ms_per_token"],

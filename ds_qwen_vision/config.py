@@ -121,6 +121,16 @@ class SamplingConfig(_Section):
     generation_config_defaults: bool = True
 
 
+class CacheConfig(_Section):
+    """Device memory per rank kept across requests for multi-turn chats (0 turns a cache off). Both are
+    LRU within their budget; entries are copies, so evicting one never touches a running sequence."""
+    # Snapshots of prompt prefixes (GDN conv + recurrent state and the attention KV of the prefix), one per
+    # prompt at the start of its generation prompt: the next turn of the chat continues from there.
+    prefix_bytes: int = Field(1 << 30, ge=0)
+    # The vision tower's output per image (content hash + grid): images re-sent each turn are not re-encoded.
+    image_bytes: int = Field(256 << 20, ge=0)
+
+
 class SecurityConfig(_Section):
     # The NAME of the env var holding the bearer key: the key itself never sits in a config file.
     api_key_env: str | None = Field(None, min_length=1)
@@ -168,6 +178,7 @@ class DeployConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)

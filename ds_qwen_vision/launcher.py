@@ -152,15 +152,17 @@ def hostfile_args(path: str, tp: int) -> tuple[list[str], list[str]]:
     return ["--hostfile", path, "--master_addr", first], problems
 
 
-def plan_launch(cfg: DeployConfig, model_dir: Path | None, environ: dict[str, str] | None = None) -> LaunchPlan:
+def plan_launch(cfg: DeployConfig, model_dir: Path | None, environ: dict[str, str] | None = None,
+                serves_http: bool = True) -> LaunchPlan:
     """The launcher's arguments for ``cfg``; ConfigError naming every problem. ``model_dir`` None: skip the
-    checkpoint's check (nothing to read yet)."""
+    checkpoint's check (nothing to read yet). ``serves_http`` False (launch.sh --prebuild: no front): the
+    HTTP port is not checked."""
     env = os.environ if environ is None else environ
     tp = cfg.tensor_parallel.tp_size
     problems: list[str] = []
     if model_dir is not None:
         problems += heads_problems(model_dir, tp)
-    if port_in_use(cfg.server.host, cfg.server.port):
+    if serves_http and port_in_use(cfg.server.host, cfg.server.port):
         problems.append(f"server.port: {cfg.server.host}:{cfg.server.port} is taken (Address already in use); "
                         "another deployment? set server.port (--port)")
     master_port = cfg.tensor_parallel.master_port or (int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None)
@@ -191,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_cli_args(argparse.ArgumentParser(
         prog="python -m ds_qwen_vision.launcher", description="The deepspeed launcher's arguments, as bash."))
     parser.add_argument("--model-dir", metavar="DIR", help="the checkpoint to check tp against (default: --model)")
+    parser.add_argument("--no-http", action="store_true", help="no HTTP front will start: do not check its port")
     ns = parser.parse_args(argv)
     try:
         cfg = config_from_args(ns)
         model_dir = ns.model_dir or (None if cfg.is_demo else cfg.model)
-        plan = plan_launch(cfg, Path(model_dir) if model_dir else None)
+        plan = plan_launch(cfg, Path(model_dir) if model_dir else None, serves_http=not ns.no_http)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

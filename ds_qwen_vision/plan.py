@@ -31,6 +31,19 @@ class Prefill:
     pixels_shape: tuple[int, int] | None = None  # the processor's pixel_values, broadcast at start == 0
     start: int = 0                 # this step runs prompt tokens [start, end); start > 0 continues a prompt
     end: int | None = None         # None: to the end of the prompt
+    # Prefix reuse (engine/prefix_cache.py decides, runner/snapshots.py does): restore = a snapshot whose
+    # state is copied into the slot first, the prompt then continuing at start (= its length); save = after
+    # this chunk, keep a snapshot of the slot's state under this id (its length: end).
+    restore: int | None = None
+    save: int | None = None
+    # Image embedding cache (runner/image_cache.py), per image of image_grid_thw: its key (None: not cached)
+    # and where its embeddings come from: "encode" (the vision tower; its pixels are in the broadcast, and a
+    # keyed one is then kept), "cache", or "skip" (wholly inside a restored prefix: never looked at).
+    image_keys: list[str | None] = field(default_factory=list)
+    image_source: list[str] = field(default_factory=list)
+    # A snapshot job (prefix_cache.PrefixCache.finished) in a slot no sequence holds: restore, prefill, save,
+    # and keep nothing else (no logits, no pending prompt).
+    snapshot_only: bool = False
 
 
 @dataclass
@@ -43,6 +56,8 @@ class StepPlan:
     # adds its own drafts on device (identical on every rank).
     accept: list[tuple[int, int]] = field(default_factory=list)
     verify: list[tuple[int, list[int]]] = field(default_factory=list)
+    evict_snapshots: list[int] = field(default_factory=list)  # dropped before this step's prefills
+    evict_images: list[str] = field(default_factory=list)
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
     stop: bool = False             # followers leave their loop
     reset: bool = False            # zero every slot's state (the end of warm-up: nothing leaks into requests)

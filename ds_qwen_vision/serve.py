@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     from .engine import Engine
     from .runner.warmup import warm_up
 
-    engine = Engine(runner, channel, processor, config.limits, config.sampling.generation_config_defaults)
+    engine = Engine(runner, channel, processor, config.limits, config.sampling.generation_config_defaults,
+                    cache=config.cache)
     engine.phase = "warming_up"
     if ipc is not None:
         ipc.handler = engine  # health and requests from now on: 503s with the phase until ready

@@ -213,8 +213,8 @@ def fuse_projections(model) -> None:
 
     Runs after sharding (on this rank's shards; the cut is the table's, see verify_shards) and before
     loading. Values are kept, so it also works on a model that already holds weights. Meta weights are
-    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute, not a parameter: parameters() still counts each
-    weight once, through its member.
+    left alone. Transient memory: one layer's group at a time. The fused weight is a plain attribute,
+    not a parameter: parameters() still counts each weight once, through its member.
     """
     for layer in decoder_layers(model):
         for kind, members in FUSED_PROJECTIONS.items():

@@ -37,6 +37,7 @@ def test_defaults():
             lim.max_queue) == (8, 16_777_216, 8192, 1024, 64)
     assert cfg.security.api_key_env is None and cfg.api_key() is None
     assert cfg.security.allowed_image_url_prefixes == []
+    assert (cfg.cache.prefix_bytes, cfg.cache.image_bytes) == (1 << 30, 256 << 20)
 
 
 def test_demo_file_is_the_defaults():
@@ -104,6 +105,9 @@ def test_every_problem_is_listed_with_its_path(tmp_path):
     ({"served_model_name": ""}, "served_model_name: String should have at least 1 character"),
     ({"security": {"api_key_env": ""}}, "security.api_key_env: String should have at least 1 character"),
     ({"tensor_parallel": {"tp_size": True}}, "tensor_parallel.tp_size: Input should be a valid integer"),
+    ({"cache": {"prefix_bytes": -1}}, "cache.prefix_bytes: Input should be greater than or equal to 0"),
+    ({"cache": {"image_bytes": "1G"}}, "cache.image_bytes: Input should be a valid integer"),
+    ({"cache": {"prefix_gb": 1}}, "cache.prefix_gb: unknown key"),
 ])
 def test_bad_values(tmp_path, raw, expected):
     with pytest.raises(ConfigError, match=None) as e:

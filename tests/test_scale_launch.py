@@ -97,6 +97,9 @@ def test_the_launcher_refuses_what_cannot_start(tiny_ckpt):
         "CUDA_VISIBLE_DEVICES=0,1 has 2 GPUs for tensor_parallel.tp_size 3",
     ]:
         assert expected in msg, msg
+        # A prebuild (no front) does not need the HTTP port.
+        cfg = load_config(None, {"port": port})
+        assert plan_launch(cfg, ckpt, environ={}, serves_http=False).launcher_args[:2] == ["--num_gpus", "2"]
     with pytest.raises(ConfigError, match="model: cannot read .*nowhere/config.json"):
         plan_launch(load_config(None, {}), Path("/nowhere"), environ={})
     with pytest.raises(ConfigError, match="not a list of GPU numbers"):

@@ -125,7 +125,7 @@ def test_replicas_behind_the_proxy_lose_nothing_when_one_is_killed_and_one_drain
     for d in dirs.values():
         d.mkdir()
     with ThreadPoolExecutor(2) as pool:  # both load at once
-        a, b = pool.map(lambda d: start_server(d, CONFIG), [dirs["a"], dirs["b"]])
+        a, b = pool.map(lambda d: start_server(d, CONFIG, timeout=300), [dirs["a"], dirs["b"]])
     servers = [a, b]
     proxy = Proxy(tmp_path, [a.port, b.port])
     try:
@@ -172,7 +172,7 @@ def test_replicas_behind_the_proxy_lose_nothing_when_one_is_killed_and_one_drain
         proxy.wait_state("r1", "DOWN", 10)
         t_a_out = time.monotonic()
         time.sleep(2)
-        a2 = start_server(dirs["a2"], CONFIG, port=a.port)  # its supervisor restarts it on its port
+        a2 = start_server(dirs["a2"], CONFIG, timeout=300, port=a.port)  # its supervisor restarts it on its port
         servers.append(a2)
         proxy.wait_state("r1", "UP", 20)
         t_a_back = time.monotonic()

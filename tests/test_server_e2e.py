@@ -678,11 +678,13 @@ def test_concurrent_requests_answer_as_sequential(client, ref):
 
     def ask(messages, kwargs):
         resp = greedy(client, messages, template_kwargs=kwargs)
-        return reasoning_of(resp.choices[0].message) or "", resp.choices[0].message.content, resp.usage
+        u = resp.usage  # cached_tokens left out: the second time round the prompts continue the first's
+        return reasoning_of(resp.choices[0].message) or "", resp.choices[0].message.content, \
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens), u.prompt_tokens_details.cached_tokens
 
     sequential = [ask(m, k) for m, k in requests_]
     assert len({s[:2] for s in sequential}) == len(requests_)  # four different answers
-    for (messages, kwargs), (reasoning, content, _) in zip(requests_, sequential, strict=True):
+    for (messages, kwargs), (reasoning, content, *_) in zip(requests_, sequential, strict=True):
         expected = ref.generate(messages, template_kwargs=kwargs)[2]
         assert (reasoning, content) == (split_thinking(expected) if kwargs == {} else ("", expected))
 
@@ -694,7 +696,8 @@ def test_concurrent_requests_answer_as_sequential(client, ref):
 
     with ThreadPoolExecutor(len(requests_)) as pool:
         concurrent = list(pool.map(lambda r: together(*r), requests_))
-    assert concurrent == sequential
+    assert [c[:3] for c in concurrent] == [s[:3] for s in sequential]
+    assert all(c[3] > 0 for c in concurrent)  # each prompt was held from its sequential run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,3 +855,51 @@ def test_generation_config_defaults_apply_and_are_overridable(client, base):
     omitted = [text(s) for s in seeds]
     assert omitted == [text(s, temperature=0.6, top_p=0.95, extra_body={"top_k": 20}) for s in seeds]
     assert omitted != [text(s, temperature=1.0, top_p=1.0, extra_body={"top_k": -1}) for s in seeds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn: prefix reuse and the image embedding cache (on in the default config), at tp=2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multi_turn_reuses_the_previous_turn(client, base, ref):
+    """Each turn continues from the previous turn's prompt (cached_tokens = what the two prompts share up
+    to the previous one's generation prompt, from the reference processor's ids); answers = transformers';
+    an edited image gets no hit. Turn 1 thinks (the template's default), later turns do not: the reused
+    prefix ends before the generation prompt, where the two differ."""
+    x, y = encode(noise(64, 48, seed=21), "PNG"), encode(noise(48, 64, seed=22), "PNG")
+    black = encode(Image.new("RGB", (64, 48)), "PNG")  # x's size: the same token ids, other pixels
+    turn1 = [user([image(x), text("Name the colours you see.")])]
+    turn2 = turn1 + [{"role": "assistant", "content": "Grey, mostly."}, user([text("And here?"), image(y)])]
+    turn3 = turn2 + [{"role": "assistant", "content": "Blue."}, user("Which one is darker?")]
+    edited = [user([image(black), text("Name the colours you see.")])] + turn2[1:]
+    im_start = ref.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    def shared(previous, kw_previous, messages) -> int:
+        old = ref.inputs(previous, kw_previous)["input_ids"][0].tolist()
+        new = ref.inputs(messages, NO_THINKING)["input_ids"][0].tolist()
+        b = max(i for i, t in enumerate(old) if t == im_start)
+        return b if new[:b] == old[:b] else 0
+
+    before = scrape(base)
+    resp = greedy(client, turn1)
+    assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == \
+        split_thinking(ref.generate(turn1)[2])
+    assert resp.usage.prompt_tokens_details.cached_tokens == 0
+    for previous, kw, messages in ((turn1, None, turn2), (turn2, NO_THINKING, turn3)):
+        stream = greedy(client, messages, template_kwargs=NO_THINKING, stream=True,
+                        stream_options={"include_usage": True})
+        chunks = list(stream)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content == ref.generate(messages, template_kwargs=NO_THINKING)[2]
+        cached = shared(previous, kw, messages)
+        assert cached > 64 and chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    assert ref.generate(edited, template_kwargs=NO_THINKING)[2] != ref.generate(turn2, template_kwargs=NO_THINKING)[2]
+    resp = greedy(client, edited, template_kwargs=NO_THINKING)
+    assert resp.choices[0].message.content == ref.generate(edited, template_kwargs=NO_THINKING)[2]
+    assert resp.usage.prompt_tokens_details.cached_tokens == 0
+    after = scrape(base)
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert delta[("dsqv_prefix_cache_hits_total", ())] == 2
+    assert delta[("dsqv_image_cache_hits_total", ())] == 1  # y in the edited turn; x was inside reused prefixes
+    assert delta[("dsqv_image_cache_misses_total", ())] == 3  # x, y, black

@@ -16,6 +16,7 @@ first; with speculative decoding (engine/speculative.py) every step runs synchro
 from __future__ import annotations
 
 import base64
+import copy
 import itertools
 import math
 import queue
@@ -31,6 +32,7 @@ from ..model import log, open_image
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
+from .prefix_cache import PrefixCache, PromptKeys
 from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
 from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
@@ -76,6 +78,7 @@ class Sequence:
     group: list = field(default_factory=list, repr=False, compare=False)  # the request's sequences, this one too
     pending_logprobs: list = field(default_factory=list)  # of tokens whose text is not out yet
     spec: object = None             # speculative decoding state (engine/speculative.SeqSpec)
+    prefix: PromptKeys | None = None  # prefix reuse + image cache (prefix_cache.py); None: caches off
     # Constrained decoding (engine/grammar.py): this row's next-token mask needs its previous token
     # accepted first, so a constrained row decodes one token a step (no drafts) and a step holding one
     # is synchronous (`Engine.synchronous`): the previous step's tokens are read before it is launched.
@@ -114,7 +117,8 @@ def to_host(picked: Picked) -> tuple[Picked, object]:
 
 
 class Engine:
-    def __init__(self, runner, channel, processor, limits, generation_config_defaults: bool = True):
+    def __init__(self, runner, channel, processor, limits, generation_config_defaults: bool = True,
+                 cache=None):
         self.runner, self.channel, self.processor, self.limits = runner, channel, processor, limits
         self.tokenizer = processor.tokenizer
         self.max_slots = runner.max_slots  # sequences generated together; new ones join at step boundaries
@@ -168,6 +172,8 @@ class Engine:
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
         spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
         self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
+        # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
+        self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -220,8 +226,11 @@ class Engine:
         except Exception as e:  # the template raises for conversations it cannot render (e.g. role order)
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         try:
-            pil = [open_image(b) for b in images]
-            inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt", **self.image_device)
+            if self.prefix_cache.enabled:  # images the ranks hold embeddings of are not processed again
+                inputs = self.prefix_cache.process(self.processor, prompt, images, self.image_device)
+            else:
+                pil = [open_image(b) for b in images]
+                inputs = self.processor(text=[prompt], images=pil or None, return_tensors="pt", **self.image_device)
         except Exception as e:
             raise RequestError(400, f"the image processor could not read an image: {e}", "messages",
                                "invalid_image") from None
@@ -260,7 +269,8 @@ class Engine:
             parser = ToolCallParser(tools, request.get("parallel_tool_calls", True)) if tools else None
             group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
                                   sampling, stream, events, generator, index=index, group=group,
-                                  grammar=self.grammars.matcher(compiled), tools=parser))
+                                  grammar=self.grammars.matcher(compiled), tools=parser,
+                                  prefix=copy.copy(inputs.get("prefix"))))  # each its own reuse state
         return group[0]
 
     def generate(self, request: dict):
@@ -390,12 +400,15 @@ class Engine:
         """Every generating sequence decodes one token; prompts are prefilled within a token budget per
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
+        self.prefix_cache.begin_plan(plan)
         budget = self.prefill_budget + self.prefill_overhead  # the first prefill's overhead is in the budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
                 del self.running[slot]  # the slot's next prefill overwrites its state
+                if job := self.prefix_cache.finished(plan, seq):  # a snapshot job in the slot it left, if deferred
+                    budget -= job + self.prefill_overhead
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
             elif self.spec is not None:
@@ -417,6 +430,7 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
             if self.spec is not None:
                 self.spec.start(seq)
                 if seq.grammar is not None:  # each token's mask needs the token before it: no drafts
@@ -428,17 +442,22 @@ class Engine:
         self.m_inflight.set(len(self.running))
         return plan
 
-    @staticmethod
-    def schedule_prefill(plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
+    def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
         """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns what it costs
         of the step's budget: its length plus `overhead` (nothing when no chunk fits)."""
         start = seq.prefilled
         end = min(len(seq.input_ids), start + budget)
         if end <= start:
             return 0
-        first = start == 0 and seq.pixel_values is not None
-        plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if start == 0 else [],
-                                    tuple(seq.pixel_values.shape) if first else None, start, end))
+        begins = start == (seq.prefix.cached if seq.prefix else 0)  # the sequence's first chunk
+        first = begins and seq.pixel_values is not None
+        item = Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if begins else [],
+                       tuple(seq.pixel_values.shape) if first else None, start, end)
+        # prefix reuse / image cache: restore, snapshot (the chunk split there), only uncached images' pixels
+        items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None)
+        if begins:
+            seq.pixel_values = pixels
+        plan.prefill.extend(items)
         seq.prefilled = end
         if end == len(seq.input_ids):
             seq.in_flight += 1  # the prompt's last chunk gives the first token
@@ -629,7 +648,8 @@ class Engine:
         generated = sum(s.generated for s in seq.group)
         seq.events.put({"event": "done", "finish_reason": reason,
                         "usage": {"prompt_tokens": n_prompt, "completion_tokens": generated,
-                                  "total_tokens": n_prompt + generated}})
+                                  "total_tokens": n_prompt + generated,
+                                  "prompt_tokens_details": {"cached_tokens": seq.prefix.cached if seq.prefix else 0}}})
         self.m_requests.labels("completed").inc()
 
     def fail(self, why: str, code: str = "engine_down") -> None:

@@ -28,7 +28,9 @@ from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
+from .image_cache import ImageEmbeddingCache
 from .slot_state import CacheView, SlotState
+from .snapshots import SnapshotStore
 from .warmup import decode_class, prefill_classes, vision_class
 
 
@@ -60,6 +62,10 @@ class ModelRunner:
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunked prefill: embeds, positions
+        # Prefix reuse and image embeddings kept across requests; what they hold is the plan's say (rank 0).
+        self.snapshots = SnapshotStore(self.state)
+        vision = self.config.vision_config
+        self.images = ImageEmbeddingCache(vision.out_hidden_size, vision.spatial_merge_size, self.dtype)
         # Decode inputs at fixed addresses, for the graphs: token, cache position, M-RoPE position, active.
         self.step_in = torch.zeros((4, max_slots), dtype=torch.long, device=device)
         # The token each slot feeds next when a plan says FROM_DEVICE: rank 0 samples into it and every
@@ -159,7 +165,7 @@ class ModelRunner:
     def pixels(self, item: Prefill, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
         """The prompt's image pixels on every rank: rank 0 has them (the engine ran the processor), the
         others receive them over the model's collective group, so every rank encodes the same pixels."""
-        if not item.image_grid_thw:
+        if item.pixels_shape is None:  # no images, or none to encode (image cache, restored prefix)
             return None
         if pixel_values is not None:
             pixels = pixel_values.to(self.device, self.dtype)  # the vision tower casts to its dtype anyway
@@ -176,8 +182,10 @@ class ModelRunner:
         end = n_prompt if item.end is None else item.end
         if n_prompt >= self.max_len:
             raise ValueError(f"prompt of {n_prompt} tokens does not fit a slot of {self.max_len}")
-        if item.start == 0:  # a new sequence: embeddings (images merged in) and positions for the whole prompt
+        if item.start == 0 or item.restore is not None:  # a new sequence: embeddings + positions, whole prompt
             self.pending[item.slot] = self.prompt_inputs(item, self.pixels(item, pixel_values))
+            if item.restore is not None:  # a reused prefix: its state instead of prefilling [0, start)
+                self.length[item.slot] = self.snapshots.restore(item.restore, item.slot)
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
         self.shapes |= prefill_classes(item.start, end - item.start, self.gdn_heads)
@@ -198,6 +206,11 @@ class ModelRunner:
         self.length[item.slot] = end
         if self.spec is not None:  # the MTP head's KV over this chunk
             self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)
+        if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
+            self.snapshots.save(item.save, item.slot, end)
+        if item.snapshot_only:
+            del self.pending[item.slot]
+            return None
         if end < n_prompt:
             return None
         del self.pending[item.slot]
@@ -210,21 +223,48 @@ class ModelRunner:
         ids = torch.tensor([item.input_ids], device=self.device)
         embeds = inner.get_input_embeddings()(ids)
         grid = None
-        if pixels is not None:
-            self.shapes.add(vision_class(item.image_grid_thw))
+        if item.image_grid_thw:
             grid = torch.tensor(item.image_grid_thw, device=self.device)
-            image = torch.cat(inner.get_image_features(pixels, grid, return_dict=True).pooler_output, dim=0)
+            image = self.image_embeddings(item, pixels)
             image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
             embeds = embeds.masked_scatter(image_mask, image.to(embeds.dtype))
         # M-RoPE positions on the host (they depend on the ids and grids only): reading the position delta
         # off the device would make the host wait for every step in flight.
         ids_host = torch.tensor([item.input_ids])
         mm_types = (ids_host == self.config.image_token_id).int()
-        grid_host = torch.tensor(item.image_grid_thw) if pixels is not None else None
+        grid_host = torch.tensor(item.image_grid_thw) if item.image_grid_thw else None
         positions, delta = inner.get_rope_index(ids_host, mm_types, image_grid_thw=grid_host)
         self.rope_delta[item.slot] = int(delta.view(-1)[0])
         self.length[item.slot] = 0
         return embeds, positions.to(self.device, non_blocking=True)
+
+    def image_embeddings(self, item: Prefill, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Every image's embeddings, in prompt order ([image tokens, hidden]): the vision tower's for the
+        images the plan says to encode (their pixels, in order, are `pixels`), the image cache's for the
+        others; images inside a restored prefix are never read, so zeros stand in for them."""
+        grids = item.image_grid_thw
+        sources = item.image_source or ["encode"] * len(grids)
+        keys = item.image_keys or [None] * len(grids)
+        encode = [i for i, source in enumerate(sources) if source == "encode"]
+        encoded = {}
+        if encode:
+            self.shapes.add(vision_class([grids[i] for i in encode]))
+            grid = torch.tensor([grids[i] for i in encode], device=self.device)
+            features = self.model.model.get_image_features(pixels, grid, return_dict=True).pooler_output
+            for i, embeds in zip(encode, features, strict=True):
+                encoded[i] = embeds
+                if keys[i] is not None:  # its own storage: a view would keep the whole batch's output alive
+                    self.images.put(keys[i], embeds.clone())
+        parts = []
+        for i, source in enumerate(sources):
+            if source == "cache":
+                parts.append(self.images.get(keys[i]))
+            elif source == "skip":
+                parts.append(torch.zeros(self.images.tokens(grids[i]), self.images.hidden, dtype=self.dtype,
+                                         device=self.device))
+            else:
+                parts.append(encoded[i])
+        return torch.cat(parts, dim=0)
 
     # ---- steps ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -240,6 +280,10 @@ class ModelRunner:
         logits = {}
         if plan.accept:  # the previous step's verified tokens that were accepted: before anything else
             self.spec.accept(plan.accept)
+        for snapshot_id in plan.evict_snapshots:  # rank 0 never evicts what this plan restores or saves
+            self.snapshots.evict(snapshot_id)
+        for key in plan.evict_images:
+            self.images.evict(key)
         for item in plan.prefill:
             row = self.prefill(item, (pixels or {}).get(item.slot))
             if row is not None:

@@ -151,12 +151,15 @@ class WarmUp:
         longest = min(limits.max_prompt_tokens, engine.context_len - 1)
         cap = min(limits.prefill_chunk_tokens, longest)
         x16 = max(16, cap // 16 * 16)
-        cont = max(16, min(x16, (longest - 16) // 16 * 16))  # continuing chunks start at 16
+        # On a GPU each class runs at its largest length: the largest is also the peak of the prefill's
+        # workspace, met here rather than by a request. On CPU (nothing is autotuned, memory is elastic)
+        # the smallest, which keeps a CPU demo's start-up short.
+        largest = runner.device.type == "cuda"
+        cont = max(16, min(x16, (longest - 16) // 16 * 16)) if largest else 16  # continuing chunks start at 16
         stages = []
-        # Prefill: each class at its largest length (the largest is also the peak of the prefill's workspace).
         # A first chunk of 1 token happens too: a new prompt gets what is left of a step's budget.
         first, covered = [], set()
-        for n in range(cap, 0, -1):
+        for n in (range(cap, 0, -1) if largest else range(1, cap + 1)):
             classes = prefill_classes(0, n, runner.gdn_heads)
             if not classes <= covered:
                 first.append(n)
@@ -169,8 +172,9 @@ class WarmUp:
             stages.append((f"prefill, continuing chunk of {n}", lambda n=n: self.prompt(16, n)))
         if limits.max_images_per_request > 0:
             stages.append(("vision tower, smallest image", lambda: self.image(small=True, budget=cap)))
-            stages.append(("vision tower, largest image within the limits", lambda: self.image(small=False,
-                                                                                               budget=cap)))
+            if largest:
+                stages.append(("vision tower, largest image within the limits",
+                               lambda: self.image(small=False, budget=cap)))
         for b in reversed(runner.batch_sizes):
             plan = StepPlan(decode=[(s, FROM_DEVICE) for s in range(b)])
             stages.append((f"decode batch {b}", lambda plan=plan: [self.run_plan(plan) for _ in range(2)]))
@@ -181,7 +185,7 @@ class WarmUp:
         def timing():
             full = StepPlan(decode=[(s, FROM_DEVICE) for s in range(runner.max_slots)])
             decode_s = statistics.median(self.run_plan(full) for _ in range(5))
-            sizes = sorted({min(64, x16), x16})
+            sizes = sorted({min(64, x16), x16 if largest else min(x16, 256)})
             prefill_s = {n: min(self.prompt(n)[0] for _ in range(2)) for n in sizes}
             return decode_s, prefill_s
 

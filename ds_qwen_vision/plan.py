@@ -97,7 +97,9 @@ class ControlChannel:
                 h[0] = _STOP
             elif plan.heartbeat and not (plan.prefill or plan.decode or plan.reset or plan.verify or plan.accept):
                 h[0] = _HEARTBEAT
-            elif not (plan.prefill or plan.reset or plan.verify or plan.accept) and len(plan.decode) <= s:
+            # Only a plan that is decode tokens and nothing else fits the tensor: any other field (evictions,
+            # snapshot jobs, anything added later) sends the whole plan pickled, so nothing is ever dropped.
+            elif plan == StepPlan(decode=list(plan.decode)) and len(plan.decode) <= s:
                 h[0], h[1] = _DECODE, len(plan.decode)
                 if plan.decode:
                     h[2:2 + 2 * s].view(2, s)[:, :len(plan.decode)] = torch.tensor(plan.decode).T

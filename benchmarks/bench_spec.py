@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_qwen_vision.checkpoint import make_config  # noqa: E402
+from bench_27b import randomize  # noqa: E402  (the same random weights as the decode benchmark)
 
 PROFILES = {"forced 0%": (0.0,), "forced 88/77/66%": (0.88, 0.77 / 0.88, 0.66 / 0.77), "forced 100%": (1.0,)}
 
@@ -61,19 +62,6 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float | None:
     del a, b
     torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(times)
-
-
-@torch.no_grad()
-def randomize(model, seed: int) -> None:
-    """Random weights (as benchmarks/bench_27b.py): matrices ~N(0, 1/fan_in), norms and GDN vectors non-trivial."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            p.uniform_(1.0, 16.0, generator=gen).log_()
-        elif p.dim() == 1:
-            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
-        else:
-            p.normal_(0.0, (p[0].numel()) ** -0.5, generator=gen)
 
 
 class Oracle:

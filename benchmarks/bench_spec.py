@@ -22,6 +22,7 @@ benchmarks/results/DATE-CARD-tp1-spec.json (rows with run, decode_ms_per_token, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -29,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -276,8 +278,39 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     label = "random weights: acceptance (and so this figure) depends on content"
+    date = datetime.datetime.now(datetime.timezone.utc)
+    name = card.replace("NVIDIA ", "").replace(" ", "-")
+    out_path = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp1-spec.json"
+
+    def write(partial: bool) -> None:
+        # written after every row: a run cut short by a time limit still leaves what it measured
+        result = {"date": date.isoformat(timespec="seconds"), "card": card, "command": " ".join(["python"] + sys.argv),
+                  "tp": 1, "preset": args.preset, "dtype": str(dtype).removeprefix("torch."),
+                  "prompt_tokens": n_prompt, "output_tokens": args.tokens, "partial": partial, "rows": rows}
+        text = json.dumps(result, indent=1)
+        if not partial:
+            print(text)
+        if not args.no_write:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(text + "\n")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(partial=True)
+
+    @contextlib.contextmanager
+    def guarded(what: str):
+        # one failing part (a first run of a CUDA-only path) must not cost the rest of the call's figures
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            add({"run": what, "error": f"{type(e).__name__}: {e}", "decode_ms_per_token": None, "floor_ms": floor_ms})
+
     if device.type == "cuda":
-        rows.append(gdn_paths_agree(model, device))
+        with guarded("GDN paths agree"):
+            add(gdn_paths_agree(model, device))
 
     def runner(method="none", k=1):
         return ModelRunner(model, device, max_slots=1, max_len=max_len, speculative={"method": method, "num_tokens": k})
@@ -286,58 +319,62 @@ def main() -> None:
     plain = runner()
     continuation, seconds, _ = generate(plain, prompt, args.tokens + 4, device=device)
     plain_ms = 1e3 * seconds / (args.tokens + 3)
-    rows.append({"run": "ds-qwen-vision tp=1, plain decode step", "decode_ms_per_token": plain_ms, "floor_ms": floor_ms})
+    add({"run": "ds-qwen-vision tp=1, plain decode step", "decode_ms_per_token": plain_ms, "floor_ms": floor_ms})
     del plain
 
-    for k in (1, 3):
-        r = runner("ngram", k)
-        r.run(StepPlan(prefill=[Prefill(0, prompt)]))
-        drafts = continuation[1:k + 1]
-        step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]] + drafts)]), args.repeats, device)
-        verify4_ms = 1e3 * step
-        # no accept between them: every timed verify runs at the same position
-        rows.append({"run": f"verify step, {k + 1} positions (k={k})", "step_ms": 1e3 * step,
-                     "over_plain_step": 1e3 * step / plain_ms, "floor_ms": floor_ms,
-                     "decode_ms_per_token": None})
-        if k == 3:
-            for name, profile in PROFILES.items():
-                index = Oracle(n_prompt, continuation, profile, vocab)
-                out, seconds, stats = generate(r, prompt, args.tokens, index=index, device=device)
-                stats["same_tokens_as_plain"] = same_prefix(out, continuation)
-                rows.append({"run": f"ngram k=3, {name} (drafter handed the target's continuation)",
+    verify4_ms = None
+    with guarded("ngram verify steps and forced acceptance profiles"):
+        for k in (1, 3):
+            r = runner("ngram", k)
+            r.run(StepPlan(prefill=[Prefill(0, prompt)]))
+            drafts = continuation[1:k + 1]
+            step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]] + drafts)]), args.repeats, device)
+            verify4_ms = 1e3 * step
+            # no accept between them: every timed verify runs at the same position
+            add({"run": f"verify step, {k + 1} positions (k={k})", "step_ms": 1e3 * step,
+                         "over_plain_step": 1e3 * step / plain_ms, "floor_ms": floor_ms,
+                         "decode_ms_per_token": None})
+            if k == 3:
+                for name, profile in PROFILES.items():
+                    index = Oracle(n_prompt, continuation, profile, vocab)
+                    out, seconds, stats = generate(r, prompt, args.tokens, index=index, device=device)
+                    stats["same_tokens_as_plain"] = same_prefix(out, continuation)
+                    add({"run": f"ngram k=3, {name} (drafter handed the target's continuation)",
+                                 "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
+                                 "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
+                out, seconds, stats = generate(r, repetitive, args.tokens, index=NgramIndex(repetitive), device=device)
+                add({"run": "ngram k=3, repetitive prompt (a paragraph x4), prompt lookup",
                              "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
-                             "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
-            out, seconds, stats = generate(r, repetitive, args.tokens, index=NgramIndex(repetitive), device=device)
-            rows.append({"run": "ngram k=3, repetitive prompt (a paragraph x4), prompt lookup",
-                         "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
-                         "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label, **stats})
-        del r
+                             "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label, **stats})
+            del r
 
-    r = runner("mtp", 3)
-    r.run(StepPlan(prefill=[Prefill(0, prompt)]))
-    # the served step: the head's 3 drafts and the 4-position verify, one graph on CUDA
-    step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]])]), args.repeats, device)
-    rows.append({"run": "mtp verify step, 4 positions, drafts included (k=3)", "step_ms": 1e3 * step,
-                 "over_plain_step": 1e3 * step / plain_ms, "draft_ms": 1e3 * step - verify4_ms,
-                 "decode_ms_per_token": None, "floor_ms": floor_ms})
-    r.spec._mtp_prepare(1, [0], torch.tensor([continuation[0]]))
-    times = []
-    for _ in range(args.repeats + 3):
-        sync(device)
-        t = time.perf_counter()
-        r.spec._mtp_forward(1)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    rows.append({"run": "MTP draft step alone, eager (k=3 drafts, one row)", "step_ms": 1e3 * statistics.median(times[3:]),
-                 "over_plain_step": 1e3 * statistics.median(times[3:]) / plain_ms, "decode_ms_per_token": None,
-                 "floor_ms": floor_ms})
-    del r
-    r = runner("mtp", 3)
-    out, seconds, stats = generate(r, prompt, args.tokens, device=device)
-    stats["same_tokens_as_plain"] = same_prefix(out, continuation)
-    rows.append({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),
-                 "floor_ms": floor_ms, "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label,
-                 **stats})
+    with guarded("mtp draft and verify"):
+        r = runner("mtp", 3)
+        r.run(StepPlan(prefill=[Prefill(0, prompt)]))
+        # the served step: the head's 3 drafts and the 4-position verify, one graph on CUDA
+        step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]])]), args.repeats, device)
+        add({"run": "mtp verify step, 4 positions, drafts included (k=3)", "step_ms": 1e3 * step,
+                     "over_plain_step": 1e3 * step / plain_ms, "draft_ms": 1e3 * step - verify4_ms if verify4_ms else None,
+                     "decode_ms_per_token": None, "floor_ms": floor_ms})
+        r.spec._mtp_prepare(1, [0], torch.tensor([continuation[0]]))
+        times = []
+        for _ in range(args.repeats + 3):
+            sync(device)
+            t = time.perf_counter()
+            r.spec._mtp_forward(1)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        add({"run": "MTP draft step alone, eager (k=3 drafts, one row)", "step_ms": 1e3 * statistics.median(times[3:]),
+                     "over_plain_step": 1e3 * statistics.median(times[3:]) / plain_ms, "decode_ms_per_token": None,
+                     "floor_ms": floor_ms})
+        del r
+        r = runner("mtp", 3)
+        out, seconds, stats = generate(r, prompt, args.tokens, device=device)
+        stats["same_tokens_as_plain"] = same_prefix(out, continuation)
+        add({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),
+                     "floor_ms": floor_ms, "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label,
+                     **stats})
+    r = None
     del r, model
     gc.collect()  # the runners' hooks and graphs reference the model in cycles
     if device.type == "cuda":
@@ -346,20 +383,11 @@ def main() -> None:
     if not args.no_baseline:
         row = baseline_static(config, device, dtype, prompt, min(args.tokens, 64))
         row["floor_ms"] = floor_ms
-        rows.append(row)
+        add(row)
 
-    date = datetime.datetime.now(datetime.timezone.utc)
-    result = {"date": date.isoformat(timespec="seconds"), "card": card, "command": " ".join(["python"] + sys.argv),
-              "tp": 1, "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": n_prompt,
-              "output_tokens": args.tokens, "rows": rows}
-    text = json.dumps(result, indent=1)
-    print(text)
+    write(partial=False)
     if not args.no_write:
-        name = card.replace("NVIDIA ", "").replace(" ", "-")
-        out = args.results_dir / f"{date:%Y-%m-%d}-{name}-tp1-spec.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(out)
+        print(out_path)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def main() -> None:
               "note": "ttft_vs_cold: ours / cold of the same turn (target <= 0.25). decode_ms_per_token: "
                       "measured after the last turn's reused prefill only; floor_ms: weight bytes / copy bandwidth."}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = card.removeprefix("NVIDIA ").replace(" ", "-").lower()  # as run_2gpu.sh names them: h200
+    slug = card.removeprefix("NVIDIA ").replace(" ", "-")  # H200, as the other benchmarks name their files
     path = args.out / f"{date:%Y-%m-%d}-{slug}-tp1-prefix.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(path)

@@ -261,6 +261,10 @@ class Served:
         self.proc.wait(120)
 
 
+def cached(result: dict) -> int:
+    return ((result["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
 def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
     results = [None] * len(texts)
 
@@ -283,7 +287,7 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
 
 def served_main(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
-    texts = prompts(args.model, args.prompt_tokens, args.streams * 3 + 2)
+    texts = prompts(args.model, args.prompt_tokens, args.streams * 3 + 5)
     out = {}
     server = Served(args, work, "served")
     server.model_name = str(args.model)
@@ -292,12 +296,17 @@ def served_main(args) -> dict:
         out["startup_phases_s"] = server.phases
         first = server.stream(texts[0], 8)
         out["first_request_ttft_s"] = first["times"][0]
-        out["warm_request_ttft_s"] = statistics.median(server.stream(texts[0], 8)["times"][0] for _ in range(3))
+        # "the same request warm": the same shape with new text, so that the prefix cache cannot answer it
+        # (the same text again is a prefix hit: 2026-12-02's run compared 157 ms against a 21 ms hit)
+        warm = [server.stream(texts[2 + i], 8) for i in range(3)]
+        out["warm_request_ttft_s"] = statistics.median(w["times"][0] for w in warm)
+        out["first_request_cached_tokens"] = cached(first)
+        out["warm_request_cached_tokens"] = max(cached(w) for w in warm)
         one = server.stream(texts[1], args.new_tokens)
         n = one["usage"]["completion_tokens"]
         out["served_ms_per_token"] = 1e3 * (one["times"][-1] - one["times"][0]) / max(1, n - 1)
         out["served_one_stream_tokens"] = n
-        bursts = [burst(server, texts[2 + i * args.streams: 2 + (i + 1) * args.streams], args.new_tokens)
+        bursts = [burst(server, texts[5 + i * args.streams: 5 + (i + 1) * args.streams], args.new_tokens)
                   for i in range(3)]
         out["bursts"] = bursts
         out["served_streams_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in bursts)
@@ -372,6 +381,8 @@ def main() -> None:
          "startup_cold_cache_emptied_first": cold.get("cache_emptied_first"),
          "startup_phases_s": served["startup_phases_s"],
          "first_request_ttft_s": served["first_request_ttft_s"], "warm_request_ttft_s": served["warm_request_ttft_s"],
+         "first_request_cached_tokens": served["first_request_cached_tokens"],
+         "warm_request_cached_tokens": served["warm_request_cached_tokens"],
          "served_ms_per_token": served["served_ms_per_token"], "runner_ms_per_token": runner["runner_ms_per_token"],
          f"served_streams{s}_tokens_per_s": served["served_streams_tokens_per_s"],
          f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"],

@@ -373,8 +373,9 @@ def test_server_with_mtp_speculation_answers_like_transformers(tmp_path_factory)
 
 
 def test_a_sequence_whose_drafts_fail_stops_drafting(setup, ngram_runner):
-    """At 0% acceptance the row verifies STOP_AFTER times, then decodes one token a step (plain steps)."""
-    from ds_qwen_vision.engine.speculative import STOP_AFTER
+    """At 0% acceptance the row verifies STOP_EARLY times, then decodes one token a step (plain steps);
+    at a low but non-zero acceptance it verifies STOP_AFTER times."""
+    from ds_qwen_vision.engine.speculative import STOP_AFTER, STOP_EARLY
 
     _, x, expected, long = setup
     n = STOP_AFTER + 6
@@ -382,7 +383,11 @@ def test_a_sequence_whose_drafts_fail_stops_drafting(setup, ngram_runner):
         ref = setup[0].generate(**x[0], max_new_tokens=n + K, do_sample=False)[0, x[0]["input_ids"].shape[1]:].tolist()
     stats = {}
     assert drive(ngram_runner, [(0, 0, x[0])], n, stats=stats, oracle=[ref], profile=(0.0,)) == [ref[:n]]
-    assert stats["drafts"] == STOP_AFTER * K and stats["accepted"] == 0
+    assert stats["drafts"] == STOP_EARLY * K and stats["accepted"] == 0
+    stats = {}
+    # the first draft right, the others wrong: one accepted per verify, above STOP_BELOW: it keeps drafting
+    assert drive(ngram_runner, [(0, 0, x[0])], n, stats=stats, oracle=[ref], profile=(1.0, 0.0)) == [ref[:n]]
+    assert stats["accepted"] > 0 and stats["drafts"] > STOP_EARLY * K
 
 
 def test_launch_refuses_mtp_on_a_checkpoint_without_it(tmp_path):

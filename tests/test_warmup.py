@@ -18,7 +18,7 @@ from ds_qwen_vision.config import LimitsConfig, load_config_json
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
-from ds_qwen_vision.runner.warmup import prefill_budget, warm_up
+from ds_qwen_vision.runner.warmup import gap_bound_reachable, prefill_budget, warm_up
 
 
 class OneRank:
@@ -112,7 +112,32 @@ def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
     assert prefill_budget(0.020, prefill, 3.0, cap=2048) == (592, 200)  # a multiple of 16
     assert prefill_budget(0.020, prefill, None, cap=2048) == (2048, 0)
     assert prefill_budget(0.020, prefill, 100.0, cap=2048) == (2048, 200)
-    assert prefill_budget(0.001, prefill, 3.0, cap=2048) == (64, 200)  # unattainable: the floor
+    assert gap_bound_reachable(0.020, prefill, 3.0)
+    # unattainable (the 10 ms fixed cost alone is over 2 decode steps of 1 ms): chunks no smaller than
+    # that fixed cost in tokens (200, up to a multiple of 16), so it does not multiply
+    assert prefill_budget(0.001, prefill, 3.0, cap=2048) == (208, 200)
+    assert not gap_bound_reachable(0.001, prefill, 3.0)
+    # the H200 figures of 2026-12-02 (27B widths, 8 layers): 64 tokens 15.9 ms, 2048 tokens 25.9 ms, decode
+    # 4.3 ms -> the fixed cost is ~3,100 tokens' worth: whole chunks
+    assert prefill_budget(0.0043, {64: 0.0159, 2048: 0.0259}, 3.0, cap=2048) == (2048, 3090)
+
+
+def test_whole_chunks_when_no_stream_decodes(warmed):
+    """The gap budget protects decoding streams; with none, a new prompt is prefilled in whole chunks."""
+    engine, _ = warmed
+    limits = engine.limits.model_copy(update={"prefill_chunk_tokens": 64})
+    e = Engine(engine.runner, OneRank(), engine.processor, limits)
+    e.prefill_budget, e.prefill_overhead = 16, 0
+    first = e.prepare(request("one two three four five six seven eight nine ten"))
+    assert 16 < len(first.input_ids) <= 64
+    e.waiting.put(first)
+    plan = e.plan()
+    assert [(p.start, p.end) for p in plan.prefill] == [(0, len(first.input_ids))] and not plan.decode
+    second = e.prepare(request("eleven twelve thirteen fourteen fifteen sixteen seventeen"))
+    e.waiting.put(second)
+    plan = e.plan()
+    assert plan.decode  # the first prompt's stream decodes now: the second gets the gap budget
+    assert [(p.start, p.end) for p in plan.prefill] == [(0, 16)]
 
 
 def test_the_scheduler_charges_each_prompt_its_overhead(warmed):

@@ -401,7 +401,11 @@ class Engine:
         step (limits.prefill_chunk_tokens), continuing ones first, then new sequences in free slots."""
         plan = StepPlan()
         self.prefix_cache.begin_plan(plan)
-        budget = self.prefill_budget + self.prefill_overhead  # the first prefill's overhead is in the budget
+        # The per-step budget (limits.max_gap_steps) protects streams that decode; when none does, nothing
+        # waits on this step and prompts get whole chunks (a burst of new requests is prefilled at full rate).
+        decoding = any(not (s.cancelled or s.done) and s.prefilled >= len(s.input_ids) for s in self.running.values())
+        budget = self.prefill_budget if decoding else max(self.prefill_budget, self.limits.prefill_chunk_tokens)
+        budget += self.prefill_overhead  # the first prefill's overhead is in the budget
         for slot, seq in list(self.running.items()):
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done and seq.index == 0:  # once per request

@@ -70,14 +70,34 @@ def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: 
     decode, where a + b * n is the fitted time of a chunk of n tokens -- a multiple of 16 (the chunks' own
     Triton class) within [floor, cap]; and the fixed cost a of each further prefill forward in the same
     step, in tokens (a / b), which the scheduler charges against the budget too. (cap, 0) when
-    max_gap_steps is None."""
+    max_gap_steps is None.
+
+    A chunk is never smaller than its own fixed cost in tokens (a / b, rounded up to 16): where a alone
+    exceeds the gap allowance (a host-bound prefill, measured on an H200: a 64-token chunk 15.9 ms, a
+    2048-token one 25.9 ms, beside a 4.3 ms decode step) no chunk meets the bound, and 64-token chunks
+    would only multiply the fixed cost by the number of chunks: 16 prompts served at a fifth of the
+    runner's rate. Then a prefill step costs at most twice its fixed part, and `gap_bound_reachable`
+    below says so."""
     if max_gap_steps is None or len(prefill_s) < 2:
         return cap, 0
+    per_token, fixed = _fit(prefill_s)
+    n = ((max_gap_steps - 1) * decode_s - fixed) / per_token
+    amortized = -(-int(fixed / per_token) // 16) * 16
+    return int(min(cap, max(floor, n // 16 * 16, amortized))), int(fixed / per_token)
+
+
+def _fit(prefill_s: dict[int, float]) -> tuple[float, float]:
+    """(seconds per token, fixed seconds) of a prefill chunk, through the smallest and largest measured."""
     (n0, t0), (n1, t1) = min(prefill_s.items()), max(prefill_s.items())
     per_token = max((t1 - t0) / (n1 - n0), 1e-9)
-    fixed = max(t0 - per_token * n0, 0.0)
-    n = ((max_gap_steps - 1) * decode_s - fixed) / per_token
-    return int(min(cap, max(floor, n // 16 * 16))), int(fixed / per_token)
+    return per_token, max(t0 - per_token * n0, 0.0)
+
+
+def gap_bound_reachable(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None) -> bool:
+    """Whether any prefill chunk keeps a step within max_gap_steps decode steps (its fixed cost alone fits)."""
+    if max_gap_steps is None or len(prefill_s) < 2:
+        return True
+    return decode_s + _fit(prefill_s)[1] <= max_gap_steps * decode_s
 
 
 # ---- warm-up --------------------------------------------------------------------------------------------
@@ -192,6 +212,11 @@ class WarmUp:
         decode_s, prefill_s = self.stage("timing a decode step and prefill chunks", timing, total)
         budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, cap)
         engine.prefill_budget, engine.prefill_overhead = budget, overhead
+        if not gap_bound_reachable(decode_s, prefill_s, limits.max_gap_steps):
+            self.log(f"[rank 0] warm-up: a prefill forward's fixed cost ({_fit(prefill_s)[1] * 1e3:.1f} ms) alone "
+                     f"exceeds limits.max_gap_steps = {limits.max_gap_steps:g} decode steps of "
+                     f"{decode_s * 1e3:.2f} ms: gaps while prompts are prefilled will be longer; chunks of "
+                     f"{budget} tokens keep that cost from multiplying")
         self.stage("reset every slot", lambda: self.run_plan(StepPlan(reset=True)), total)
         runner.warm_shapes = set(runner.shapes)
         self.timings = {"decode_step_s": decode_s, **{f"prefill_{n}_s": t for n, t in prefill_s.items()},

@@ -130,3 +130,31 @@ def test_compiled_norms_answer_the_same(setup, tiny_ckpt):
     model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)  # compile patches modules
     runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=256, fuse=True)
     assert drive(runner, [(0, 0, x[0]), (1, 3, x[1])], chunk=6) == expected[:2]
+
+
+def test_prefill_runs_the_norms_eagerly(setup, tiny_ckpt):
+    """The compiled RMSNorms serve the graph-replayed steps; a prefill forward runs transformers' own
+    (kernels/norms.py: an eager prefill pays a compiled call's host time on every norm)."""
+    from ds_qwen_vision.kernels import norms
+
+    _, x, expected = setup
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=256, fuse=True)
+    switches = {m.forward.__func__ for m in model.modules() if hasattr(getattr(m.forward, "__func__", None), "eager")}
+    assert len(switches) == 2  # one per norm class (RMSNorm, gated RMSNorm)
+    calls = []
+    for switch in switches:
+        for kind in ("compiled", "eager"):
+            fn = getattr(switch, kind)
+            setattr(switch, kind, lambda self, *a, _fn=fn, _kind=kind, **k: (calls.append(_kind), _fn(self, *a, **k))[1])
+    prompt = x[0]["input_ids"][0].tolist()
+    logits = runner.run(StepPlan(prefill=[Prefill(0, prompt)]))
+    assert calls and set(calls) == {"eager"}
+    calls.clear()
+    token = int(logits[0].argmax())
+    runner.run(StepPlan(decode=[(0, token)]))
+    assert calls and set(calls) == {"compiled"}
+    assert token == expected[0][0]
+    with norms.eager_norms():
+        assert not norms._compiled
+    assert norms._compiled

@@ -24,7 +24,7 @@ from ..kernels import allreduce as peer_allreduce
 from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION, MAX_QUERY_TOKENS
 from ..kernels.layers import install_fused_forwards
-from ..kernels.norms import compile_norms
+from ..kernels.norms import compile_norms, eager_norms
 from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
@@ -198,11 +198,12 @@ class ModelRunner:
         if item.start > 0:
             rows = torch.arange(item.start, end, device=self.device)
             mask = (self.key_index[None, :span or end] <= rows[:, None])[None, None]
-        out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
-                         past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start,
-                                                   span=span),
-                         attention_mask={"full_attention": mask, "linear_attention": None},
-                         use_cache=True, logits_to_keep=1)
+        with eager_norms():  # host time counts in an eager prefill (kernels/norms.py)
+            out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
+                             past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1),
+                                                       start=item.start, span=span),
+                             attention_mask={"full_attention": mask, "linear_attention": None},
+                             use_cache=True, logits_to_keep=1)
         self.length[item.slot] = end
         if self.spec is not None:  # the MTP head's KV over this chunk
             self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)

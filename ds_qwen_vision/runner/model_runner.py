@@ -91,6 +91,8 @@ class ModelRunner:
             from .speculative import Speculation
 
             self.spec = Speculation(self, spec_method, spec_k)
+            if self.spec.mtp is not None:  # a reused prefix brings the head's KV too
+                self.snapshots.head_kv = self.spec.mtp_state.kv
         if self.cuda_graphs:
             try:
                 self.capture()

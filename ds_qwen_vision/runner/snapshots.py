@@ -25,17 +25,25 @@ class Snapshot:
     conv: dict[int, torch.Tensor]                 # GDN layer -> [channels, kernel]
     recurrent: dict[int, torch.Tensor]            # GDN layer -> [v_heads, head_k_dim, head_v_dim], float32
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # attention layer -> keys, values [kv_heads, length, head_dim]
+    head_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # the MTP head's layers, the same (empty without one)
 
 
 class SnapshotStore:
     def __init__(self, state: SlotState):
         self.state = state
         self.snapshots: dict[int, Snapshot] = {}
+        # The speculative MTP head's KV per slot (runner/speculative.py), [slots, kv_heads, len, head_dim] per
+        # layer: kept with the prefix so that a reused prefix drafts as well as a prefilled one. Its row at
+        # position length - 1 pairs h(length - 1) with the prompt's token at `length`: the prefix cache cuts
+        # right before an `<|im_start|>`, which every later prompt of the conversation has there too (and a
+        # prompt that had another token only drafts worse: verification keeps the output exact).
+        self.head_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def nbytes(self, length: int) -> int:
         """Bytes one snapshot of `length` tokens takes on this rank (every rank's shard is the same size)."""
         fixed = sum(t[0].numel() * t.element_size() for t in (*self.state.conv.values(), *self.state.recurrent.values()))
-        per_token = sum(2 * k[0, :, 0].numel() * k.element_size() for k, _ in self.state.kv.values())
+        per_token = sum(2 * k[0, :, 0].numel() * k.element_size()
+                        for k, _ in (*self.state.kv.values(), *self.head_kv.values()))
         return fixed + per_token * length
 
     def save(self, snapshot_id: int, slot: int, length: int) -> None:
@@ -45,7 +53,8 @@ class SnapshotStore:
             length,
             {i: t[slot].clone() for i, t in s.conv.items()},
             {i: t[slot].clone() for i, t in s.recurrent.items()},
-            {i: (k[slot, :, :length].clone(), v[slot, :, :length].clone()) for i, (k, v) in s.kv.items()})
+            {i: (k[slot, :, :length].clone(), v[slot, :, :length].clone()) for i, (k, v) in s.kv.items()},
+            {i: (k[slot, :, :length].clone(), v[slot, :, :length].clone()) for i, (k, v) in self.head_kv.items()})
 
     def restore(self, snapshot_id: int, slot: int) -> int:
         """Overwrite slot's state with the snapshot's; returns its length (the slot's tokens from now on).
@@ -56,9 +65,10 @@ class SnapshotStore:
             s.conv[i][slot].copy_(t)
         for i, t in snap.recurrent.items():
             s.recurrent[i][slot].copy_(t)
-        for i, (k, v) in snap.kv.items():
-            s.kv[i][0][slot, :, :snap.length].copy_(k)
-            s.kv[i][1][slot, :, :snap.length].copy_(v)
+        for kv, into in ((snap.kv, s.kv), (snap.head_kv, self.head_kv)):
+            for i, (k, v) in kv.items():
+                into[i][0][slot, :, :snap.length].copy_(k)
+                into[i][1][slot, :, :snap.length].copy_(v)
         return snap.length
 
     def evict(self, snapshot_id: int) -> None:

@@ -616,7 +616,7 @@ def _never_generated_ids(vocab_size: int) -> list[int]:
     return [ids[t] for t in vision] + list(range(ids["__len__"], vocab_size))
 
 
-def _randomize_(model, seed: int) -> None:
+def _randomize_(model, seed: int, device: str = "cpu") -> None:
     """Overwrite every parameter with deterministic random values (in place).
 
     transformers' own init leaves RMSNorms at zero / one, biases at zero and draws matrices
@@ -631,10 +631,10 @@ def _randomize_(model, seed: int) -> None:
     from torch import nn
     from transformers.models.qwen3_5 import modeling_qwen3_5 as mq
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def normal(shape, std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std + mean
+        return torch.randn(shape, generator=gen, device=device) * std + mean
 
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
@@ -649,7 +649,7 @@ def _randomize_(model, seed: int) -> None:
                 value = normal(shape, 0.1, 1.0) if pname == "weight" else normal(shape, 0.02)
             elif pname == "A_log":
                 # Per-head decay rate A in [1, 16], stored as log(A) like the real model.
-                value = torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
+                value = torch.empty(shape, device=device).uniform_(1.0, 16.0, generator=gen).log()
             elif pname == "dt_bias":
                 value = normal(shape, 0.5)
             elif pname == "bias":
@@ -675,10 +675,16 @@ def _randomize_(model, seed: int) -> None:
                 param.copy_(value)
 
 
-def _build_model(preset: str, seed: int, mtp: bool = True):
+def _build_model(preset: str, seed: int, mtp: bool = True, device: str | None = None,
+                 dtype: torch.dtype = torch.float32):
     """A ``Qwen3_5ForConditionalGeneration`` of the preset with deterministic random fp32 weights, and
     (mtp) the checkpoint's multi-token-prediction head as ``mtp.*`` with the real names and shapes.
-    transformers has no module for it (and ignores its keys when loading); save_pretrained writes it."""
+    transformers has no module for it (and ignores its keys when loading); save_pretrained writes it.
+
+    device: build and fill the weights there, in `dtype`, then bring them to the CPU. The default (fp32 on
+    the CPU, cast afterwards) is what the tests use; a 27B-shaped benchmark checkpoint takes it on a GPU:
+    the CPU path would hold 108 GB of fp32 and fill it at ~60 MB/s (8 of 64 layers took 158 s on a GPU
+    machine's 16 cores). The values differ from the CPU path's (another generator), the format does not."""
     from transformers import Qwen3_5ForConditionalGeneration
 
     from .mtp import Qwen3_5MTP
@@ -687,11 +693,18 @@ def _build_model(preset: str, seed: int, mtp: bool = True):
     # Constructing under the seed makes any state we do not overwrite (there should be none
     # among the parameters) deterministic as well.
     torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration(config)
-    if mtp:  # registered last, so it is randomised last: the main weights do not depend on it
-        model.mtp = Qwen3_5MTP(config.text_config)
-    _randomize_(model, seed)
-    return model.eval()
+    default = torch.get_default_dtype()
+    if device is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = Qwen3_5ForConditionalGeneration(config)
+            if mtp:  # registered last, so it is randomised last: the main weights do not depend on it
+                model.mtp = Qwen3_5MTP(config.text_config)
+    finally:
+        torch.set_default_dtype(default)
+    _randomize_(model, seed, device or "cpu")
+    return model.to("cpu").eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,11 +749,12 @@ def _write_tokenizer_files(directory: Path) -> None:
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
 
 
-def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtype, mtp: bool = True) -> None:
+def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtype, mtp: bool = True,
+                      device: str | None = None) -> None:
     from transformers import GenerationConfig
 
     ids = token_ids()
-    model = _build_model(preset, seed, mtp).to(dtype)
+    model = _build_model(preset, seed, mtp, device, dtype).to(dtype)
     # Qwen3.6's generation_config.json: stop on <|im_end|> or <|endoftext|>, pad with
     # <|endoftext|>, sample with temperature 0.6, top_p 0.95, top_k 20 -- the defaults the
     # server applies to requests that leave them out (tests that need determinism ask for
@@ -759,7 +773,8 @@ def _write_checkpoint(directory: Path, preset: str, seed: int, dtype: torch.dtyp
     _write_json(directory / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
 
 
-def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.float32, mtp: bool = True) -> Path:
+def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.float32, mtp: bool = True,
+                     device: str | None = None) -> Path:
     """Build (or reuse) a random Qwen3.5/3.6-VL checkpoint in ``out_dir`` and return its path.
 
     ``out_dir`` doubles as a cache: if it already holds a finished build with the same
@@ -775,6 +790,8 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     out_dir = Path(out_dir).absolute()
     wanted = _marker(preset, seed, dtype, mtp)
+    if device is not None:  # other values than the CPU build's: not the same cache entry
+        wanted["built_on"] = device
     if _read_marker(out_dir) == wanted:
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
@@ -784,7 +801,7 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_checkpoint(tmp, preset, seed, dtype, mtp)
+        _write_checkpoint(tmp, preset, seed, dtype, mtp, device)
         # mkdtemp (and transformers' shard writer) create owner-only entries; a model directory
         # should be readable like any other download.
         tmp.chmod(0o755)

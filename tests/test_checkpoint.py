@@ -183,6 +183,27 @@ def test_cache_reuse_and_rebuild(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_built_on_a_device_in_its_dtype(tiny_dir, tmp_path):
+    """device=...: weights made there in the target dtype (the benchmarks' 27B-shaped checkpoints, on a
+    GPU): the same files, keys, shapes and dtypes as the CPU build; its own cache entry; loads through
+    the same code path."""
+    from ds_qwen_vision.model import load_model
+
+    out = ckpt.build_checkpoint(tmp_path / "dev", preset="tiny", seed=0, dtype=torch.bfloat16, device="cpu")
+    ref = ckpt.build_checkpoint(tmp_path / "ref", preset="tiny", seed=0, dtype=torch.bfloat16)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert json.loads((out / ckpt.MARKER_FILE).read_text())["built_on"] == "cpu"
+    assert "built_on" not in json.loads((ref / ckpt.MARKER_FILE).read_text())
+    for shard in sorted(ref.glob("*.safetensors")):
+        a, b = load_file(out / shard.name), load_file(shard)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype == torch.bfloat16, name
+            assert a[name].float().std() > 0, name
+    model = load_model(str(out), 1, "cpu", torch.float32, show_progress=False)
+    assert torch.isfinite(next(model.parameters())).all()
+
+
 def test_cli_prints_path_and_uses_cache(tiny_dir):
     result = subprocess.run(
         [sys.executable, "-m", "ds_qwen_vision.checkpoint", "--out", str(tiny_dir), "--preset", "tiny", "--seed", "0"],

@@ -22,19 +22,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMMMEM=CUDA
-export PYTHONUNBUFFERED=1
-# The GPU image lacks DeepSpeed (and has other versions of the rest): the project's wheels travel in .whl
-# (carried by the device call), installed once per machine into /tmp/site, ahead of the image's packages.
-if [ -d .whl ] && [ ! -d /tmp/site/deepspeed ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
-fi
-[ -d /tmp/site ] && export PATH="/tmp/site/bin:$PATH" PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh  # multicast off, the project's wheels from .whl
 
 date=$(date -u +%F)
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | sed 's/^NVIDIA //; s/ /-/g' | tr 'A-Z' 'a-z')
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | sed 's/^NVIDIA //; s/ /-/g')
 card=${card:-gpu}
 name() { echo "$out/$date-$card-tp2-$1.json"; }
 scratch=/tmp/dsqv-2gpu   # checkpoints and caches: not sent back

@@ -8,6 +8,7 @@ from conftest import make_image
 from ds_qwen_vision.model import chat_inputs, load_model, load_processor
 from ds_qwen_vision.plan import Prefill, StepPlan
 from ds_qwen_vision.runner import ModelRunner
+from spec_driver import prefill_item as prefill  # a plan item for prompt tokens [start, end) and its pixels
 
 N = 10
 PROMPTS = [
@@ -33,15 +34,6 @@ def setup(tiny_ckpt):
         expected.append(out[0, x["input_ids"].shape[1]:].tolist())
         inputs.append(x)
     return runner, inputs, expected
-
-
-def prefill(slot: int, x: dict, start: int = 0, end: int | None = None) -> tuple[Prefill, dict]:
-    """A plan item for prompt tokens [start, end) of x, and the pixels rank 0 hands the runner with it."""
-    ids = x["input_ids"][0].tolist()
-    pixels = x.get("pixel_values") if start == 0 else None
-    grid = x["image_grid_thw"].tolist() if pixels is not None else []
-    item = Prefill(slot, ids, grid, tuple(pixels.shape) if pixels is not None else None, start, end)
-    return item, ({slot: pixels} if pixels is not None else {})
 
 
 def drive(runner, jobs, chunk: int | None = None, logits: list | None = None) -> list[list[int]]:

@@ -1,34 +1,10 @@
 """Compiled RMSNorms: transformers' own norm classes, each compiled once (see compile_norms), for the
-steps that are replayed as CUDA graphs (decode, verify); prefill runs them eagerly (eager_norms)."""
+steps replayed as CUDA graphs (decode, verify); ModelRunner.prefill runs them eagerly."""
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
-
-_compiled = True  # False inside eager_norms()
-
-
-@contextlib.contextmanager
-def eager_norms():
-    """The RMSNorms as transformers runs them, for a prefill forward. A compiled call costs host time
-    (dynamo's guards, the generated wrapper) that a graph replay hides and an eager prefill pays 209 times
-    a forward: on one H200 (27B shapes, 2026-12-02) first logits for 512 tokens took 174.7 ms with the
-    compiled norms and 139.3 ms without, in the same run."""
-    global _compiled
-    previous, _compiled = _compiled, False
-    try:
-        yield
-    finally:
-        _compiled = previous
-
-
-def _switch(compiled_forward, eager_forward):
-    def forward(self, *args, **kwargs):
-        return (forward.compiled if _compiled else forward.eager)(self, *args, **kwargs)
-    forward.compiled, forward.eager = compiled_forward, eager_forward
-    return forward
 
 
 def compile_norms(model) -> None:
@@ -50,5 +26,5 @@ def compile_norms(model) -> None:
         cls = type(module)
         if cls in (Qwen3_5RMSNorm, Qwen3_5RMSNormGated):
             if cls not in compiled:
-                compiled[cls] = _switch(torch.compile(cls.forward, dynamic=True), cls.forward)
+                compiled[cls] = torch.compile(cls.forward, dynamic=True)
             module.forward = types.MethodType(compiled[cls], module)

@@ -165,9 +165,10 @@ def engine_main(args) -> None:
             steps.append(time.perf_counter() - t)
         return steps[8:]
 
-    # The same graphs without compiled norms (runner.compile_norms), then the runner as served.
+    # The same decode graphs without the fused kernels (and prefill eager: no prefill graphs), then the
+    # runner as served.
     peer = AllReduceConfig(peer_memory=args.allreduce)  # the decode all-reduces: NCCL (off) or kernels/allreduce.py
-    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False, allreduce=peer)
+    runner = ModelRunner(model, device, max_slots=1, max_len=9472, fuse=False, allreduce=peer, prefill_graph_tokens=0)
     results["decode_unfused_ms_per_token"] = 1e3 * statistics.median(decode_steps(args.decode_tokens))
     results["ttft_text512_unfused_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text512), args.repeats))
     save()
@@ -186,6 +187,15 @@ def engine_main(args) -> None:
     results["image_preprocess_ms"] = 1e3 * statistics.median(timed(preprocess, args.repeats))
     results["ttft_image1024_text256_ms"] = results["prefill_image1024_text256_ms"] + results["image_preprocess_ms"]
     results["image_preprocess_host_ms"] = 1e3 * statistics.median(timed(lambda: preprocess(False), args.repeats))
+    results["prefill_graphs"] = runner.prefill_graphs is not None and bool(runner.prefill_graphs.graphs)
+    # The baseline in the same run: the same runner with the eager prefill (runner/prefill_graphs.py off)
+    graphs, runner.prefill_graphs = runner.prefill_graphs, None
+    prefill(text512)
+    prefill(image256, True)
+    results["ttft_text512_eager_prefill_ms"] = 1e3 * statistics.median(timed(lambda: prefill(text512), args.repeats))
+    results["prefill_image1024_text256_eager_prefill_ms"] = 1e3 * statistics.median(
+        timed(lambda: prefill(image256, True), args.repeats))
+    runner.prefill_graphs = graphs
     results["pixels_max_abs_diff_host_vs_gpu"] = float((preprocess(False)["pixel_values"] - pixels).abs().max())
     save()
 
@@ -409,8 +419,13 @@ def collect(args) -> None:
                    "partial": bool(r.get("partial"))}
             row.update({k: v for k, v in r0.items() if k not in row and not isinstance(v, (dict, list))})
             rows.append(row)
+            if g("ttft_text512_eager_prefill_ms") is not None:
+                rows.append({"run": f"ds-qwen-vision tp={r0['tp']}, prefill eager (no prefill CUDA graphs), same "
+                                    "runner, same run", "ttft_text512_ms": g("ttft_text512_eager_prefill_ms"),
+                             "ttft_image1024_text256_ms": g("prefill_image1024_text256_eager_prefill_ms")
+                             + (g("image_preprocess_ms") or 0)})
             row = {"run": f"ds-qwen-vision tp={r0['tp']}, fuse=False (transformers' forwards, no compiled "
-                          "norms; decode attention kernel and fused weights as served), same run",
+                          "norms, eager prefill; decode attention kernel and fused weights as served), same run",
                    "decode_ms_per_token": r0["decode_unfused_ms_per_token"], "floor_ms": r0["floor_ms"],
                    "decode_over_floor": r0["decode_unfused_ms_per_token"] / r0["floor_ms"],
                    "ttft_text512_ms": g("ttft_text512_unfused_ms")}

@@ -16,9 +16,12 @@ state in fp32):
 The layer's input projections come only through `projections.gdn_in_proj` (fused there by the `fused`
 work); the output goes through the layer's own `norm(core, z)` and `out_proj`.
 
-`install(model)` puts this path in front of every GDN layer: a per-instance forward that takes it when
-the cache view is a decode/verify view (`view.gdn_step` is set) and transformers' own forward otherwise
-(prefill, or no cache at all).
+`gdn_chunk` is the prefill forward for chunks run from fixed buffers (CUDA graphs of prefill chunks,
+runner/prefill_graphs.py): transformers' chunked path with padding positions that leave the state alone.
+
+`install(model)` puts these paths in front of every GDN layer: a per-instance forward that takes them when
+the cache view is a decode/verify/graph-prefill view (`view.gdn_step` is set) and transformers' own
+forward otherwise (an eager prefill, or no cache at all).
 """
 from __future__ import annotations
 
@@ -105,10 +108,43 @@ def gdn_multi_token(gdn, hidden: torch.Tensor, conv_state: torch.Tensor, recurre
     return gdn.out_proj(core.reshape(b, t, -1)), conv_states, rec_states
 
 
+def gdn_chunk(gdn, hidden: torch.Tensor, view) -> torch.Tensor:
+    """One GDN layer over a prefill chunk of T positions in fixed buffers (runner/prefill_graphs.py; `view`
+    a slot_state.PrefillView): transformers' prefill forward, op for op (the conv over [state | chunk],
+    its chunked gated delta rule from the slot's state), except that positions past the real tokens
+    (padding up to the graph's size) leave the state as it was: their beta and log-decay g are zero,
+    so the rule's update is the identity there, and the conv state kept is the window after the last
+    real token (view.conv_index), not after the padding. hidden [1, T, hidden_size]."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf  # its chunk rule: FLA's where installed
+
+    conv_state, rec_state = view.gdn_state(gdn.layer_idx)
+    b, t, _ = hidden.shape
+    mixed_qkv, z, beta_in, a = gdn_in_proj(gdn, hidden)
+    full = torch.cat([conv_state, mixed_qkv.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # [1, C, K + T]
+    weight = gdn.conv1d.weight  # [C, 1, K]
+    # the window ending at each new column: a valid conv over [state | chunk] (causal_conv1d_fn's values)
+    conv = F.conv1d(full.to(weight.dtype), weight, gdn.conv1d.bias, groups=full.shape[1])[..., 1:]
+    mixed = F.silu(conv).to(hidden.dtype).transpose(1, 2)
+    query, key, value = torch.split(mixed, [gdn.key_dim, gdn.key_dim, gdn.value_dim], dim=-1)
+    query = query.reshape(b, t, -1, gdn.head_k_dim)
+    key = key.reshape(b, t, -1, gdn.head_k_dim)
+    value = value.reshape(b, t, -1, gdn.head_v_dim)
+    valid = view.valid.view(1, t, 1)
+    beta = beta_in.sigmoid() * valid.to(beta_in.dtype)
+    g = -gdn.A_log.float().exp() * F.softplus(a.float() + gdn.dt_bias) * valid
+    core, final = hf.torch_chunk_gated_delta_rule(query, key, value, g=g, beta=beta, initial_state=rec_state,
+                                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
+    view.gdn_update(gdn.layer_idx, full.index_select(-1, view.conv_index), final)
+    core = gdn.norm(core.reshape(-1, gdn.head_v_dim), z.reshape(-1, gdn.head_v_dim))
+    return gdn.out_proj(core.reshape(b, t, -1))
+
+
 def _forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
     step = getattr(cache_params, "gdn_step", None)
     if step is None:
         return self._dsqv_hf_forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+    if step == "prefill":
+        return gdn_chunk(self, hidden_states, cache_params)
     conv, recurrent = cache_params.gdn_state(self.layer_idx)
     out, conv_states, rec_states = gdn_multi_token(self, hidden_states, conv, recurrent)
     cache_params.gdn_update(self.layer_idx, conv_states, rec_states)

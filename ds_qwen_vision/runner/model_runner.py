@@ -29,6 +29,7 @@ from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
 from .image_cache import ImageEmbeddingCache
+from .prefill_graphs import PrefillGraphs
 from .slot_state import CacheView, SlotState
 from .snapshots import SnapshotStore
 from .warmup import decode_class, prefill_classes, vision_class
@@ -37,7 +38,7 @@ from .warmup import decode_class, prefill_classes, vision_class
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
-                 speculative: dict | None = None):
+                 speculative: dict | None = None, prefill_graph_tokens: int | None = None):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -85,6 +86,11 @@ class ModelRunner:
         if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
             peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # Prefill chunks of up to this many tokens run from fixed buffers (runner/prefill_graphs.py), as
+        # CUDA graph replays where graphs are on; None: 2048 (the default chunk) on CUDA, eager elsewhere.
+        if prefill_graph_tokens is None:
+            prefill_graph_tokens = 2048 if self.cuda_graphs else 0
+        self.prefill_graphs = PrefillGraphs(self, min(prefill_graph_tokens, max_len)) if prefill_graph_tokens else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
         if spec_method != "none":
@@ -104,6 +110,13 @@ class ModelRunner:
                 if self.spec is not None:
                     self.spec.graphs.clear()
                 self.cuda_graphs = False
+        if self.cuda_graphs and self.prefill_graphs is not None:
+            try:
+                self.prefill_graphs.capture(self.pool)
+            except Exception as e:  # prefill eagerly rather than not at all; every rank takes the same path
+                log(f"[rank {os.environ.get('RANK', '0')}] prefill CUDA graph capture failed, prefilling "
+                    f"eagerly: {e!r}")
+                self.prefill_graphs = None
 
     # ---- decode ---------------------------------------------------------------------------------------
     def _decode_forward(self, b: int) -> torch.Tensor:
@@ -119,7 +132,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         """One CUDA graph per decode batch size; all graphs share one memory pool."""
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.pool = torch.cuda.graph_pool_handle()  # prefill graphs share it (prefill_graphs.py)
         self.step_in.zero_()  # warm-up and capture run with no row active: the state stays as it is
         for b in reversed(self.batch_sizes):  # largest first: the pool is sized once
             stream = torch.cuda.Stream()
@@ -190,8 +203,34 @@ class ModelRunner:
                 self.length[item.slot] = self.snapshots.restore(item.restore, item.slot)
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
-        self.shapes |= prefill_classes(item.start, end - item.start, self.gdn_heads)
+        self.shapes |= self.chunk_classes(item.start, end - item.start)
         embeds, positions = self.pending[item.slot]
+        if self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
+            logits = self.prefill_graphs.run(item.slot, item.start, embeds[:, item.start:end],
+                                             positions[:, :, item.start:end])
+        else:
+            logits = self._eager_prefill(item, end, embeds, positions)
+        self.length[item.slot] = end
+        if self.spec is not None:  # the MTP head's KV over this chunk
+            self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)
+        if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
+            self.snapshots.save(item.save, item.slot, end)
+        if item.snapshot_only:
+            del self.pending[item.slot]
+            return None
+        if end < n_prompt:
+            return None
+        del self.pending[item.slot]
+        return logits[0, -1].float()
+
+    def chunk_classes(self, start: int, n: int) -> set[tuple]:
+        """The shape classes of a prefill chunk (runner/warmup.py): one per graph where a graph runs it."""
+        if self.prefill_graphs is not None and self.prefill_graphs.bucket(n) is not None:
+            return {("prefill-graph", self.prefill_graphs.bucket(n))}
+        return prefill_classes(start, n, self.gdn_heads)
+
+    def _eager_prefill(self, item: Prefill, end: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The chunk through the model eagerly, its own shapes: logits [1, 1, vocab]."""
         mask = None  # from the start of the cache: plain causal attention (SDPA's is_causal)
         # A short continuing chunk goes to the decode attention kernel (kernels/decode_attention.py), whose
         # split count is a compile-time constant of the key length: it sees the whole cache (a fixed
@@ -210,18 +249,7 @@ class ModelRunner:
                                                        start=item.start, span=span),
                              attention_mask={"full_attention": mask, "linear_attention": None},
                              use_cache=True, logits_to_keep=1)
-        self.length[item.slot] = end
-        if self.spec is not None:  # the MTP head's KV over this chunk
-            self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)
-        if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
-            self.snapshots.save(item.save, item.slot, end)
-        if item.snapshot_only:
-            del self.pending[item.slot]
-            return None
-        if end < n_prompt:
-            return None
-        del self.pending[item.slot]
-        return out.logits[0, -1].float()
+        return out.logits
 
     def prompt_inputs(self, item: Prefill, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with the vision tower's image embeddings merged in, and M-RoPE positions,

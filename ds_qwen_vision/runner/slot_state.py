@@ -155,3 +155,33 @@ class CacheView:
         conv = self.state.conv[layer_idx][self.rows]  # this layer's conv step is done by now
         torch.where(keep.view(-1, 1, 1), self.state.conv_scratch[self.rows], conv, out=conv)
         return recurrent
+
+
+class PrefillView:
+    """The cache a prefill chunk sees when it runs from fixed buffers (runner/prefill_graphs.py), so that
+    one CUDA graph per chunk size serves every slot and every start: the slot is a tensor (`slot`, [1]),
+    the chunk's T positions are `cache_pos` ([T]: the real tokens first, then padding, whose positions
+    lie past the prompt's end where the slot writes again before it ever attends), `valid` ([T] float,
+    1 for real tokens) and `conv_index` (the conv window after the last real token, as columns of
+    [state | chunk]). Full attention sees the slot's whole cache (attention is masked by position);
+    Gated DeltaNet layers take kernels/gdn.py's chunk forward (`gdn_step == "prefill"`)."""
+
+    gdn_step = "prefill"
+
+    def __init__(self, state: SlotState, slot: torch.Tensor, cache_pos: torch.Tensor, valid: torch.Tensor,
+                 conv_index: torch.Tensor):
+        self.state, self.slot, self.cache_pos, self.valid, self.conv_index = state, slot, cache_pos, valid, conv_index
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = self.state.kv[layer_idx]
+        keys[self.slot, :, self.cache_pos] = key[0].transpose(0, 1)  # [T, heads, dim]
+        values[self.slot, :, self.cache_pos] = value[0].transpose(0, 1)
+        return keys.index_select(0, self.slot), values.index_select(0, self.slot)
+
+    def gdn_state(self, layer_idx):
+        return (self.state.conv[layer_idx].index_select(0, self.slot),
+                self.state.recurrent[layer_idx].index_select(0, self.slot))
+
+    def gdn_update(self, layer_idx, conv_state, rec_state):
+        self.state.conv[layer_idx].index_copy_(0, self.slot, conv_state.to(self.state.conv[layer_idx].dtype))
+        self.state.recurrent[layer_idx].index_copy_(0, self.slot, rec_state.float())

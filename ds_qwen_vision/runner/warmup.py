@@ -180,7 +180,7 @@ class WarmUp:
         # A first chunk of 1 token happens too: a new prompt gets what is left of a step's budget.
         first, covered = [], set()
         for n in (range(cap, 0, -1) if largest else range(1, cap + 1)):
-            classes = prefill_classes(0, n, runner.gdn_heads)
+            classes = runner.chunk_classes(0, n)
             if not classes <= covered:
                 first.append(n)
                 covered |= classes

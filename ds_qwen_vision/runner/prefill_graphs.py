@@ -1,0 +1,122 @@
+"""Prefill chunks as CUDA graph replays: one graph per chunk size (bucket), for every slot and start.
+
+Why: an eager prefill forward is bound by host time. On one H200 (27B shapes, tp=1, 2026-12-02) a
+64-token chunk took 124 ms and a 2048-token one 235 ms: ~110 ms of Python, dispatch and FLA's host-side
+setup whatever the length, against ~13 ms to read the weights once. A replay launches the same kernels
+in microseconds of host time.
+
+How: a chunk of n tokens runs in the smallest bucket T >= n (16, 32, .., 256, then multiples of 256
+up to the largest chunk the scheduler cuts). Its inputs are copied into buffers at fixed addresses:
+the embeddings (image embeddings already merged), M-RoPE positions, the cache positions it writes, the
+slot (a tensor, so the graph does not depend on it), the conv window to keep and the index of the last
+real token. Positions n..T-1 are padding: zero embeddings; their KV lands past the prompt's end, where
+the slot writes again before it ever attends to it (as an idle decode row's does); in the Gated
+DeltaNet layers their beta and decay are zero, so the state is as after the n real tokens
+(kernels/gdn.py `gdn_chunk`). Full attention reads the slot's whole static cache, masked by position,
+so one graph serves a first chunk and a continuing one alike.
+
+Without CUDA (tests) or for a size with no graph, `forward` runs the same function eagerly: the path a
+graph captures is the path the CPU tests check against the eager prefill (tests/test_prefill_graphs.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model import log
+from .slot_state import PrefillView
+
+
+def buckets(max_tokens: int) -> list[int]:
+    """Chunk sizes with a graph: powers of two from 16 below 256, then every multiple of 256 up to the
+    first one >= max_tokens (padding wastes at most 255 tokens of compute, ~7% of a 2048-token chunk)."""
+    small = [16, 32, 64, 128]
+    if max_tokens <= 128:
+        return [t for t in small if t < max_tokens] + [next(t for t in small if t >= max_tokens)]
+    return small + list(range(256, -(-max_tokens // 256) * 256 + 1, 256))
+
+
+class PrefillGraphs:
+    def __init__(self, runner, max_tokens: int):
+        self.runner = runner
+        self.buckets = buckets(max_tokens)
+        top = self.buckets[-1]
+        device, config = runner.device, runner.config.text_config
+        self.embeds = torch.zeros((1, top, config.hidden_size), dtype=runner.dtype, device=device)
+        self.positions = torch.zeros((3, 1, top), dtype=torch.long, device=device)
+        k = runner.state.conv_shape[1]
+        # one long buffer, one host-to-device copy: cache positions [top] | conv window [k] | slot | last
+        self.index = torch.zeros(top + k + 2, dtype=torch.long, device=device)
+        self.k = k
+        self.arange = torch.arange(top, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
+
+    def bucket(self, n: int) -> int | None:
+        return next((t for t in self.buckets if t >= n), None)
+
+    def forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk in the buffers' first t positions: the last real token's logits [1, 1, vocab] and, with
+        an MTP head, the final norm's output [1, t, hidden]. Reads only the buffers, so it can be captured."""
+        runner, top = self.runner, self.buckets[-1]
+        cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
+        slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
+        valid = (self.arange[:t] <= last).float()
+        view = PrefillView(runner.state, slot, cache_pos, valid, conv_index)
+        mask = (runner.key_index[None, :] <= cache_pos[:, None])[None, None]
+        with torch.compiler.set_stance("force_eager"):  # as the eager prefill (model_runner.prefill says why)
+            logits = runner.model(inputs_embeds=self.embeds[:, :t], position_ids=self.positions[:, :, :t],
+                                  past_key_values=view, attention_mask={"full_attention": mask, "linear_attention": None},
+                                  use_cache=True, logits_to_keep=last).logits
+        return logits, runner.spec.hidden if runner.spec is not None else None
+
+    def run(self, slot: int, start: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens [start, start + n) of `slot` (embeds [1, n, hidden], positions [3, 1, n]): the last
+        one's logits [1, 1, vocab]; the slot's KV and GDN state as after an eager prefill of the chunk."""
+        runner, top = self.runner, self.buckets[-1]
+        n = embeds.shape[1]
+        t = self.bucket(n)
+        if start == 0:  # a new sequence starts from zero state (the eager path ignores what the row held)
+            runner.state.conv_all[:, slot].zero_()
+            runner.state.rec_all[:, slot].zero_()
+        self.embeds[:, :n].copy_(embeds)
+        self.embeds[:, n:t].zero_()
+        self.positions[:, :, :n].copy_(positions)
+        self.positions[:, :, n:t].zero_()
+        host = torch.empty(top + self.k + 2, dtype=torch.long)
+        host[:t] = (torch.arange(start, start + t)).clamp(max=runner.kv_len - 1)
+        host[top:top + self.k] = torch.arange(n, n + self.k)  # columns of [state (k) | chunk]
+        host[top + self.k], host[top + self.k + 1] = slot, n - 1
+        if runner.device.type == "cuda":
+            host = host.pin_memory()
+        self.index[:t].copy_(host[:t], non_blocking=True)
+        self.index[top:].copy_(host[top:], non_blocking=True)
+        if t in self.graphs:
+            graph, logits, hidden = self.graphs[t]
+            graph.replay()
+        else:
+            logits, hidden = self.forward(t)
+        if runner.spec is not None:  # the MTP head reads the real tokens' hidden states (after_prefill)
+            runner.spec.hidden = hidden[:, :n]
+        return logits
+
+    @torch.inference_mode()
+    def capture(self, pool) -> None:
+        """One graph per bucket, largest first (the pool is sized once), into the decode graphs' pool: a
+        step runs them one after another, and each one's outputs are read before the next runs."""
+        runner = self.runner
+        self.index.zero_()  # slot 0 from position 0, one real token; warm-up's reset zeroes what this writes
+        for t in reversed(self.buckets):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # first run outside capture: cuBLAS, FLA's autotune, NCCL
+                self.forward(t)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits, hidden = self.forward(t)
+            self.graphs[t] = (graph, logits, hidden)
+        torch.cuda.synchronize()
+        runner.state.conv_all[:, 0].zero_()
+        runner.state.rec_all[:, 0].zero_()
+        log(f"[rank {os.environ.get('RANK', '0')}] captured prefill CUDA graphs for chunks of {self.buckets} tokens")

@@ -29,7 +29,7 @@ from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
 from .image_cache import ImageEmbeddingCache
-from .prefill_graphs import PrefillGraphs
+from .prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs
 from .slot_state import CacheView, SlotState
 from .snapshots import SnapshotStore
 from .warmup import decode_class, prefill_classes, vision_class
@@ -87,9 +87,10 @@ class ModelRunner:
             peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # Prefill chunks of up to this many tokens run from fixed buffers (runner/prefill_graphs.py), as
-        # CUDA graph replays where graphs are on; None: 2048 (the default chunk) on CUDA, eager elsewhere.
+        # CUDA graph replays where graphs are on; None: PREFILL_GRAPH_TOKENS on CUDA, eager elsewhere.
         if prefill_graph_tokens is None:
-            prefill_graph_tokens = 2048 if self.cuda_graphs else 0
+            prefill_graph_tokens = PREFILL_GRAPH_TOKENS if self.cuda_graphs else 0
+        prefill_graph_tokens = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS)
         self.prefill_graphs = PrefillGraphs(self, min(prefill_graph_tokens, max_len)) if prefill_graph_tokens else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked

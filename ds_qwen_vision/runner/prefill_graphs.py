@@ -6,7 +6,7 @@ setup whatever the length, against ~13 ms to read the weights once. A replay lau
 in microseconds of host time.
 
 How: a chunk of n tokens runs in the smallest bucket T >= n (16, 32, .., 256, then multiples of 256
-up to the largest chunk the scheduler cuts). Its inputs are copied into buffers at fixed addresses:
+up to PREFILL_GRAPH_TOKENS; a longer chunk runs eagerly). Its inputs are copied into buffers at fixed addresses:
 the embeddings (image embeddings already merged), M-RoPE positions, the cache positions it writes, the
 slot (a tensor, so the graph does not depend on it), the conv window to keep and the index of the last
 real token. Positions n..T-1 are padding: zero embeddings; their KV lands past the prompt's end, where
@@ -28,9 +28,19 @@ from ..model import log
 from .slot_state import PrefillView
 
 
+# The largest chunk that runs as a graph; longer chunks run eagerly. Measured on one H200 (27B shapes,
+# tp=1, cache 9,472 positions, 2026-12-02): 512 text tokens 84 ms as a graph against 138 eagerly, but a
+# 1,290-token image prompt 255 against 213: a graph's attention reads the slot's whole cache (masked), and
+# its chunk is padded to 1,536; at that size those cost more than the ~110 ms of host time a replay saves
+# (the eager path attends with SDPA's flash kernel over the chunk's own keys). The limit sits below the
+# size measured to lose; 1024 itself is not measured on its own.
+PREFILL_GRAPH_TOKENS = 1024
+
+
 def buckets(max_tokens: int) -> list[int]:
     """Chunk sizes with a graph: powers of two from 16 below 256, then every multiple of 256 up to the
-    first one >= max_tokens (padding wastes at most 255 tokens of compute, ~7% of a 2048-token chunk)."""
+    first one >= max_tokens: padding wastes at most 255 tokens of compute (~20 ms on the 27B at tp=1), and
+    each graph costs start-up time (~1.5 s for the 27B)."""
     small = [16, 32, 64, 128]
     if max_tokens <= 128:
         return [t for t in small if t < max_tokens] + [next(t for t in small if t >= max_tokens)]

@@ -269,8 +269,20 @@ def cached(result: dict) -> int:
     return ((result["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
+def itl_buckets(server: Served) -> dict[float, float]:
+    """The engine's dsqv_inter_token_seconds histogram (cumulative counts by upper bound), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    return {float(s.labels["le"]): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "dsqv_inter_token_seconds_bucket"}
+
+
 def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
     results = [None] * len(texts)
+    before = itl_buckets(server)
 
     def go(i):
         results[i] = server.stream(texts[i], new_tokens)
@@ -284,9 +296,20 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
     wall = time.perf_counter() - t
     gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    # The engine's own view of the same gaps (when it handed each token over, before detokenization
+    # holds any text back and before HTTP): gaps per histogram bucket, and the bucket of the longest.
+    after = itl_buckets(server)
+    cumulative = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    per_bucket, below = {}, 0.0
+    for le, n in cumulative.items():
+        per_bucket[le], below = n - below, n
+    longest = max((le for le, n in per_bucket.items() if n > 0), default=None)
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall,
             "max_gap_ms": 1e3 * max(gaps), "median_gap_ms": 1e3 * statistics.median(gaps),
-            "ttft_max_s": max(r["times"][0] for r in results)}
+            "ttft_max_s": max(r["times"][0] for r in results),
+            "content_chunks": sum(len(r["times"]) for r in results),
+            "engine_gaps_per_bucket_s": {str(le): n for le, n in per_bucket.items() if n},
+            "engine_max_gap_bucket_ms": None if longest is None else 1e3 * longest}
 
 
 def served_main(args) -> dict:
@@ -316,6 +339,7 @@ def served_main(args) -> dict:
         out["served_streams_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in bursts)
         out["max_inter_token_gap_ms"] = max(b["max_gap_ms"] for b in bursts)
         out["median_inter_token_gap_ms"] = statistics.median(b["median_gap_ms"] for b in bursts)
+        out["engine_max_gap_bucket_ms"] = max((b["engine_max_gap_bucket_ms"] or 0) for b in bursts)
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         c.request("GET", "/health")
         ranks = json.loads(c.getresponse().read())["engine"]["ranks"]
@@ -392,6 +416,7 @@ def main() -> None:
          f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"],
          "max_inter_token_gap_ms": served["max_inter_token_gap_ms"],
          "median_inter_token_gap_ms": served["median_inter_token_gap_ms"],
+         "engine_max_gap_bucket_ms": served["engine_max_gap_bucket_ms"],
          "compiles_after_ready": served["compiles_after_ready"],
          "graphs_compiled_after_ready": served["graphs_compiled_after_ready"],
          "first_compiles_after_ready": served["first_compiles_after_ready"],

@@ -641,6 +641,8 @@ def test_metrics(client, base):
     assert delta[("dsqv_generated_tokens_total", ())] == resp.usage.completion_tokens
     assert delta[("dsqv_time_to_first_token_seconds_count", ())] == 1
     assert 0 < delta[("dsqv_time_to_first_token_seconds_sum", ())] < 30
+    assert delta[("dsqv_inter_token_seconds_count", ())] == resp.usage.completion_tokens - 1 > 0
+    assert 0 < delta[("dsqv_inter_token_seconds_sum", ())] < 30
     assert delta[("dsqv_engine_requests_total", (("outcome", "completed"),))] == 1
     assert front(after, "200") - front(before, "200") == 1
     assert front(after, "400") - front(before, "400") == 1

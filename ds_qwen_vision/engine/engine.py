@@ -72,6 +72,7 @@ class Sequence:
     picked: int = 0                 # tokens picked on the device so far (the host reads them one step later)
     generated: int = 0
     first_token_at: float | None = None
+    last_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
     index: int = 0                  # the choice it is (a request with n choices has n sequences)
@@ -164,6 +165,9 @@ class Engine:
                                   ["outcome"], registry=r)
         self.m_ttft = Histogram("dsqv_time_to_first_token_seconds", "Queueing + prefill until the first token",
                                 registry=r, buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        # the gap a streaming client sees between two tokens (tokens of one speculative step: 0 apart)
+        self.m_itl = Histogram("dsqv_inter_token_seconds", "Time between two consecutive tokens of one sequence",
+                               registry=r, buckets=(.005, .01, .02, .035, .05, .075, .1, .15, .25, .5, 1, 2.5, 10))
         self.m_tokens = Counter("dsqv_generated_tokens", "Tokens generated", registry=r)
         self.m_tps = Gauge("dsqv_tokens_per_second", "Generated tokens per second over the last step", registry=r)
         self.m_queue = Gauge("dsqv_queue_depth", "Requests waiting for a slot", registry=r)
@@ -552,6 +556,9 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.m_ttft.observe(now - seq.created)
+        else:
+            self.m_itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         finish = None
         if seq.grammar is not None and not seq.grammar.accept_token(token):
             finish = "stop"  # cannot happen (the token was picked under the grammar's mask); never loop on it

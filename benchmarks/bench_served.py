@@ -16,12 +16,15 @@ Steps, all on the same real-format checkpoint (built once, random weights, `chec
 - prebuild: `launch.sh --prebuild` on an empty compile cache ($DSQV_CACHE_DIR/bench-served/compile-cache,
   kept between calls like the checkpoint, default ~/.cache/ds-qwen-vision): a fresh machine's
   start-up, load + warm-up with every compilation and autotune, timed (`startup_cold_s`);
-- bench: the runner alone (a subprocess, the baseline): one stream's decode step with the host reading
-  every token, and `--streams` prompts served by a tight loop scheduled like Engine.plan (no HTTP, no
-  IPC, no detokenization); then launch.sh on the filled cache: `startup_s` (start to /health 200, the
-  phases seen on the way), the first request's time to first token, then the same request warm; one
-  stream's ms per token; three bursts of `--streams` concurrent streams (tokens/s, every stream's
-  inter-token gaps, the first burst included); what still compiled after ready (from /health); SIGTERM.
+- bench: launch.sh on the filled cache: `startup_s` (start to /health 200, the phases seen on the way),
+  the first request's time to first token, then the same request warm (new text); one stream's ms per
+  token; three bursts of `--streams` concurrent streams (tokens/s, every stream's inter-token gaps as
+  the clients see them and as the engine handed the tokens over (`dsqv_inter_token_seconds`), the
+  first burst included); what still compiled after ready (from /health); SIGTERM. Then the runner alone
+  (a subprocess, the baseline): one stream's decode step with the host reading every token, and
+  `--streams` prompts served by a tight loop scheduled like Engine.plan with the prefill budget the
+  server's warm-up chose (no HTTP, no IPC, no detokenization), and once more with whole `--chunk` chunks
+  every step.
 Writes OUT/DATE-CARD-tp1-served.json. Weights are random: the token counts (and so the figures) do
 not depend on content except where a stream meets an end-of-sequence token, which its usage shows.
 """
@@ -121,16 +124,21 @@ def runner_main(args) -> None:
             steps.append(time.perf_counter() - t)
         return steps
 
-    def streams():  # scheduled like Engine.plan: a prefill budget per step, every generating slot decodes
+    def streams(budget=None, overhead=0):
+        """Scheduled like Engine.plan: every generating slot decodes; prompts are prefilled within a token
+        budget per step, `budget` while a stream decodes (whole `--chunk` chunks when none does) with each
+        prompt charged `overhead` tokens; budget None: `--chunk` every step."""
         k = args.streams
         prefilled, generated, nxt = [0] * k, [0] * k, [None] * k
         while min(generated) < args.new_tokens:
-            plan, room = StepPlan(), args.chunk
+            decoding = any(prefilled[i] >= len(ids[i]) and generated[i] < args.new_tokens for i in range(k))
+            room = args.chunk if budget is None else (budget if decoding else max(budget, args.chunk)) + overhead
+            plan = StepPlan()
             for i in range(k):
-                if prefilled[i] < len(ids[i]) and room > 0:
-                    end = min(len(ids[i]), prefilled[i] + room)
+                if prefilled[i] < len(ids[i]) and room > overhead:
+                    end = min(len(ids[i]), prefilled[i] + room - overhead)
                     plan.prefill.append(Prefill(i, ids[i], start=prefilled[i], end=end))
-                    room -= end - prefilled[i]
+                    room -= end - prefilled[i] + overhead
                     prefilled[i] = end
                 elif nxt[i] is not None and generated[i] < args.new_tokens:
                     plan.decode.append((i, nxt[i]))
@@ -144,12 +152,18 @@ def runner_main(args) -> None:
     streams()  # warm-up: every shape these loops use
     steps = one_stream(args.new_tokens)
     out["runner_ms_per_token"] = 1e3 * statistics.median(steps)
-    sync()
-    t = time.perf_counter()
-    streams()
-    sync()
-    wall = time.perf_counter() - t
-    out["runner_streams_tokens_per_s"] = args.streams * args.new_tokens / wall
+    for key, schedule in (("runner_streams_whole_chunks_tokens_per_s", {}),
+                          ("runner_streams_tokens_per_s", {"budget": args.served_budget[0],
+                                                           "overhead": args.served_budget[1]})):
+        if key == "runner_streams_tokens_per_s" and args.served_budget[0] is None:
+            out[key] = out["runner_streams_whole_chunks_tokens_per_s"]
+            continue
+        sync()
+        t = time.perf_counter()
+        streams(**schedule)
+        sync()
+        out[key] = args.streams * args.new_tokens / (time.perf_counter() - t)
+    out["runner_prefill_budget"] = list(args.served_budget)
     if args.device == "cuda":
         sys.path.insert(0, str(REPO / "benchmarks"))
         from bench_27b import copy_bandwidth
@@ -161,6 +175,17 @@ def runner_main(args) -> None:
 
 
 # ---- 2. served --------------------------------------------------------------------------------------------
+
+
+def served_budget(warmup_log: list[str]) -> tuple[int | str, int]:
+    """(tokens, overhead) of the prefill budget the server's warm-up logged; ("none", 0) without one."""
+    import re
+
+    for line in reversed(warmup_log):
+        m = re.search(r"prefill budget (\d+) tokens per step \(\+(\d+) per further prompt\)", line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return "none", 0
 
 
 def free_port() -> int:
@@ -374,7 +399,10 @@ def main() -> None:
                    help="prebuild: keep what OUT/compile-cache holds (to finish a prebuild cut short)")
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--runner-out", help=argparse.SUPPRESS)
+    p.add_argument("--served-budget", nargs=2, default=["none", "0"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.served_budget = (None if args.served_budget[0] == "none" else int(args.served_budget[0]),
+                          int(args.served_budget[1]))
     if args.runner_out:
         return runner_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -391,15 +419,19 @@ def main() -> None:
         if args.step == "prebuild":
             return
     cold = json.loads((args.keep / "prebuild.json").read_text()) if (args.keep / "prebuild.json").exists() else {}
+    # Served first: the runner alone then follows the prefill budget the server's warm-up chose
+    # (limits.max_gap_steps), so that the two throughputs compare serving overhead, not two schedules
+    # (2026-12-02: with max_gap_steps 3 the server prefilled 368 tokens a step against the runner's 2048).
+    served = served_main(args)
+    print(f"served: {json.dumps(served)}", flush=True)
+    budget = served_budget(served["warmup_log"])
     runner_json = args.keep / "runner-alone.json"
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--model", str(args.model),
-                    "--runner-out", str(runner_json)], check=True,
+                    "--runner-out", str(runner_json), "--served-budget", *(str(x) for x in budget)], check=True,
                    env=dict(os.environ, PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port())))
     runner = json.loads(runner_json.read_text())
     print(f"runner alone: {json.dumps(runner)} ({time.perf_counter() - t:.0f} s)", flush=True)
-    served = served_main(args)
-    print(f"served: {json.dumps(served)}", flush=True)
     layers = args.layers or "all"
     s = args.streams
     rows = [
@@ -422,10 +454,13 @@ def main() -> None:
          "first_compiles_after_ready": served["first_compiles_after_ready"],
          "bursts": served["bursts"], "served_one_stream_tokens": served["served_one_stream_tokens"],
          "warmup_log": served["warmup_log"], "cold_warmup_log": cold.get("warmup_log", [])[-3:]},
-        {"run": "runner alone (baseline: ModelRunner steps in a tight loop, same checkpoint, same call)",
+        {"run": "runner alone (baseline: ModelRunner steps in a tight loop, the server's prefill budget, same "
+                "checkpoint, same call)",
          "decode_ms_per_token": runner["runner_ms_per_token"], "floor_ms": runner.get("floor_ms"),
          "runner_ms_per_token": runner["runner_ms_per_token"],
-         f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"]},
+         f"runner_streams{s}_tokens_per_s": runner["runner_streams_tokens_per_s"],
+         f"runner_streams{s}_whole_chunks_tokens_per_s": runner["runner_streams_whole_chunks_tokens_per_s"],
+         "runner_prefill_budget": runner["runner_prefill_budget"]},
     ]
     date = datetime.datetime.now(datetime.timezone.utc)
     card = runner["card"]

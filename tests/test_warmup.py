@@ -190,3 +190,28 @@ def test_health_says_loading_then_warming_up(front, warmed):
     assert events[0]["status"] == 503 and events[0]["code"] == "warming_up"
     engine.phase = "ready"
     assert client.get("/health").status_code == 200
+
+
+def test_timed_chunks_stay_within_the_prefill_graphs():
+    from ds_qwen_vision.runner.warmup import timed_chunks
+
+    assert timed_chunks(2048, 1024, largest=True) == [64, 1024]   # both replays: one path's fixed cost
+    assert timed_chunks(2048, None, largest=True) == [64, 2048]
+    assert timed_chunks(2048, None, largest=False) == [64, 256]
+    assert timed_chunks(64, None, largest=False) == [16, 64]
+    assert timed_chunks(16, None, largest=False) == [16]
+
+
+def test_with_prefill_graphs_a_gap_bound_chunk_is_a_replay(tiny_ckpt):
+    """Chunks cut while a stream decodes stay within the largest prefill graph, and the timed ones too."""
+    processor = load_processor(tiny_ckpt)
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=320, prefill_graph_tokens=32)
+    limits = LimitsConfig(max_prompt_tokens=256, max_new_tokens=16, max_concurrent=2, prefill_chunk_tokens=128,
+                          max_images_per_request=0, max_gap_steps=100.0)
+    engine = Engine(runner, OneRank(), processor, limits)
+    lines = []
+    warm_up(engine, lines.append)
+    assert engine.prefill_budget <= 32 < limits.prefill_chunk_tokens
+    done = [line for line in lines if "warm-up done" in line][0]
+    assert "prefill 16 tokens" in done and "32 tokens" in done and "128 tokens" not in done

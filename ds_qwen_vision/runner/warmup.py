@@ -86,6 +86,19 @@ def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: 
     return int(min(cap, max(floor, n // 16 * 16, amortized))), int(fixed / per_token)
 
 
+def timed_chunks(cap16: int, graphed: int | None, largest: bool) -> list[int]:
+    """The two chunk sizes warm-up times for the budget's fit: a small one and the largest chunk
+    (`cap16`, a multiple of 16), both within the largest prefill graph (`graphed`) where there are graphs;
+    on CPU (`largest` False) at most 256, to keep the start-up short."""
+    top = min(cap16, graphed) if graphed else cap16
+    if not largest:
+        top = min(top, 256)
+    small = min(64, top)
+    if small == top and top > 16:
+        small = 16
+    return sorted({small, top})
+
+
 def _fit(prefill_s: dict[int, float]) -> tuple[float, float]:
     """(seconds per token, fixed seconds) of a prefill chunk, through the smallest and largest measured."""
     (n0, t0), (n1, t1) = min(prefill_s.items()), max(prefill_s.items())
@@ -205,12 +218,17 @@ class WarmUp:
         def timing():
             full = StepPlan(decode=[(s, FROM_DEVICE) for s in range(runner.max_slots)])
             decode_s = statistics.median(self.run_plan(full) for _ in range(5))
-            sizes = sorted({min(64, x16), x16 if largest else min(x16, 256)})
-            prefill_s = {n: min(self.prompt(n)[0] for _ in range(2)) for n in sizes}
+            prefill_s = {n: min(self.prompt(n)[0] for _ in range(2)) for n in timed_chunks(x16, graphed, largest)}
             return decode_s, prefill_s
 
+        # Prefill graphs (runner/prefill_graphs.py): the chunks timed, and those cut while a stream decodes,
+        # stay within the largest graph, so that the budget's line fit is one path's and a gap-bound chunk a
+        # replay. On one H200 (27B widths, 4 layers, 2026-12-02) 64 tokens as a replay and 2,048 eagerly
+        # fitted a 506-token fixed cost, and prefill steps took 10-20 ms beside a 3.6 ms decode step.
+        graphed = runner.prefill_graphs.buckets[-1] if getattr(runner, "prefill_graphs", None) else None
         decode_s, prefill_s = self.stage("timing a decode step and prefill chunks", timing, total)
-        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, cap)
+        budget_cap = min(cap, graphed) if graphed and limits.max_gap_steps else cap
+        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, budget_cap)
         engine.prefill_budget, engine.prefill_overhead = budget, overhead
         if not gap_bound_reachable(decode_s, prefill_s, limits.max_gap_steps):
             self.log(f"[rank 0] warm-up: a prefill forward's fixed cost ({_fit(prefill_s)[1] * 1e3:.1f} ms) alone "

@@ -87,11 +87,12 @@ class ModelRunner:
             peer_allreduce.install(allreduce, device, tp_group(self.world), self.world)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # Prefill chunks of up to this many tokens run from fixed buffers (runner/prefill_graphs.py), as
-        # CUDA graph replays where graphs are on; None: PREFILL_GRAPH_TOKENS on CUDA, eager elsewhere.
+        # CUDA graph replays where graphs are on (at most PREFILL_GRAPH_TOKENS); None: that many on CUDA,
+        # eager elsewhere.
         if prefill_graph_tokens is None:
             prefill_graph_tokens = PREFILL_GRAPH_TOKENS if self.cuda_graphs else 0
-        prefill_graph_tokens = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS)
-        self.prefill_graphs = PrefillGraphs(self, min(prefill_graph_tokens, max_len)) if prefill_graph_tokens else None
+        limit = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS, max_len)
+        self.prefill_graphs = PrefillGraphs(self, limit) if limit else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
         if spec_method != "none":

@@ -93,14 +93,13 @@ class PrefillGraphs:
         self.embeds[:, n:t].zero_()
         self.positions[:, :, :n].copy_(positions)
         self.positions[:, :, n:t].zero_()
-        host = torch.empty(top + self.k + 2, dtype=torch.long)
-        host[:t] = (torch.arange(start, start + t)).clamp(max=runner.kv_len - 1)
+        host = torch.zeros(top + self.k + 2, dtype=torch.long)
+        host[:t] = torch.arange(start, start + t).clamp(max=runner.kv_len - 1)
         host[top:top + self.k] = torch.arange(n, n + self.k)  # columns of [state (k) | chunk]
         host[top + self.k], host[top + self.k + 1] = slot, n - 1
         if runner.device.type == "cuda":
             host = host.pin_memory()
-        self.index[:t].copy_(host[:t], non_blocking=True)
-        self.index[top:].copy_(host[top:], non_blocking=True)
+        self.index.copy_(host, non_blocking=True)
         if t in self.graphs:
             graph, logits, hidden = self.graphs[t]
             graph.replay()

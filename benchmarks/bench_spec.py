@@ -150,24 +150,29 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None):
 
 @torch.inference_mode()
 def gdn_paths_agree(model, device) -> dict:
-    """kernels/gdn.py's CUDA path (flash-linear-attention per position) against its reference path, one layer,
-    T = 4 from a random state: the largest differences of the output and of the states after each position."""
+    """kernels/gdn_step.py's CUDA backend (Triton) against its reference path, one layer, T = 4 verify from a
+    random state: the largest differences of the output and of the states after each position."""
     from ds_qwen_vision.kernels import gdn as kernel
+    from ds_qwen_vision.kernels import gdn_step
 
     layer = next(l.linear_attn for l in model.model.language_model.layers if hasattr(l, "linear_attn"))
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(2, 4, layer.hidden_size, generator=g, device=device, dtype=torch.bfloat16)
     conv = torch.randn(2, layer.conv_dim, layer.conv_kernel_size, generator=g, device=device, dtype=torch.bfloat16)
     rec = 0.1 * torch.randn(2, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim, generator=g, device=device)
-    fla = kernel._fla_recurrent
-    out, _, states = kernel.gdn_multi_token(layer, h, conv, rec)
-    kernel._fla_recurrent = None
-    try:
-        ref, _, ref_states = kernel.gdn_multi_token(layer, h, conv, rec)
-    finally:
-        kernel._fla_recurrent = fla
+
+    def run(backend):
+        gdn_step.BACKEND = backend
+        try:
+            conv_st = torch.zeros(2, 4, *conv.shape[1:], dtype=conv.dtype, device=device)
+            rec_st = torch.zeros(2, 4, *rec.shape[1:], device=device)
+            return kernel.gdn_multi_token(layer, h, conv, rec, conv_steps=conv_st, rec_steps=rec_st), rec_st
+        finally:
+            gdn_step.BACKEND = None
+
+    (out, states), (ref, ref_states) = run(gdn_step.backend_for(h)), run("torch")
     return {"run": "check: GDN multi-token forward, CUDA path vs reference path (one layer, T=4)",
-            "fla": fla is not None, "decode_ms_per_token": None,
+            "backend": gdn_step.backend_for(h), "decode_ms_per_token": None,
             "max_abs_diff_out": float((out.float() - ref.float()).abs().max()),
             "max_abs_out": float(ref.float().abs().max()),
             "max_abs_diff_states": float((states - ref_states).abs().max())}

@@ -9,6 +9,12 @@
 2. Projections at 1..16 rows: cuBLAS (F.linear) on the separate and the fused weights, and the Triton skinny
    GEMM (kernels/gemv.py), as achieved weight-read bandwidth against the measured copy bandwidth. Each
    timing replays a CUDA graph over enough distinct weight copies that none is served from L2.
+3. The GDN decode step without its GEMMs (kernels/gdn_step.py: conv update + gated delta rule, state from
+   and into the slot state): the Triton backend against flash-linear-attention's recurrence with the torch
+   gating and write-back (the path served before) and the torch reference, 1 and 16 rows, all rows or a
+   masked subset decoding; 48 layers' distinct states per replay, as a 27B step. Errors against the reference
+   path in float64 from the same bf16 inputs (the bf16 torch path's own error beside).
+   `--only gdn` runs this part alone.
 """
 from __future__ import annotations
 
@@ -135,15 +141,74 @@ def projections(results, bw) -> None:
     results["projections"] = rows
 
 
+GDN = {"hk": 16, "hv": 48, "dk": 128, "dv": 128, "k": 4, "layers": 48}  # the 27B's Gated DeltaNet layers
+
+
+def gdn(results, bw) -> None:
+    from ds_qwen_vision.kernels import gdn_step
+
+    hk, hv, dk, dv, ksz, layers = (GDN[x] for x in ("hk", "hv", "dk", "dv", "k", "layers"))
+    c = 2 * hk * dk + hv * dv
+    rows = []
+    for m in (1, 16):
+        proj = torch.randn(m, 1, c + hv * dv + 2 * hv, device="cuda", dtype=torch.bfloat16)
+        x, _, beta_in, a = torch.split(proj, [c, hv * dv, hv, hv], dim=-1)
+        weight = torch.randn(c, ksz, device="cuda", dtype=torch.bfloat16) * 0.5
+        A_log = torch.randn(hv, device="cuda", dtype=torch.bfloat16)
+        dt_bias = torch.randn(hv, device="cuda", dtype=torch.bfloat16)
+        conv = torch.randn(layers, m, c, ksz, device="cuda", dtype=torch.bfloat16)
+        rec = 0.1 * torch.randn(layers, m, hv, dk, dv, device="cuda")
+        active = torch.arange(m, device="cuda") % 3 != 1 if m > 1 else None
+
+        def step(i, backend, act):
+            gdn_step.BACKEND = backend
+            mixed = gdn_step.conv_update(x, conv[i], weight, act)
+            return gdn_step.gated_delta_update(mixed, a, beta_in, A_log, dt_bias, rec[i], act)
+
+        gdn_step.BACKEND = "torch"  # the truth: the reference path in float64 from the same bf16 inputs
+        exact = (conv[0].double(), rec[0].double())
+        out64 = gdn_step.gated_delta_update(gdn_step.conv_update(x.double(), exact[0], weight.double(), active),
+                                            a.double(), beta_in.double(), A_log.double(), dt_bias.double(),
+                                            exact[1], active)
+        ref = (out64, *exact)
+        outs = {}
+        for backend in ("torch", "triton", "fla"):
+            if backend == "fla" and gdn_step._fla_recurrent is None:
+                continue
+            c0, r0 = conv[0].clone(), rec[0].clone()
+            outs[backend] = (step(0, backend, active).double(), conv[0].double(), rec[0].double())
+            conv[0].copy_(c0)
+            rec[0].copy_(r0)
+        for backend in outs:
+            errs = [((got - want).norm() / want.norm()).item() for got, want in zip(outs[backend], ref)]
+            for act in ((None, active) if m > 1 else (None,)):
+                ms = graph_time_ms(lambda i: step(i, backend, act), layers)
+                row = {"rows": m, "backend": backend, "masked_rows": act is not None, "us_per_layer": 1e3 * ms,
+                       "ms_per_48_layers": ms * layers, "rel_err_out_conv_state": errs,
+                       "state_floor_us": 1e6 * 2 * rec[0].numel() * 4 / bw}
+                rows.append(row)
+                print(f"gdn step m={m:2d} {backend:6s} masked={act is not None!s:5s}: {1e3 * ms:7.1f} us/layer "
+                      f"({ms * layers:.2f} ms / 48 layers; state r+w floor {row['state_floor_us']:.1f} us); "
+                      f"rel err out/conv/state {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}", flush=True)
+        gdn_step.BACKEND = None
+        del conv, rec
+        torch.cuda.empty_cache()
+    results["gdn_step"] = rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", choices=("attention", "projections", "gdn"))
     a = p.parse_args()
     torch.manual_seed(0)
     bw = copy_bw()
     results = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_tbs": bw / 1e12}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    for part in (attention, lambda r: projections(r, bw)):
+    parts = {"attention": attention, "projections": lambda r: projections(r, bw), "gdn": lambda r: gdn(r, bw)}
+    for name, part in parts.items():
+        if a.only not in (None, name):
+            continue
         try:
             part(results)
         except Exception as e:  # keep what the other part measured

@@ -137,6 +137,17 @@ def test_decode_attention_kernel_under_triton_interpreter():
     assert "OK" in proc.stdout
 
 
+def test_gdn_step_kernels_under_triton_interpreter():
+    """kernels/gdn_step.py's Triton conv update and gated delta rule == its torch reference (decode with
+    masked rows, verify into step buffers)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = Path(__file__).parent / "_gdn_step_interp.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
 def test_tp2_fused_forwards_and_weights(tiny_ckpt, image_files, tmp_path):
     """tp=2 DeepSpeed CPU ranks with the fused forwards: logits as single-process transformers, and each
     rank's fused weight is exactly the shard table's cut of every member, concatenated."""

@@ -96,16 +96,29 @@ def test_gdn_multi_token_matches_transformers(tiny_ckpt):
     hidden = torch.randn(b, t, model.config.text_config.hidden_size, generator=g)
     conv = torch.randn(b, gdn.conv_dim, gdn.conv_kernel_size, generator=g)
     rec = torch.randn(b, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, generator=g) * 0.3
+    conv_states = torch.zeros(b, t + 1, *conv.shape[1:])  # step buffers longer than T, as the runner's
+    rec_states = torch.zeros(b, t + 1, *rec.shape[1:])
     with torch.inference_mode():
-        out, conv_states, rec_states = gdn_multi_token(gdn, hidden, conv, rec)
+        conv_in, rec_in = conv.clone(), rec.clone()
+        out = gdn_multi_token(gdn, hidden, conv_in, rec_in, conv_steps=conv_states, rec_steps=rec_states)
+        assert torch.equal(conv_in, conv) and torch.equal(rec_in, rec)  # verify leaves the slot's state alone
         whole = Cache(conv, rec)
         torch.testing.assert_close(out, gdn(hidden, cache_params=whole), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rec_states[:, -1], whole.rec, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rec_states[:, t - 1], whole.rec, rtol=1e-4, atol=1e-4)
+        assert not rec_states[:, t:].any()  # nothing written past T
         step = Cache(conv, rec)
         for i in range(t):
             torch.testing.assert_close(out[:, i:i + 1], gdn(hidden[:, i:i + 1], cache_params=step), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(conv_states[:, i], step.conv, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(rec_states[:, i], step.rec, rtol=1e-5, atol=1e-5)
+        # decode: one token, the new state in place in the active rows only
+        conv_in, rec_in = conv.clone(), rec.clone()
+        active = torch.tensor([False, True])
+        one = gdn_multi_token(gdn, hidden[:, :1], conv_in, rec_in, active=active)
+        torch.testing.assert_close(one, out[:, :1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(conv_in[0], conv[0]) and torch.equal(rec_in[0], rec[0])
+        torch.testing.assert_close(conv_in[1], conv_states[1, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rec_in[1], rec_states[1, 0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -69,7 +69,7 @@ class CacheView:
     each position goes to SlotState's step buffers (`steps=True`), the slots' own state is untouched
     until SlotState.select_steps picks the accepted position.
     Implements the part of transformers' Cache interface that Qwen3.5 layers call; decode and verify
-    GDN layers use gdn_state / gdn_update (kernels/gdn.py).
+    GDN layers use gdn_step_state (kernels/gdn.py).
     """
 
     def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
@@ -100,26 +100,14 @@ class CacheView:
         return keys, values
 
     # Gated DeltaNet layers, decode / verify (kernels/gdn.py)
-    def gdn_state(self, layer_idx):
-        return self.state.conv[layer_idx][self.rows], self.state.recurrent[layer_idx][self.rows]
-
-    def gdn_update(self, layer_idx, conv_states, rec_states):
-        """The states after each new position ([b, T, ...]): to the step buffers (verify), or the last one
-        into the rows that decode (decode)."""
-        if self.steps:
-            j = self.state.gdn_index[layer_idx]
-            t = conv_states.shape[1]
-            self.state.conv_steps[j, self.rows, :t] = conv_states
-            self.state.rec_steps[j, self.rows, :t] = rec_states
-            return
-        conv, recurrent = self.gdn_state(layer_idx)
-        if self.active is None:
-            conv.copy_(conv_states[:, -1])
-            recurrent.copy_(rec_states[:, -1])
-            return
-        keep = self.active.view(-1, 1, 1)
-        torch.where(keep, conv_states[:, -1], conv, out=conv)
-        torch.where(keep.view(-1, 1, 1, 1), rec_states[:, -1], recurrent, out=recurrent)
+    def gdn_step_state(self, layer_idx):
+        """kernels/gdn.gdn_multi_token's state arguments: the rows' conv and recurrent state, the rows that
+        keep their new state (decode), or the step buffers that take the state after each position (verify)."""
+        conv, recurrent = self.state.conv[layer_idx][self.rows], self.state.recurrent[layer_idx][self.rows]
+        if not self.steps:
+            return conv, recurrent, self.active, None, None
+        j = self.state.gdn_index[layer_idx]
+        return conv, recurrent, None, self.state.conv_steps[j, self.rows], self.state.rec_steps[j, self.rows]
 
     # Gated DeltaNet layers
     def is_recording_past(self, layer_idx) -> bool:

@@ -209,6 +209,10 @@ def engine_main(args) -> None:
     save()
     if args.profile:
         profile_decode(runner, rank, StepPlan)
+        # a prefill chunk's kernels, replayed as a graph: 64 tokens (a chunk's fixed cost) and 512
+        for n in (64, 512):
+            results[f"profile_prefill{n}_graph"] = profile_kernels(lambda: prefill(prompt_ids(config, n, seed=7)), rank)
+        save()
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             prefill(text512)
@@ -285,6 +289,29 @@ def engine_main(args) -> None:
         mode = f"ds-qwen-vision tp={world}" + (f", all-reduce peer {args.allreduce}" if args.allreduce != "off" else "")
         args.out.write_text(json.dumps({"mode": mode, "ranks": gathered}, indent=1))
         print(json.dumps(gathered, indent=1))
+
+
+def profile_kernels(fn, rank, calls: int = 3, top: int = 25) -> list[dict]:
+    """torch.profiler (CUDA) over `calls` calls of fn: the top kernels by GPU time, ms per call; printed on
+    rank 0 and returned for the results JSON (the last row: every kernel together)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    rows = [{"kernel": e.key[:120], "ms_per_call": e.self_device_time_total / 1e3 / calls,
+             "launches_per_call": e.count / calls} for e in events[:top]]
+    rows.append({"kernel": "(all kernels)", "ms_per_call": sum(e.self_device_time_total for e in events) / 1e3 / calls,
+                 "launches_per_call": sum(e.count for e in events) / calls})
+    if rank == 0:
+        for r in rows:
+            print(f"{r['ms_per_call']:9.3f} ms {r['launches_per_call']:7.0f}x  {r['kernel']}", flush=True)
+    return rows
 
 
 def profile_decode(runner, rank, StepPlan) -> None:

@@ -15,6 +15,10 @@
    masked subset decoding; 48 layers' distinct states per replay, as a 27B step. Errors against the reference
    path in float64 from the same bf16 inputs (the bf16 torch path's own error beside).
    `--only gdn` runs this part alone.
+4. Prefill-chunk attention over the static cache (kernels/chunk_attention.py) against SDPA as transformers
+   calls it for a boolean mask (KV heads expanded, the memory-efficient kernel), 64 and 512 query tokens of
+   a 9,472-position cache, the chunk at position 0 or 4,096; 16 layers' caches per replay; error against
+   float64. `--only chunk`.
 """
 from __future__ import annotations
 
@@ -196,16 +200,50 @@ def gdn(results, bw) -> None:
     results["gdn_step"] = rows
 
 
+def chunk(results) -> None:
+    from ds_qwen_vision.kernels.chunk_attention import chunk_attention
+
+    rows = []
+    hq, hkv, d, length = 24, 4, 256, 9472
+    for t in (64, 512):
+        for start in (0, 4096):
+            caches = [(torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(16)]
+            q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            pos = start + torch.arange(t, device="cuda")
+            mask = (torch.arange(length, device="cuda")[None, :] <= pos[:, None])[None, None]
+            scale = d ** -0.5
+            k, v = caches[0]
+            ref64 = reference_attention(q.double(), k.double(), v.double(), mask, scale)
+
+            def sdpa(i):
+                kk, vv = (x.repeat_interleave(hq // hkv, 1) for x in caches[i])  # transformers' repeat_kv
+                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale).transpose(1, 2)
+
+            errs = {name: ((fn(0).double() - ref64).norm() / ref64.norm()).item()
+                    for name, fn in (("kernel", lambda i: chunk_attention(q, *caches[i], mask, scale)), ("sdpa", sdpa))}
+            t_kernel = graph_time_ms(lambda i: chunk_attention(q, *caches[i], mask, scale), 16)
+            t_sdpa = graph_time_ms(sdpa, 16)
+            rows.append({"query_tokens": t, "start": start, "cache": length, "kernel_us": 1e3 * t_kernel,
+                         "sdpa_us": 1e3 * t_sdpa, "rel_err_kernel": errs["kernel"], "rel_err_sdpa": errs["sdpa"]})
+            print(f"chunk attention t={t} start={start}: kernel {1e3 * t_kernel:.1f} us (rel err {errs['kernel']:.1e}), "
+                  f"SDPA {1e3 * t_sdpa:.1f} us (rel err {errs['sdpa']:.1e})", flush=True)
+            del caches
+            torch.cuda.empty_cache()
+    results["chunk_attention"] = rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--only", choices=("attention", "projections", "gdn"))
+    p.add_argument("--only", choices=("attention", "projections", "gdn", "chunk"))
     a = p.parse_args()
     torch.manual_seed(0)
     bw = copy_bw()
     results = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_tbs": bw / 1e12}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    parts = {"attention": attention, "projections": lambda r: projections(r, bw), "gdn": lambda r: gdn(r, bw)}
+    parts = {"attention": attention, "projections": lambda r: projections(r, bw), "gdn": lambda r: gdn(r, bw),
+             "chunk": chunk}
     for name, part in parts.items():
         if a.only not in (None, name):
             continue

@@ -1,9 +1,11 @@
-"""Run under TRITON_INTERPRET=1 (tests/test_fused.py starts it): the Triton decode-attention kernels on CPU
-against a float64 reference written from the definition (softmax(q k^T * scale, masked) v, GQA)."""
+"""Run under TRITON_INTERPRET=1 (tests/test_fused.py starts it): the Triton decode-attention kernels and the
+prefill-chunk attention kernel (kernels/chunk_attention.py) on CPU against a float64 reference written from
+the definition (softmax(q k^T * scale, masked) v, GQA)."""
 import sys
 
 import torch
 
+from ds_qwen_vision.kernels.chunk_attention import chunk_attention
 from ds_qwen_vision.kernels.decode_attention import reference_attention, split_kv_attention
 
 
@@ -38,6 +40,22 @@ def main():
             worst = max(worst, rel)
             print(f"{name} b={b} hq={hq} hkv={hkv} t={t} d={d} L={length}: rel {rel:.2e}")
             assert rel < 1e-5, (name, rel)
+    # prefill chunks over a static cache, masked by position as runner/prefill_graphs.py does: the chunk's
+    # tokens at start.., padding rows past the prompt's end, keys past the chunk never visible
+    for b, hq, hkv, t, d, length, start, real in [(1, 6, 2, 70, 32, 300, 37, 61), (2, 4, 1, 20, 16, 96, 0, 20),
+                                                  (1, 8, 8, 9, 64, 64, 50, 5)]:
+        q = torch.randn(b, t, hq, d).transpose(1, 2)
+        k, v = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+        pos = start + torch.arange(t)
+        pos[real:] = start + real + torch.arange(t - real) + 3  # padding: positions past the prompt
+        mask = (torch.arange(length)[None, :] <= pos[:, None])[None, None]  # [1, 1, t, L], shared by the rows
+        ref = definition(q, k, v, mask, d ** -0.5)
+        out = chunk_attention(q, k, v, mask, d ** -0.5)
+        assert out.shape == ref.shape and not out.isnan().any(), out.shape
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        worst = max(worst, rel)
+        print(f"chunk b={b} hq={hq} hkv={hkv} t={t} d={d} L={length} start={start}: rel {rel:.2e}")
+        assert rel < 1e-5, rel
     print(f"OK worst {worst:.2e}")
 
 

@@ -18,6 +18,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import chunk_attention
+
 ATTENTION = "dsqv_static"
 MAX_QUERY_TOKENS = 8  # decode (1) and speculative verify (k + 1 <= 8)
 
@@ -38,13 +40,16 @@ def reference_attention(query, key, value, attention_mask, scaling):
 
 
 def static_cache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention interface: SDPA for prefill, the decode paths above for 1..8 tokens.
+    """transformers' attention interface: the decode paths above for 1..8 tokens; a prefill chunk with a
+    boolean mask on CUDA: kernels/chunk_attention.py; otherwise (CPU, no mask, long chunks) SDPA.
 
     For one query token over a whole static cache, PyTorch's SDPA picks the memory-efficient kernel,
     which does not split the keys: 550 us per call over 9,472 positions on H200 (36% of a decode
     step, torch.profiler).
     """
     t = query.shape[2]
+    if t > MAX_QUERY_TOKENS and chunk_attention.applies(query, attention_mask):  # a prefill chunk (graph)
+        return chunk_attention.chunk_attention(query, key, value, attention_mask, scaling), None
     if t > MAX_QUERY_TOKENS or (t > 1 and attention_mask is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

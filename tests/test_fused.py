@@ -128,22 +128,16 @@ def test_decode_attention_reference_matches_sdpa(t):
     assert rel(reference_attention(q, k, v, mask, d ** -0.5), want) <= TOL
 
 
-def test_decode_attention_kernel_under_triton_interpreter():
+@pytest.mark.parametrize("script", [
+    "_decode_attention_interp.py",  # decode attention (split-KV) and prefill-chunk attention against float64
+    "_gdn_step_interp.py",  # the GDN step's conv update and gated delta rule against their torch reference
+])
+def test_triton_kernels_under_interpreter(script):
+    """The Triton kernels on CPU (TRITON_INTERPRET=1), each script against its reference."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    script = Path(__file__).parent / "_decode_attention_interp.py"
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK" in proc.stdout
-
-
-def test_gdn_step_kernels_under_triton_interpreter():
-    """kernels/gdn_step.py's Triton conv update and gated delta rule == its torch reference (decode with
-    masked rows, verify into step buffers)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = Path(__file__).parent / "_gdn_step_interp.py"
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / script)], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK" in proc.stdout
 

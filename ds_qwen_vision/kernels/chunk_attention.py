@@ -54,6 +54,31 @@ def chunk_attention(query, key, value, attention_mask, scaling):
 
 if triton is not None:
     @triton.jit
+    def attend_tile(q, k_ptrs, v_ptrs, n_ok, keep, m_i, l_i, acc, scaling, FP32: tl.constexpr):
+        """One key tile of flash attention's online softmax (also the decode kernel's, decode_attention.py):
+        scores and softmax in float32, row sums from the float32 probabilities, P @ V from P in the value
+        dtype (as the reference). Returns the updated running max, row sums and accumulator."""
+        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        if FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(keep, s * scaling, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    # Not specialised on the chunk's length or the mask's row stride (the key span): an eager continuing chunk
+    # of any length (prefill graphs off) reuses the variant warm-up compiled instead of compiling after ready.
+    @triton.jit(do_not_specialize=["T", "smt", "seb"])
     def _forward(q_ptr, k_ptr, v_ptr, mask_ptr, ends_ptr, out_ptr, scaling, T,
                  sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smt, sml, seb,
                  sob, sot, soh, sod,
@@ -77,25 +102,9 @@ if triton is not None:
             n_ok = rn < end
             keep = tl.load(mask_ptr + row * smb + rm[:, None] * smt + rn[None, :] * sml,
                            mask=m_ok[:, None] & n_ok[None, :], other=0) != 0
-            k = tl.load(k_ptr + row * skb + kvh * skh + rn[:, None] * skl + rd[None, :] * skd, mask=n_ok[:, None],
-                        other=0.0)
-            if FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(keep, s * scaling, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            v = tl.load(v_ptr + row * svb + kvh * svh + rn[:, None] * svl + rd[None, :] * svd, mask=n_ok[:, None],
-                        other=0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = attend_tile(q, k_ptr + row * skb + kvh * skh + rn[:, None] * skl + rd[None, :] * skd,
+                                        v_ptr + row * svb + kvh * svh + rn[:, None] * svl + rd[None, :] * svd,
+                                        n_ok, keep, m_i, l_i, acc, scaling, FP32)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key (padding): zeros
         tl.store(out_ptr + row * sob + rm[:, None] * sot + head * soh + rd[None, :] * sod,
                  o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])

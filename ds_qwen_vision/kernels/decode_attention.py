@@ -128,26 +128,10 @@ if triton is not None:
             keep = tl.load(mask_ptr + row * smb + tok[:, None] * smt + rn[None, :] * sml,
                            mask=rows_ok[:, None] & n_ok[None, :], other=0) != 0
             if tl.max(keep.to(tl.int32)) > 0:  # a tile the mask hides entirely reads no K or V
-                k = tl.load(k_ptr + row * skb + kvh * skh + rn[:, None] * skl + rd[None, :] * skd,
-                            mask=n_ok[:, None], other=0.0)
-                if FP32:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(keep, s * scaling, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                v = tl.load(v_ptr + row * svb + kvh * svh + rn[:, None] * svl + rd[None, :] * svd,
-                            mask=n_ok[:, None], other=0.0)
-                # Row sums from the float32 probabilities, P @ V from P in the value dtype (as the reference)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if FP32:
-                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = chunk_attention.attend_tile(
+                    q, k_ptr + row * skb + kvh * skh + rn[:, None] * skl + rd[None, :] * skd,
+                    v_ptr + row * svb + kvh * svh + rn[:, None] * svl + rd[None, :] * svd,
+                    n_ok, keep, m_i, l_i, acc, scaling, FP32)
         base = (row_head * SPLITS + split) * M
         has = l_i > 0
         tl.store(lse_ptr + base + rm, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),

@@ -65,7 +65,8 @@ def gated_delta_update(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_
     a, b [b, T, Hv] (the in-projection's), A_log, dt_bias [Hv], state [b, Hv, Dk, Dv] fp32 (this rank's
     heads); steps [b, >= T, Hv, Dk, Dv]. Returns the output [b, T, Hv, Dv] in mixed's dtype."""
     name = backend_for(mixed)
-    if name == "triton":
+    dk = state.shape[2]
+    if name == "triton" and dk & (dk - 1) == 0:  # the kernel holds a whole key row: a power of two
         return _rule_triton(mixed, a, b, A_log, dt_bias, state, active, steps)
     bsz, t, _ = mixed.shape
     hv, dk, dv = state.shape[1:]
@@ -151,7 +152,7 @@ RULE_BLOCK_V = 8  # value columns per program, one warp each (flash-linear-atten
 
 def _flags(active, steps, like):
     """(active as bytes or a dummy pointer, steps or a dummy pointer, HAS_ACTIVE, STEPS)."""
-    act = active.view(torch.uint8) if active is not None else like
+    act = (active if active.dtype == torch.bool else active != 0).view(torch.uint8) if active is not None else like
     return act, (steps if steps is not None else like), active is not None, steps is not None
 
 
@@ -176,7 +177,7 @@ def _rule_triton(mixed, a, b, A_log, dt_bias, state, active, steps):
     hk = key_dim // dk
     out = torch.empty((bsz, t, hv, dv), dtype=mixed.dtype, device=mixed.device)
     act, st, has_active, has_steps = _flags(active, steps, state)
-    assert mixed.stride(2) == 1 and a.stride(2) == 1 and b.stride(2) == 1 and dk & (dk - 1) == 0
+    assert mixed.stride(2) == 1 and a.stride(2) == 1 and b.stride(2) == 1
     assert state.stride()[1:] == (dk * dv, dv, 1) and (steps is None or steps.stride()[2:] == (dk * dv, dv, 1))
     _rule_kernel[(triton.cdiv(dv, RULE_BLOCK_V), bsz * hv)](
         mixed, a, b, A_log, dt_bias, state, act, st, out, dk ** -0.5,

@@ -25,8 +25,10 @@ Steps, all on the same real-format checkpoint (built once, random weights, `chec
   `--streams` prompts served by a tight loop scheduled like Engine.plan with the prefill budget the
   server's warm-up chose (no HTTP, no IPC, no detokenization), and once more with whole `--chunk` chunks
   every step.
-Writes OUT/DATE-CARD-tp1-served.json. Weights are random: the token counts (and so the figures) do
-not depend on content except where a stream meets an end-of-sequence token, which its usage shows.
+Writes OUT/DATE-CARD-tp1-served.json. Weights are random; the served streams ask for `ignore_eos`, so
+every stream generates `--new-tokens` whatever it writes (before 2026-12-02's third session they stopped
+at an end-of-sequence token: bursts with fewer tokens than streams x new tokens did less work than the
+runner in about the same wall time).
 """
 from __future__ import annotations
 
@@ -261,8 +263,10 @@ class Served:
 
     def stream(self, text: str, max_tokens: int) -> dict:
         """One streaming chat completion: arrival time of every content chunk, and the usage."""
+        # ignore_eos: every stream generates max_tokens, as the runner-alone baseline does (random weights
+        # write an end-of-sequence token now and then; a burst's wall is its longest stream's either way)
         body = json.dumps({"model": Path(self.model_name).name, "stream": True, "max_tokens": max_tokens,
-                           "temperature": 0, "stream_options": {"include_usage": True},
+                           "temperature": 0, "stream_options": {"include_usage": True}, "ignore_eos": True,
                            "messages": [{"role": "user", "content": text}],
                            "chat_template_kwargs": {"enable_thinking": False}})
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)

@@ -112,6 +112,7 @@ def wrong_types() -> list[Case]:
         "min_p": (top("min_p"), {"an integer", "a number", "null"}),
         "stop_token_ids": (top("stop_token_ids"), {"an array", "null"}),
         "stop_token_ids[0]": (lambda v: req(stop_token_ids=[v]), {"an integer"}),
+        "ignore_eos": (top("ignore_eos"), {"a boolean", "null"}),
         "user": (top("user"), {"a string", "null"}),
         "messages[0]": (lambda v: req(v), {"an object"}),
         "messages[0].role": (lambda v: req({"role": v, "content": "hi"}), {"a string"}),

@@ -126,7 +126,7 @@ def test_minimal_request_defaults():
         # Sampling parameters left out: None, for the engine to fill in from the checkpoint's generation_config.
         "max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "min_p": None,
         "presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None, "seed": None, "stop": [],
-        "stop_token_ids": [], "n": 1, "logprobs": False, "top_logprobs": 0, "chat_template_kwargs": {},
+        "stop_token_ids": [], "ignore_eos": False, "n": 1, "logprobs": False, "top_logprobs": 0, "chat_template_kwargs": {},
     }
     assert (chat.model, chat.stream, chat.include_usage) == (MODEL, False, False)
 
@@ -147,7 +147,7 @@ def test_full_request_conversion():
         seed=2**63 - 1, stop="END", stream=True, stream_options={"include_usage": True},
         chat_template_kwargs={"enable_thinking": False, "preserve_thinking": True},
         n=3, user="u-1", frequency_penalty=0.5, presence_penalty=-2, tools=[], logprobs=True, top_logprobs=20,
-        repetition_penalty=1.1, min_p=0.05, stop_token_ids=[7, 0],
+        repetition_penalty=1.1, min_p=0.05, stop_token_ids=[7, 0], ignore_eos=True,
         metadata={"ignored": True}, store=False,  # unknown top-level fields are ignored
     ), LIMITS)
     b64 = base64.b64encode(img).decode()
@@ -162,7 +162,7 @@ def test_full_request_conversion():
         ],
         "max_tokens": 32, "temperature": 0.0, "top_p": 0.5, "top_k": -1, "min_p": 0.05, "presence_penalty": -2.0,
         "frequency_penalty": 0.5, "repetition_penalty": 1.1, "seed": 2**63 - 1, "stop": ["END"],
-        "stop_token_ids": [7, 0], "n": 3, "logprobs": True, "top_logprobs": 20,
+        "stop_token_ids": [7, 0], "ignore_eos": True, "n": 3, "logprobs": True, "top_logprobs": 20,
         "chat_template_kwargs": {"enable_thinking": False, "preserve_thinking": True},
     }
     assert (chat.stream, chat.include_usage) == (True, True)

@@ -562,7 +562,7 @@ class Engine:
         finish = None
         if seq.grammar is not None and not seq.grammar.accept_token(token):
             finish = "stop"  # cannot happen (the token was picked under the grammar's mask); never loop on it
-        elif token in self.eos_ids or token in seq.sampling.stop_token_ids:
+        elif token in seq.sampling.stop_token_ids or (token in self.eos_ids and not self.through_eos(seq)):
             finish = "stop"
         else:
             reasoning, content = seq.stream.add(token)
@@ -577,6 +577,12 @@ class Engine:
             return True
         seq.next_token = token
         return False
+
+    @staticmethod
+    def through_eos(seq: Sequence) -> bool:
+        """ignore_eos: an end-of-sequence token is one more token (its text, if any, is a special token's:
+        skipped). Not under a grammar, whose end is an end-of-sequence token that nothing may follow."""
+        return seq.sampling.ignore_eos and seq.grammar is None
 
     def pick(self, rows: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """The next token of every row ([R, V] logits of `seqs`), on the logits' device."""

@@ -40,6 +40,7 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's: generate up to max_tokens through the model's end-of-sequence tokens
     logprobs: bool = False
     top_logprobs: int = 0
 
@@ -57,7 +58,7 @@ class Sampling:
                    presence_penalty=value("presence_penalty", 0.0), frequency_penalty=value("frequency_penalty", 0.0),
                    repetition_penalty=value("repetition_penalty", 1.0), seed=request.get("seed"),
                    stop=list(request.get("stop") or []), stop_token_ids=list(request.get("stop_token_ids") or []),
-                   logprobs=bool(request.get("logprobs")), top_logprobs=request.get("top_logprobs") or 0)
+                   ignore_eos=bool(request.get("ignore_eos")), logprobs=bool(request.get("logprobs")), top_logprobs=request.get("top_logprobs") or 0)
 
     @property
     def greedy(self) -> bool:

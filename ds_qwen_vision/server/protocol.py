@@ -355,6 +355,7 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = None  # the model's end-of-sequence tokens do not end generation
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -587,6 +588,7 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
         "seed": req.seed,
         "stop": req.stop or [],
         "stop_token_ids": req.stop_token_ids or [],
+        "ignore_eos": bool(req.ignore_eos),
         "n": req.n or 1,
         "logprobs": bool(req.logprobs),
         "top_logprobs": req.top_logprobs or 0,

@@ -6,6 +6,17 @@ from PIL import Image
 from ds_qwen_vision.checkpoint import build_checkpoint
 
 
+class OneRank:
+    """The control channel of a single rank (tp=1): the plan goes nowhere, the health report is rank 0's own."""
+    world = 1
+
+    def broadcast(self, plan=None):
+        return plan
+
+    def gather(self, obj):
+        return [obj]
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The project's tiny real-format checkpoint (fp32), built once per test session."""

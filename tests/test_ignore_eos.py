@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import OneRank
 from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
 
 from ds_qwen_vision.config import LimitsConfig
@@ -17,16 +18,6 @@ from ds_qwen_vision.runner import ModelRunner
 
 N = 12
 TEXT = "Tell me a story."
-
-
-class OneRank:
-    world = 1
-
-    def broadcast(self, plan=None):
-        return plan
-
-    def gather(self, obj):
-        return [obj]
 
 
 @pytest.fixture(scope="module")

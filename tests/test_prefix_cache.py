@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import Qwen3_5ForConditionalGeneration
 
-from conftest import make_image
+from conftest import OneRank, make_image
 from ds_qwen_vision.config import CacheConfig, LimitsConfig
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.engine.prefix_cache import Lru
@@ -37,17 +37,6 @@ def solid(colour, size=(64, 48)) -> bytes:
 
 IMG_A, IMG_B = make_image(64, 48, seed=11), make_image(48, 80, seed=13)
 IMG_A2 = solid((0, 0, 0))  # IMG_A's size (the same token ids), content far enough from it to change the answer
-
-
-class LocalChannel:
-    """tp=1: the plan goes nowhere, the health report is rank 0's own."""
-    world = 1
-
-    def broadcast(self, plan=None):
-        return plan
-
-    def gather(self, obj):
-        return [obj]
 
 
 def user(*parts) -> dict:
@@ -144,7 +133,7 @@ class Harness:
         model = load_model(ckpt, 1, "cpu", torch.float32, show_progress=False)
         self.runner = ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=512)
         limits = LimitsConfig(max_prompt_tokens=400, max_new_tokens=64, max_concurrent=slots, prefill_chunk_tokens=chunk)
-        self.engine = Engine(self.runner, LocalChannel(), processor, limits, cache=cache)
+        self.engine = Engine(self.runner, OneRank(), processor, limits, cache=cache)
         self.loop = threading.Thread(target=self.engine.run, daemon=True)
         self.loop.start()
 

@@ -12,24 +12,13 @@ import time
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import OneRank, make_image
 
 from ds_qwen_vision.config import LimitsConfig, load_config_json
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
 from ds_qwen_vision.runner.warmup import gap_bound_reachable, prefill_budget, warm_up
-
-
-class OneRank:
-    """The control channel of a single rank: nothing to send."""
-    world = 1
-
-    def broadcast(self, plan=None):
-        return plan
-
-    def gather(self, obj):
-        return [obj]
 
 
 def request(text: str, images: list[bytes] = (), max_tokens: int = 6, temperature: float = 0.0) -> dict:

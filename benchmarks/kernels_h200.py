@@ -226,8 +226,8 @@ def chunk(results) -> None:
             t_sdpa = graph_time_ms(sdpa, 16)
             rows.append({"query_tokens": t, "start": start, "cache": length, "kernel_us": 1e3 * t_kernel,
                          "sdpa_us": 1e3 * t_sdpa, "rel_err_kernel": errs["kernel"], "rel_err_sdpa": errs["sdpa"]})
-            print(f"chunk attention t={t} start={start}: kernel {1e3 * t_kernel:.1f} us (rel err {errs['kernel']:.1e}), "
-                  f"SDPA {1e3 * t_sdpa:.1f} us (rel err {errs['sdpa']:.1e})", flush=True)
+            print(f"chunk attention t={t} start={start}: kernel {1e3 * t_kernel:.1f} us "
+                  f"(rel err {errs['kernel']:.1e}), SDPA {1e3 * t_sdpa:.1f} us (rel err {errs['sdpa']:.1e})", flush=True)
             del caches
             torch.cuda.empty_cache()
     results["chunk_attention"] = rows

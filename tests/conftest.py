@@ -17,6 +17,20 @@ class OneRank:
         return [obj]
 
 
+def generate_text(engine, request: dict) -> tuple[str, dict]:
+    """One engine request (Engine.generate's events), no error allowed: its content text and `done` event."""
+    text, done = "", None
+    for event in engine.generate(request):
+        if event is None:
+            continue
+        assert event["event"] != "error", event
+        if event["event"] == "delta":
+            text += event["content"]
+        elif event["event"] == "done":
+            done = event
+    return text, done
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The project's tiny real-format checkpoint (fp32), built once per test session."""

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import OneRank
+from conftest import OneRank, generate_text
 from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
 
 from ds_qwen_vision.config import LimitsConfig
@@ -48,16 +48,8 @@ def engine(tiny_ckpt):
 def ask(engine, **extra) -> tuple[str, str, int]:
     request = {"messages": [{"role": "user", "content": [{"type": "text", "text": TEXT}]}], "max_tokens": N,
                "temperature": 0.0, "chat_template_kwargs": {"enable_thinking": False}, **extra}
-    text, finish, tokens = "", None, None
-    for event in engine.generate(request):
-        if event is None:
-            continue
-        assert event["event"] != "error", event
-        if event["event"] == "delta":
-            text += event["content"]
-        elif event["event"] == "done":
-            finish, tokens = event["finish_reason"], event["usage"]["completion_tokens"]
-    return text, finish, tokens
+    text, done = generate_text(engine, request)
+    return text, done["finish_reason"], done["usage"]["completion_tokens"]
 
 
 def test_ignore_eos_generates_through_end_of_sequence(engine, greedy_ids, tiny_ckpt):

@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import Qwen3_5ForConditionalGeneration
 
-from conftest import OneRank, make_image
+from conftest import OneRank, generate_text, make_image
 from ds_qwen_vision.config import CacheConfig, LimitsConfig
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.engine.prefix_cache import Lru
@@ -138,16 +138,8 @@ class Harness:
         self.loop.start()
 
     def ask(self, messages) -> tuple[str, dict]:
-        text, usage = "", None
-        for event in self.engine.generate(engine_request(messages)):
-            if event is None:
-                continue
-            assert event["event"] != "error", event
-            if event["event"] == "delta":
-                text += event["content"]
-            elif event["event"] == "done":
-                usage = event["usage"]
-        return text, usage
+        text, done = generate_text(self.engine, engine_request(messages))
+        return text, done["usage"]
 
     def ask_together(self, conversations) -> list[tuple[str, dict]]:
         out = [None] * len(conversations)

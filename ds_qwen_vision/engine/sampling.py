@@ -58,7 +58,8 @@ class Sampling:
                    presence_penalty=value("presence_penalty", 0.0), frequency_penalty=value("frequency_penalty", 0.0),
                    repetition_penalty=value("repetition_penalty", 1.0), seed=request.get("seed"),
                    stop=list(request.get("stop") or []), stop_token_ids=list(request.get("stop_token_ids") or []),
-                   ignore_eos=bool(request.get("ignore_eos")), logprobs=bool(request.get("logprobs")), top_logprobs=request.get("top_logprobs") or 0)
+                   ignore_eos=bool(request.get("ignore_eos")), logprobs=bool(request.get("logprobs")),
+                   top_logprobs=request.get("top_logprobs") or 0)
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3_5.modeling_qwen3_5 import l2norm  # the reference's own (FLA's formula)
 
 try:
     import triton
@@ -92,10 +93,6 @@ def _keep(state, states, active, steps) -> None:
 
 # ---- the reference (torch) path ------------------------------------------------------------------------
 
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # as transformers' / FLA's l2norm
-
-
 def conv_steps(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [b, C, T] (new inputs), conv_state [b, C, K], weight [C, K].
     Returns out [b, C, T] and states [b, T, C, K] (the window after position t)."""
@@ -112,8 +109,8 @@ def recurrent_steps(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor
     dtype = v.dtype
     dk = k.shape[-1]
     q, k = _gqa(q, v), _gqa(k, v)
-    q = _l2norm(q.float()) * dk ** -0.5
-    k = _l2norm(k.float())
+    q = l2norm(q.float()) * dk ** -0.5
+    k = l2norm(k.float())
     v, g, beta = v.float(), g.float(), beta.float()
     outs, states = [], []
     for i in range(k.shape[1]):

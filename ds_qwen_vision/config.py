@@ -109,7 +109,8 @@ class LimitsConfig(_Section):
     prefill_chunk_tokens: int = Field(2048, ge=16)
     # While prompts are prefilled, a running stream's gap between two tokens stays within this many
     # decode steps: warm-up times a decode step and prefill chunks and sets the prefill budget per step
-    # from them (at most prefill_chunk_tokens, a multiple of 16, at least 64). null: prefill_chunk_tokens.
+    # from them (at most prefill_chunk_tokens, a multiple of 16 and with prefill graphs one graph's size;
+    # aiming at 90% of the bound for the spread of step times). null: prefill_chunk_tokens.
     max_gap_steps: float | None = Field(None, gt=1, allow_inf_nan=False)
     # Choices per request (`n`): each is its own sequence, in its own cache slot.
     max_n: int = Field(4, ge=1)

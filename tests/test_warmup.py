@@ -18,7 +18,7 @@ from ds_qwen_vision.config import LimitsConfig, load_config_json
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
-from ds_qwen_vision.runner.warmup import gap_bound_reachable, prefill_budget, warm_up
+from ds_qwen_vision.runner.warmup import GAP_MARGIN, gap_bound_reachable, prefill_budget, warm_up
 
 
 def request(text: str, images: list[bytes] = (), max_tokens: int = 6, temperature: float = 0.0) -> dict:
@@ -95,20 +95,30 @@ def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
 
 
 def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
-    # a chunk of n tokens costs 10 ms + 0.05 ms * n; a decode step 20 ms; 3 steps allowed -> n <= 600,
-    # and each further prompt in the step costs its 10 ms = 200 tokens' worth
+    # a chunk of n tokens costs 10 ms + 0.05 ms * n; a decode step 20 ms; 3 steps allowed, of which the
+    # budget aims at GAP_MARGIN (0.9): 20 + 10 + 0.05 n <= 54 ms -> n <= 480; each further prompt in the
+    # step costs its 10 ms = 200 tokens' worth
+    assert GAP_MARGIN == 0.9
     prefill = {64: 0.010 + 0.05e-3 * 64, 2048: 0.010 + 0.05e-3 * 2048}
-    assert prefill_budget(0.020, prefill, 3.0, cap=2048) == (592, 200)  # a multiple of 16
+    assert prefill_budget(0.020, prefill, 3.0, cap=2048) == (480, 200)
+    # with prefill graphs a chunk runs padded to the next graph's size: the budget is one of them
+    assert prefill_budget(0.020, prefill, 3.0, cap=2048, sizes=[16, 32, 64, 128, 256, 512, 768, 1024]) == (256, 200)
     assert prefill_budget(0.020, prefill, None, cap=2048) == (2048, 0)
     assert prefill_budget(0.020, prefill, 100.0, cap=2048) == (2048, 200)
     assert gap_bound_reachable(0.020, prefill, 3.0)
-    # unattainable (the 10 ms fixed cost alone is over 2 decode steps of 1 ms): chunks no smaller than
-    # that fixed cost in tokens (200, up to a multiple of 16), so it does not multiply
+    # in reach but only with chunks smaller than their fixed cost in tokens (2 steps: n <= 120): the bound
+    # is what the knob promises, so it is kept (the rate of prefill is what it costs)
+    assert prefill_budget(0.020, prefill, 2.0, cap=2048) == (112, 200)
+    assert prefill_budget(0.020, prefill, 2.0, cap=2048, sizes=[16, 32, 64, 128]) == (64, 200)
+    assert gap_bound_reachable(0.020, prefill, 2.0)
+    # unattainable (the 10 ms fixed cost alone is over the allowance of 1 ms decode steps): chunks no
+    # smaller than that fixed cost in tokens (200, up to a multiple of 16), so it does not multiply
     assert prefill_budget(0.001, prefill, 3.0, cap=2048) == (208, 200)
     assert not gap_bound_reachable(0.001, prefill, 3.0)
     # the H200 figures of 2026-12-02 (27B widths, 8 layers): 64 tokens 15.9 ms, 2048 tokens 25.9 ms, decode
     # 4.3 ms -> the fixed cost is ~3,100 tokens' worth: whole chunks
     assert prefill_budget(0.0043, {64: 0.0159, 2048: 0.0259}, 3.0, cap=2048) == (2048, 3090)
+    assert not gap_bound_reachable(0.0043, {64: 0.0159, 2048: 0.0259}, 3.0)
 
 
 def test_whole_chunks_when_no_stream_decodes(warmed):

@@ -63,27 +63,40 @@ def vision_class(grids: list[list[int]]) -> tuple:
 # ---- the budget from measured step times ----------------------------------------------------------------
 
 
-def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None,
-                   cap: int, floor: int = 64) -> tuple[int, int]:
-    """(tokens, overhead): prompt tokens per step such that a step with a prefill chunk and the full
-    decode batch takes at most `max_gap_steps` decode steps -- decode + a + b * n <= max_gap_steps *
-    decode, where a + b * n is the fitted time of a chunk of n tokens -- a multiple of 16 (the chunks' own
-    Triton class) within [floor, cap]; and the fixed cost a of each further prefill forward in the same
-    step, in tokens (a / b), which the scheduler charges against the budget too. (cap, 0) when
-    max_gap_steps is None.
+# The budget aims at this share of the gap allowance: the bound is checked against step times measured
+# later and elsewhere (a served burst), which spread by a few percent (the 16-row step measured 17.9-18.8 ms
+# over three runs on one H200, 2026-12-02), and the chunk cost is a line through two measured sizes.
+GAP_MARGIN = 0.9
 
-    A chunk is never smaller than its own fixed cost in tokens (a / b, rounded up to 16): where a alone
-    exceeds the gap allowance (a host-bound prefill, measured on an H200: a 64-token chunk 15.9 ms, a
-    2048-token one 25.9 ms, beside a 4.3 ms decode step) no chunk meets the bound, and 64-token chunks
-    would only multiply the fixed cost by the number of chunks: 16 prompts served at a fifth of the
-    runner's rate. Then a prefill step costs at most twice its fixed part, and `gap_bound_reachable`
-    below says so."""
+
+def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None,
+                   cap: int, floor: int = 16, sizes: list[int] | None = None) -> tuple[int, int]:
+    """(tokens, overhead): prompt tokens per step such that a step with a prefill chunk and the full
+    decode batch takes at most `max_gap_steps` decode steps -- decode + a + b * n <= GAP_MARGIN *
+    max_gap_steps * decode, where a + b * n is the fitted time of a chunk of n tokens -- a multiple of 16
+    (the chunks' own Triton class and the smallest prefill graph) within [floor, cap]; and the fixed cost a
+    of each further prefill forward in the same step, in tokens (a / b), which the scheduler charges
+    against the budget too, so that two prompts' chunks in one step stay within the bound. (cap, 0) when
+    max_gap_steps is None. `sizes`: the prefill graphs' chunk sizes, where a chunk runs padded up to the next
+    one: a gap-bound budget is then one of them (a 144-token chunk would cost a 256-token replay).
+
+    Where the bound is out of reach -- a prefill forward's fixed cost alone is over the allowance (a
+    host-bound prefill, measured on an H200: a 64-token chunk 15.9 ms, a 2048-token one 25.9 ms, beside a
+    4.3 ms decode step) -- no chunk meets it, and small chunks would only multiply that fixed cost (16
+    prompts served at a fifth of the runner's rate): then a chunk is no smaller than its fixed cost in
+    tokens (a / b, rounded up to 16), so a prefill step costs at most twice its fixed part, and
+    `gap_bound_reachable` below says so. Where the bound is in reach it is kept, even when that makes the
+    chunks small: the knob trades prefill rate for the gap, and a step's cost is what it promises."""
     if max_gap_steps is None or len(prefill_s) < 2:
         return cap, 0
     per_token, fixed = _fit(prefill_s)
-    n = ((max_gap_steps - 1) * decode_s - fixed) / per_token
-    amortized = -(-int(fixed / per_token) // 16) * 16
-    return int(min(cap, max(floor, n // 16 * 16, amortized))), int(fixed / per_token)
+    overhead = int(fixed / per_token)
+    n = (GAP_MARGIN * max_gap_steps * decode_s - decode_s - fixed) / per_token
+    if n < floor:  # out of reach: chunks that amortize their own fixed cost
+        n = -(-overhead // 16) * 16
+    elif sizes:
+        n = max((t for t in sizes if t <= n), default=floor)
+    return int(min(cap, max(floor, n // 16 * 16))), overhead
 
 
 def timed_chunks(cap16: int, graphed: int | None, largest: bool) -> list[int]:
@@ -106,11 +119,14 @@ def _fit(prefill_s: dict[int, float]) -> tuple[float, float]:
     return per_token, max(t0 - per_token * n0, 0.0)
 
 
-def gap_bound_reachable(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None) -> bool:
-    """Whether any prefill chunk keeps a step within max_gap_steps decode steps (its fixed cost alone fits)."""
+def gap_bound_reachable(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None,
+                        floor: int = 16) -> bool:
+    """Whether a prefill chunk of `floor` tokens keeps a step within max_gap_steps decode steps (with
+    prefill_budget's margin)."""
     if max_gap_steps is None or len(prefill_s) < 2:
         return True
-    return decode_s + _fit(prefill_s)[1] <= max_gap_steps * decode_s
+    per_token, fixed = _fit(prefill_s)
+    return decode_s + fixed + per_token * floor <= GAP_MARGIN * max_gap_steps * decode_s
 
 
 # ---- warm-up --------------------------------------------------------------------------------------------
@@ -228,7 +244,8 @@ class WarmUp:
         graphed = runner.prefill_graphs.buckets[-1] if getattr(runner, "prefill_graphs", None) else None
         decode_s, prefill_s = self.stage("timing a decode step and prefill chunks", timing, total)
         budget_cap = min(cap, graphed) if graphed and limits.max_gap_steps else cap
-        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, budget_cap)
+        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, budget_cap,
+                                          sizes=runner.prefill_graphs.buckets if graphed else None)
         engine.prefill_budget, engine.prefill_overhead = budget, overhead
         if not gap_bound_reachable(decode_s, prefill_s, limits.max_gap_steps):
             self.log(f"[rank 0] warm-up: a prefill forward's fixed cost ({_fit(prefill_s)[1] * 1e3:.1f} ms) alone "

@@ -238,6 +238,8 @@ class Served:
         self.port = free_port()
         path, env = server_config(args, workdir, tag, self.port)
         self.log = workdir / f"{tag}.log"
+        self.trace = workdir / f"{tag}-steps.jsonl"  # the engine loop's steps (engine/trace.py)
+        env["DSQV_STEP_TRACE"] = str(self.trace)
         self.t0 = time.perf_counter()
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen([str(REPO / "launch.sh"), "--config", str(path)],
@@ -309,6 +311,24 @@ def itl_buckets(server: Served) -> dict[float, float]:
             for s in f.samples if s.name == "dsqv_inter_token_seconds_bucket"}
 
 
+def step_summary(server: Served, t0: float, t1: float, longest: int = 8) -> dict:
+    """The engine loop's steps between t0 and t1 (perf_counter: one clock for every process on the machine),
+    from its trace: the time each part took in all, and the longest steps (start to the next start) with
+    what they carried, where a long gap between two tokens comes from."""
+    steps = [json.loads(line) for line in server.trace.read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if t0 <= s["t"] <= t1]
+    for a, b in zip(steps, steps[1:]):
+        a["step_s"] = b["t"] - a["t"]
+    timed = [s for s in steps if "step_s" in s]
+    parts = {k: sum(s[k] for s in steps) for k in ("plan_s", "launch_s", "wait_s", "consume_s")}
+    top = sorted(timed, key=lambda s: -s["step_s"])[:longest]
+    return {"steps": len(steps), "total_s": parts, "median_step_ms": 1e3 * statistics.median(s["step_s"] for s in timed)
+            if timed else None,
+            "longest": [{**{(k[:-2] + "_ms" if k.endswith("_s") else k): (round(1e3 * v, 2) if k.endswith("_s") else v)
+                            for k, v in s.items() if k != "t"},
+                         "at_s": round(s["t"] - t0, 3)} for s in top]}
+
+
 def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
     results = [None] * len(texts)
     before = itl_buckets(server)
@@ -323,6 +343,7 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
+    steps = step_summary(server, t, t + wall)
     gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["usage"]["completion_tokens"] for r in results)
     # The engine's own view of the same gaps (when it handed each token over, before detokenization
@@ -338,7 +359,8 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
             "ttft_max_s": max(r["times"][0] for r in results),
             "content_chunks": sum(len(r["times"]) for r in results),
             "engine_gaps_per_bucket_s": {str(le): n for le, n in per_bucket.items() if n},
-            "engine_max_gap_bucket_ms": None if longest is None else 1e3 * longest}
+            "engine_max_gap_bucket_ms": None if longest is None else 1e3 * longest,
+            "engine_steps": steps}
 
 
 def served_main(args) -> dict:

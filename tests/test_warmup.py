@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import OneRank, make_image
 
-from ds_qwen_vision.config import LimitsConfig, load_config_json
+from ds_qwen_vision.config import CacheConfig, LimitsConfig, load_config_json
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
@@ -154,6 +154,30 @@ def test_the_scheduler_charges_each_prompt_its_overhead(warmed):
     for text in ("one two", "three four"):
         e2.waiting.put(e2.prepare(request(text)))
     assert len(e2.plan().prefill) == 2
+
+
+def test_a_snapshot_split_waits_for_room_for_its_second_forward(warmed):
+    """The prefix cache splits a chunk at its snapshot position into two forwards; under the gap budget the
+    second one's fixed cost is charged too, so the part after the snapshot waits for the next step."""
+    engine, _ = warmed
+    cache = CacheConfig(prefix_bytes=1 << 30, image_bytes=0)
+    text = "one two three four five six seven eight nine ten"
+    for overhead, steps in ((200, 2), (0, 1)):
+        e = Engine(engine.runner, OneRank(), engine.processor, engine.limits, cache=cache)
+        seq = e.prepare(request(text))
+        n, b = len(seq.input_ids), seq.prefix.boundary
+        assert 0 < b < n <= 64  # the snapshot before the generation prompt, inside the only chunk
+        e.prefill_budget, e.prefill_overhead = 64, overhead
+        e.waiting.put(seq)
+        plan = e.plan()
+        chunks = [(p.start, p.end) for p in plan.prefill]
+        assert plan.prefill[0].save is not None
+        if steps == 2:  # 64 + 200 tokens' room: the chunk and one forward's cost, not a second one's
+            assert chunks == [(0, b)] and seq.in_flight == 0
+            assert [(p.start, p.end) for p in e.plan().prefill] == [(b, n)] and seq.in_flight == 1
+        else:  # no fixed cost to charge (no max_gap_steps): both forwards in one step
+            assert chunks == [(0, b), (b, n)] and seq.in_flight == 1
+        e.running.clear()
 
 
 @pytest.fixture

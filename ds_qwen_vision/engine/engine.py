@@ -33,10 +33,11 @@ from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
 from .prefix_cache import PrefixCache, PromptKeys
-from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
+from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample, to_device
 from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
 from .tools import ToolCallParser
+from .trace import StepTrace
 
 HEARTBEAT_S = 1.0
 
@@ -178,6 +179,8 @@ class Engine:
         self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
         # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
         self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
+        self.trace = StepTrace.from_env()  # engine/trace.py: DSQV_STEP_TRACE, for the served benchmark
+        self.admitted = 0  # sequences given a slot by the latest plan (the trace's)
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -349,6 +352,7 @@ class Engine:
         pending: Step | None = None  # the step in flight, its tokens not read yet
         try:
             while not (self.stopping.is_set() and (self.idle() or time.monotonic() >= self.drain_deadline)):
+                t_plan = time.perf_counter()
                 plan = self.plan()
                 if pending is not None and (plan.empty() or self.synchronous(plan)):
                     # nothing to launch before its tokens are known, or this step's picks need them
@@ -375,9 +379,16 @@ class Engine:
                     self.after_step(plan, self.runner.run(plan, pixels))
                 else:
                     step = self.launch(plan, pixels, self.running)
+                    t_launched = time.perf_counter()
+                    waited = 0.0
                     if pending is not None:  # step N's tokens, while the device runs step N+1
-                        self.consume(pending)
+                        waited = self.consume(pending)
                     pending = step
+                    if self.trace is not None:
+                        self.trace.step(t=t_plan, plan_s=t0 - t_plan, launch_s=t_launched - t0, wait_s=waited,
+                                        consume_s=time.perf_counter() - t_launched - waited,
+                                        prefill=[[p.slot, p.start, p.end] for p in plan.prefill],
+                                        decode=len(plan.decode), admitted=self.admitted)
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
@@ -387,6 +398,8 @@ class Engine:
         except BaseException as e:
             self.fail(f"{type(e).__name__}: {e}")
             raise
+        if self.trace is not None:
+            self.trace.close()
         self.fail("the server shut down before this request finished (server.shutdown_grace_s)", "shutting_down")
         self.busy_since = time.monotonic()
         self.channel.broadcast(StepPlan(stop=True))
@@ -427,6 +440,7 @@ class Engine:
                 plan.decode.append((slot, FROM_DEVICE))
                 seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
+        self.admitted = 0
         while free and budget > self.prefill_overhead:
             try:
                 seq = self.waiting.get_nowait()
@@ -438,6 +452,7 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
+            self.admitted += 1
             seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
             if self.spec is not None:
                 self.spec.start(seq)
@@ -452,7 +467,12 @@ class Engine:
 
     def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
         """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns what it costs
-        of the step's budget: its length plus `overhead` (nothing when no chunk fits)."""
+        of the step's budget: its length plus `overhead` for each forward (nothing when no chunk fits).
+
+        Where the prefix cache splits the chunk at its snapshot position (two forwards), the part after
+        it waits for the next step when the budget has no room for a second forward's fixed cost: on
+        one H200 (27B, 2026-12-02) those split chunks put ~100 gaps of 100-150 ms into every 16-stream
+        burst against a 50 ms prefill step (benchmarks/bench_served.py's step trace)."""
         start = seq.prefilled
         end = min(len(seq.input_ids), start + budget)
         if end <= start:
@@ -463,13 +483,16 @@ class Engine:
                        tuple(seq.pixel_values.shape) if first else None, start, end)
         # prefix reuse / image cache: restore, snapshot (the chunk split there), only uncached images' pixels
         items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None)
+        if len(items) > 1 and end - start + overhead > budget:
+            items = items[:1]  # [start, snapshot) now, the rest in a step of its own
+            end = items[0].end
         if begins:
             seq.pixel_values = pixels
         plan.prefill.extend(items)
         seq.prefilled = end
         if end == len(seq.input_ids):
             seq.in_flight += 1  # the prompt's last chunk gives the first token
-        return end - start + overhead
+        return end - start + overhead * len(items)
 
     def synchronous(self, plan: StepPlan) -> bool:
         """Whether this step must wait for the previous step's tokens on the host before it is launched:
@@ -498,13 +521,14 @@ class Engine:
             self.runner.feed(slots, picked.tokens)
         return Step(outputs, *to_host(picked))
 
-    def consume(self, step: Step) -> None:
+    def consume(self, step: Step) -> float:
         """The host's side of a step, one step late: its tokens into text and events (one host copy per
-        step, started at launch)."""
+        step, started at launch). Returns the seconds spent waiting for the tokens."""
+        t = time.perf_counter()
         picked = step.wait()
-        if picked is None:
-            return
         now = time.perf_counter()
+        if picked is None:
+            return now - t
         tokens = picked.tokens.tolist()
         logprobs = self.logprob_entries(picked, tokens, [seq.sampling if seq else None for _, seq in step.outputs])
         for i, ((_, seq), token) in enumerate(zip(step.outputs, tokens)):
@@ -515,6 +539,7 @@ class Engine:
                 seq.pending_logprobs.append(logprobs[i])
             seq.pixel_values = None  # prefilled: the pixels are no longer needed
             self.deliver(seq, token, now)
+        return now - t
 
     def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
         now = time.perf_counter()
@@ -590,7 +615,10 @@ class Engine:
         if self._rows is None or self._rows[0] != key:  # the batch changed: its parameters to the device
             params = RowParams.build([s.sampling for s in seqs], [s.generator for s in seqs], rows.shape[-1],
                                      rows.device)
-            self._rows = (key, params, torch.tensor([s.slot for s in seqs], device=rows.device))
+            # pinned (to_device): a plain torch.tensor(..., device=) here would make the host wait for the
+            # step just launched whenever a stream joins or leaves the batch, which delays the previous
+            # step's tokens by a whole step
+            self._rows = (key, params, to_device(torch.tensor([s.slot for s in seqs]), rows.device))
         _, params, slots = self._rows
         counts = prompt = None
         if params.use_penalties:

@@ -83,12 +83,19 @@ def generation_defaults(generation_config) -> dict:
             if getattr(generation_config, k, None) is not None}
 
 
-def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [R, 1] tensor on `device`, copied without waiting for the device's queue (pinned on CUDA)."""
-    t = torch.tensor(values, dtype=dtype).unsqueeze(1)
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queue: a copy from pageable memory waits
+    for the stream first (CUDA's rule) -- the whole step just launched, which then delays the previous
+    step's tokens by a step -- a copy from pinned memory is queued behind it."""
+    device = torch.device(device)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [R, 1] tensor on `device`, copied without waiting for the device's queue (pinned on CUDA)."""
+    return to_device(torch.tensor(values, dtype=dtype).unsqueeze(1), device)
 
 
 @dataclass
@@ -268,7 +275,7 @@ class PenaltyState:
         self._allocate(vocab, device)
         self.counts[slot].zero_()
         self.prompt[slot].zero_()
-        ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.int64).to(device)
+        ids = to_device(torch.tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.int64), device)
         self.prompt[slot].index_fill_(0, ids, True)
 
     def rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,11 +257,11 @@ class ModelRunner:
         """Token embeddings with the vision tower's image embeddings merged in, and M-RoPE positions,
         the way Qwen3_5Model.forward builds them, for the whole prompt."""
         inner = self.model.model
-        ids = torch.tensor([item.input_ids], device=self.device)
+        ids = self.to_device(torch.tensor([item.input_ids]))
         embeds = inner.get_input_embeddings()(ids)
         grid = None
         if item.image_grid_thw:
-            grid = torch.tensor(item.image_grid_thw, device=self.device)
+            grid = self.to_device(torch.tensor(item.image_grid_thw))
             image = self.image_embeddings(item, pixels)
             image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
             embeds = embeds.masked_scatter(image_mask, image.to(embeds.dtype))
@@ -273,7 +273,14 @@ class ModelRunner:
         positions, delta = inner.get_rope_index(ids_host, mm_types, image_grid_thw=grid_host)
         self.rope_delta[item.slot] = int(delta.view(-1)[0])
         self.length[item.slot] = 0
-        return embeds, positions.to(self.device, non_blocking=True)
+        return embeds, self.to_device(positions)
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for the steps in flight: a copy from pageable
+        memory waits for the stream first (CUDA's rule), a copy from pinned memory is queued behind them."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def image_embeddings(self, item: Prefill, pixels: torch.Tensor | None) -> torch.Tensor:
         """Every image's embeddings, in prompt order ([image tokens, hidden]): the vision tower's for the
@@ -286,7 +293,7 @@ class ModelRunner:
         encoded = {}
         if encode:
             self.shapes.add(vision_class([grids[i] for i in encode]))
-            grid = torch.tensor([grids[i] for i in encode], device=self.device)
+            grid = self.to_device(torch.tensor([grids[i] for i in encode]))
             features = self.model.model.get_image_features(pixels, grid, return_dict=True).pooler_output
             for i, embeds in zip(encode, features, strict=True):
                 encoded[i] = embeds

@@ -63,7 +63,8 @@ def test_padded_chunks_match_transformers(setup, static, chunk):
     # when 0 ends, 0 again in slot 0: a new sequence in a used row starts from zero state
     jobs = [(0, 0, x[0]), (1, 2, x[1]), (3, 1, x[2]), (("after", 0), 0, x[0])]
     assert drive(static, jobs, N, chunk=chunk) == [expected[i] for i in (0, 1, 2, 0)]
-    assert {c[0] for c in static.shapes if c[0].startswith("prefill")} >= {"prefill-graph"}
+    # chunks that joined while others decoded rode in the decode rows' forward (prefill_graphs.mixed_forward)
+    assert {c[0] for c in static.shapes if c[0].startswith("prefill")} >= {"prefill-graph", "prefill-graph-mixed"}
     static.reset()
     item, px = prefill_item(1, x[2])
     logits = static.run(StepPlan(prefill=[item]), px)[1]
@@ -116,3 +117,33 @@ def test_mtp_head_sees_the_real_tokens_hidden_states(setup, tiny_ckpt):
     (static_tokens, static_stats), (eager_tokens, eager_stats) = results
     assert static_tokens == eager_tokens == [expected[0], expected[1]]
     assert static_stats == eager_stats and static_stats["drafts"] > 0
+
+
+def test_a_mixed_step_is_the_prefill_and_the_decode_step(setup, tiny_ckpt):
+    """One forward carrying a slot's chunk and the other slots' decode tokens (prefill_graphs.mixed_forward)
+    gives the logits of, and leaves every slot's state as, the chunk's prefill and then the decode step."""
+    x, _, _ = setup
+    mixed, separate = runner(tiny_ckpt, 64), runner(tiny_ckpt, 64)
+    separate.prefill_graphs.mixed = []  # the same buffers and padding, as two forwards
+    for r in (mixed, separate):
+        for slot, i in ((0, 0), (2, 1)):  # slots 0 and 2 hold prompts (one with an image) and decode
+            item, px = prefill_item(slot, x[i])
+            r.run(StepPlan(prefill=[item]), px)
+    n = x[2]["input_ids"].shape[1]
+    close = dict(rtol=1e-4, atol=1e-4)  # fp32 rounding of the same sums in other shapes
+    for (start, end), tokens in (((0, 11), (5, 7)), ((11, n), (9, 4))):  # slot 1: a first chunk, then the rest
+        item, px = prefill_item(1, x[2], start, end)
+        plan = StepPlan(prefill=[item], decode=[(0, tokens[0]), (2, tokens[1])])
+        assert mixed.mixed(plan) == 0 and separate.mixed(plan) is None
+        got, want = (r.run(plan, px) for r in (mixed, separate))
+        assert sorted(got) == sorted(want) == ([0, 1, 2] if end == n else [0, 2])
+        for slot in want:
+            torch.testing.assert_close(got[slot], want[slot], **close)
+        assert mixed.length == separate.length
+        for layer in mixed.state.kv:
+            for a, b in zip(mixed.state.kv[layer], separate.state.kv[layer]):
+                for slot, length in enumerate(mixed.length):
+                    torch.testing.assert_close(a[slot, :, :length], b[slot, :, :length], **close)
+        torch.testing.assert_close(mixed.state.conv_all, separate.state.conv_all, **close)
+        torch.testing.assert_close(mixed.state.rec_all, separate.state.rec_all, **close)
+    assert ("prefill-graph-mixed", 16) in mixed.shapes and ("prefill-graph-mixed", 64) in mixed.shapes

@@ -35,10 +35,21 @@ def unique_graphs() -> int:
 
 @pytest.fixture(scope="module")
 def warmed(tiny_ckpt):
+    return _warm(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def warmed_graph_path(tiny_ckpt):
+    """Prefill from the graphs' fixed buffers (run eagerly on CPU), chunks of up to 64 tokens with the
+    decode rows in one forward (runner/prefill_graphs.py)."""
+    return _warm(tiny_ckpt, prefill_graph_tokens=64)
+
+
+def _warm(tiny_ckpt, **runner_kw):
     processor = load_processor(tiny_ckpt)
     model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
     # fuse=True: the compiled RMSNorms (dynamo, dynamic shapes), whose compilations are counted below
-    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=320, fuse=True)
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=320, fuse=True, **runner_kw)
     limits = LimitsConfig(max_prompt_tokens=256, max_new_tokens=64, max_concurrent=4, prefill_chunk_tokens=16,
                           max_images_per_request=2)
     engine = Engine(runner, OneRank(), processor, limits)
@@ -62,8 +73,13 @@ def test_warm_up_reports_its_phase_and_leaves_every_slot_clean(warmed):
     assert runner.length == [0] * 4 and not runner.pending
 
 
-def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
-    engine, _ = warmed
+@pytest.fixture(params=["warmed", "warmed_graph_path"])
+def each_warmed(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(each_warmed):
+    setup, (engine, _) = each_warmed
     runner = engine.runner
     warm, graphs = set(runner.shapes), unique_graphs()
     assert graphs > 0  # the compiled norms were compiled (by warm-up): the count below means something
@@ -92,6 +108,8 @@ def test_after_warm_up_requests_meet_no_new_shape_and_no_compilation(warmed):
     assert runner.shapes - warm == set(), f"met after warm-up: {runner.shapes - warm}"
     assert unique_graphs() == graphs, "a request compiled a graph that warm-up did not"
     assert runner.status()["graphs_compiled_after_ready"] == 0
+    if setup == "warmed_graph_path":  # prompts that joined while others decoded rode in their forward
+        assert any(c[0] == "prefill-graph-mixed" for c in runner.shapes)
 
 
 def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
@@ -119,6 +137,10 @@ def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
     # 4.3 ms -> the fixed cost is ~3,100 tokens' worth: whole chunks
     assert prefill_budget(0.0043, {64: 0.0159, 2048: 0.0259}, 3.0, cap=2048) == (2048, 3090)
     assert not gap_bound_reachable(0.0043, {64: 0.0159, 2048: 0.0259}, 3.0)
+    # the chunk rides in the decode forward: a step costs 2 ms + 0.05 ms * n beyond the decode step ->
+    # n <= 640, a mixed graph's size; a further prompt's chunk runs alone, its fixed cost (10 ms) in tokens
+    step = {64: 0.002 + 0.05e-3 * 64, 256: 0.002 + 0.05e-3 * 256}
+    assert prefill_budget(0.020, step, 3.0, cap=256, sizes=[16, 32, 64, 128, 256], alone_s=prefill) == (256, 200)
 
 
 def test_whole_chunks_when_no_stream_decodes(warmed):

@@ -14,6 +14,8 @@ and the reference do.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -47,6 +49,8 @@ def static_cache_attention(module, query, key, value, attention_mask, dropout=0.
     which does not split the keys: 550 us per call over 9,472 positions on H200 (36% of a decode
     step, torch.profiler).
     """
+    if isinstance(attention_mask, MixedMask):  # a prefill chunk and decode rows in one forward
+        return mixed_attention(module, query, key, value, attention_mask, scaling), None
     t = query.shape[2]
     if t > MAX_QUERY_TOKENS and chunk_attention.applies(query, attention_mask):  # a prefill chunk (graph)
         return chunk_attention.chunk_attention(query, key, value, attention_mask, scaling), None
@@ -61,6 +65,30 @@ def static_cache_attention(module, query, key, value, attention_mask, dropout=0.
 
 
 AttentionInterface.register(ATTENTION, static_cache_attention)
+
+
+@dataclass
+class MixedMask:
+    """The attention mask of a forward whose sequence is one slot's prefill chunk (its first `t` positions)
+    followed by one token for each decode row (runner/slot_state.MixedView): the chunk's queries attend
+    over its slot's cache (`chunk` [1, 1, t, L] bool), decode row r's over row r's (`decode` [rows, 1, 1, L])."""
+
+    chunk: torch.Tensor
+    decode: torch.Tensor
+    t: int
+    slot: torch.Tensor  # [1], the chunk's slot
+
+
+def mixed_attention(module, query, key, value, mask: MixedMask, scaling):
+    """query [1, Hq, t + rows, D]; key / value every slot's cache [slots, Hkv, L, D]. Each part through the
+    path it takes on its own (a chunk: kernels/chunk_attention.py or SDPA; decode rows: the split-KV kernel
+    or the reference). Returns [1, t + rows, Hq, D]."""
+    t, rows = mask.t, mask.decode.shape[0]
+    chunk, _ = static_cache_attention(module, query[:, :, :t], key.index_select(0, mask.slot),
+                                      value.index_select(0, mask.slot), mask.chunk, scaling=scaling)
+    decode_q = query[0, :, t:].transpose(0, 1).unsqueeze(2).contiguous()  # [rows, Hq, 1, D]
+    decode, _ = static_cache_attention(module, decode_q, key[:rows], value[:rows], mask.decode, scaling=scaling)
+    return torch.cat([chunk, decode.transpose(0, 1)], dim=1)
 
 
 # ---- the Triton kernel (CUDA; also runs under TRITON_INTERPRET=1 on CPU, which the tests use) -------------

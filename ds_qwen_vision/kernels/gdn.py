@@ -49,16 +49,44 @@ def gdn_chunk(gdn, hidden: torch.Tensor, view) -> torch.Tensor:
     (padding up to the graph's size) leave the state as it was: their beta and log-decay g are zero,
     so the rule's update is the identity there, and the conv state kept is the window after the last
     real token (view.conv_index), not after the padding. hidden [1, T, hidden_size]."""
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf  # its chunk rule: FLA's where installed
-
-    conv_state, rec_state = view.gdn_state(gdn.layer_idx)
     b, t, _ = hidden.shape
     mixed_qkv, z, beta_in, a = gdn_in_proj(gdn, hidden)
+    core = _chunk_rule(gdn, mixed_qkv, beta_in, a, view)
+    core = gdn.norm(core.reshape(-1, gdn.head_v_dim), z.reshape(-1, gdn.head_v_dim))
+    return gdn.out_proj(core.reshape(b, t, -1))
+
+
+def gdn_mixed(gdn, hidden: torch.Tensor, view) -> torch.Tensor:
+    """One GDN layer over [a prefill chunk (view.t positions) | one token per decode row] in one sequence
+    (`view` a slot_state.MixedView): one input projection and one output projection for both, the chunk's
+    rule as gdn_chunk's, the decode rows' as gdn_multi_token's. hidden [1, t + rows, hidden_size]."""
+    t = view.t
+    mixed_qkv, z, beta_in, a = gdn_in_proj(gdn, hidden)
+    chunk = _chunk_rule(gdn, mixed_qkv[:, :t], beta_in[:, :t], a[:, :t], view.chunk)
+
+    def rows(x):  # the decode tokens as rows of one token each: [rows, 1, ...]
+        return x[0, t:].unsqueeze(1).contiguous()
+
+    conv_state, rec_state, active, _, _ = view.decode.gdn_step_state(gdn.layer_idx)
+    mixed = conv_update(rows(mixed_qkv), conv_state, gdn.conv1d.weight.squeeze(1), active)
+    decode = gated_delta_update(mixed, rows(a), rows(beta_in), gdn.A_log, gdn.dt_bias, rec_state, active)
+    core = torch.cat([chunk.reshape(-1, gdn.head_v_dim), decode.reshape(-1, gdn.head_v_dim)])
+    core = gdn.norm(core, z.reshape(-1, gdn.head_v_dim))
+    return gdn.out_proj(core.reshape(1, hidden.shape[1], -1))
+
+
+def _chunk_rule(gdn, mixed_qkv: torch.Tensor, beta_in: torch.Tensor, a: torch.Tensor, view) -> torch.Tensor:
+    """The conv and chunked delta rule of a prefill chunk from its input projections ([1, T, ...]); updates
+    the slot's state (gdn_chunk says how padding leaves it alone). Returns the rule's output [1, T, Hv, Dv]."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf  # its chunk rule
+
+    conv_state, rec_state = view.gdn_state(gdn.layer_idx)
+    b, t, _ = mixed_qkv.shape
     full = torch.cat([conv_state, mixed_qkv.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # [1, C, K + T]
     weight = gdn.conv1d.weight  # [C, 1, K]
     # the window ending at each new column: a valid conv over [state | chunk] (causal_conv1d_fn's values)
     conv = F.conv1d(full.to(weight.dtype), weight, gdn.conv1d.bias, groups=full.shape[1])[..., 1:]
-    mixed = F.silu(conv).to(hidden.dtype).transpose(1, 2)
+    mixed = F.silu(conv).to(mixed_qkv.dtype).transpose(1, 2)
     query, key, value = torch.split(mixed, [gdn.key_dim, gdn.key_dim, gdn.value_dim], dim=-1)
     query = query.reshape(b, t, -1, gdn.head_k_dim)
     key = key.reshape(b, t, -1, gdn.head_k_dim)
@@ -69,8 +97,7 @@ def gdn_chunk(gdn, hidden: torch.Tensor, view) -> torch.Tensor:
     core, final = hf.torch_chunk_gated_delta_rule(query, key, value, g=g, beta=beta, initial_state=rec_state,
                                                   output_final_state=True, use_qk_l2norm_in_kernel=True)
     view.gdn_update(gdn.layer_idx, full.index_select(-1, view.conv_index), final)
-    core = gdn.norm(core.reshape(-1, gdn.head_v_dim), z.reshape(-1, gdn.head_v_dim))
-    return gdn.out_proj(core.reshape(b, t, -1))
+    return core
 
 
 def _forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
@@ -79,6 +106,8 @@ def _forward(self, hidden_states, cache_params=None, attention_mask=None, **kwar
         return self._dsqv_hf_forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
     if step == "prefill":
         return gdn_chunk(self, hidden_states, cache_params)
+    if step == "mixed":
+        return gdn_mixed(self, hidden_states, cache_params)
     return gdn_multi_token(self, hidden_states, *cache_params.gdn_step_state(self.layer_idx))
 
 

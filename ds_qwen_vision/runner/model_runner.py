@@ -92,7 +92,7 @@ class ModelRunner:
         if prefill_graph_tokens is None:
             prefill_graph_tokens = PREFILL_GRAPH_TOKENS if self.cuda_graphs else 0
         limit = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS, max_len)
-        self.prefill_graphs = PrefillGraphs(self, limit) if limit else None
+        self.prefill_graphs = PrefillGraphs(self, limit, mixed=spec_method == "none") if limit else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
         if spec_method != "none":
@@ -155,6 +155,19 @@ class ModelRunner:
         """One token for each (slot, token): next-token logits per slot ([vocab], float32)."""
         b = next(size for size in self.batch_sizes if size > max(slot for slot, _ in tokens))
         self.shapes.add(decode_class(b))
+        self.stage_decode(tokens, b)
+        if b in self.graphs:
+            graph, logits = self.graphs[b]
+            graph.replay()
+        else:
+            logits = self._decode_forward(b)
+        for slot, _ in tokens:
+            self.length[slot] += 1
+        rows = logits[:, -1].float()  # one cast for the batch, not one kernel per slot
+        return {slot: rows[slot] for slot, _ in tokens}
+
+    def stage_decode(self, tokens: list[tuple[int, int]], b: int) -> None:
+        """The decode inputs of rows [0, b) into step_in: token, cache position, M-RoPE position, active."""
         step = torch.zeros((4, b), dtype=torch.long)
         # Idle rows write where their own next token will go (a full slot: its last position; it is done)
         step[1, :] = torch.tensor(self.length[:b]).clamp(max=self.max_len - 1)
@@ -168,15 +181,6 @@ class ModelRunner:
         if any(token == FROM_DEVICE for _, token in tokens):
             ids = self.step_in[0, :b]
             ids.copy_(torch.where(ids == FROM_DEVICE, self.next_tokens[:b], ids))
-        if b in self.graphs:
-            graph, logits = self.graphs[b]
-            graph.replay()
-        else:
-            logits = self._decode_forward(b)
-        for slot, _ in tokens:
-            self.length[slot] += 1
-        rows = logits[:, -1].float()  # one cast for the batch, not one kernel per slot
-        return {slot: rows[slot] for slot, _ in tokens}
 
     # ---- prefill --------------------------------------------------------------------------------------
     def pixels(self, item: Prefill, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
@@ -193,8 +197,10 @@ class ModelRunner:
         return pixels
 
     @torch.inference_mode()
-    def prefill(self, item: Prefill, pixel_values: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Prompt tokens [start, end) of one slot; the last token's logits once the prompt is complete."""
+    def prefill(self, item: Prefill, pixel_values: torch.Tensor | None = None,
+                decode: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Prompt tokens [start, end) of one slot: the last token's logits once the prompt is complete (else
+        None), and with `decode` (slot, token) rows (see `mixed`) their logits, from the same forward."""
         n_prompt = len(item.input_ids)
         end = n_prompt if item.end is None else item.end
         if n_prompt >= self.max_len:
@@ -205,12 +211,26 @@ class ModelRunner:
                 self.length[item.slot] = self.snapshots.restore(item.restore, item.slot)
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
-        self.shapes |= self.chunk_classes(item.start, end - item.start)
         embeds, positions = self.pending[item.slot]
-        if self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
+        decoded = {}
+        if decode:  # with the decode rows, one forward (runner/prefill_graphs.py, mixed_forward)
+            rows = self.max_slots
+            self.shapes.add(("prefill-graph-mixed", self.prefill_graphs.mixed_bucket(end - item.start)))
+            # the chunk's slot is a row too, inactive: its write at `start` is the chunk's to overwrite
+            self.stage_decode(decode, rows)
+            out = self.prefill_graphs.run(item.slot, item.start, embeds[:, item.start:end],
+                                          positions[:, :, item.start:end], mixed=True)
+            logits = out[:, :1]
+            for slot, _ in decode:
+                self.length[slot] += 1
+            rows_out = out[0, 1:].float()
+            decoded = {slot: rows_out[slot] for slot, _ in decode}
+        elif self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
+            self.shapes |= self.chunk_classes(item.start, end - item.start)
             logits = self.prefill_graphs.run(item.slot, item.start, embeds[:, item.start:end],
                                              positions[:, :, item.start:end])
         else:
+            self.shapes |= self.chunk_classes(item.start, end - item.start)
             logits = self._eager_prefill(item, end, embeds, positions)
         self.length[item.slot] = end
         if self.spec is not None:  # the MTP head's KV over this chunk
@@ -219,11 +239,20 @@ class ModelRunner:
             self.snapshots.save(item.save, item.slot, end)
         if item.snapshot_only:
             del self.pending[item.slot]
-            return None
+            return None, decoded
         if end < n_prompt:
-            return None
+            return None, decoded
         del self.pending[item.slot]
-        return logits[0, -1].float()
+        return logits[0, -1].float(), decoded
+
+    def mixed(self, plan: StepPlan) -> int | None:
+        """The index of the prefill item that runs in one forward with the plan's decode rows: its last
+        one, where its chunk has a mixed graph size (runner/prefill_graphs.py); None: separate forwards."""
+        if not plan.decode or not plan.prefill or self.prefill_graphs is None:
+            return None
+        item = plan.prefill[-1]
+        end = len(item.input_ids) if item.end is None else item.end
+        return len(plan.prefill) - 1 if self.prefill_graphs.mixed_bucket(end - item.start) is not None else None
 
     def chunk_classes(self, start: int, n: int) -> set[tuple]:
         """The shape classes of a prefill chunk (runner/warmup.py): one per graph where a graph runs it."""
@@ -328,11 +357,13 @@ class ModelRunner:
             self.snapshots.evict(snapshot_id)
         for key in plan.evict_images:
             self.images.evict(key)
-        for item in plan.prefill:
-            row = self.prefill(item, (pixels or {}).get(item.slot))
+        fused = self.mixed(plan)  # the prefill item that carries the decode rows, if any
+        for i, item in enumerate(plan.prefill):
+            row, decoded = self.prefill(item, (pixels or {}).get(item.slot), plan.decode if i == fused else None)
             if row is not None:
                 logits[item.slot] = row
-        if plan.decode:
+            logits.update(decoded)
+        if plan.decode and fused is None:
             logits.update(self.decode(plan.decode))
         if plan.verify:  # per slot logits [T, vocab]; the tokens verified in self.verified
             rows, self.verified = self.spec.verify(plan.verify)

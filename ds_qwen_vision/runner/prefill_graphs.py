@@ -26,7 +26,8 @@ import os
 import torch
 
 from ..model import log
-from .slot_state import PrefillView
+from ..kernels.decode_attention import MixedMask
+from .slot_state import CacheView, MixedView, PrefillView
 
 
 # The largest chunk that runs as a graph; longer chunks run eagerly. Measured on one H200 (27B shapes,
@@ -40,6 +41,14 @@ from .slot_state import PrefillView
 PREFILL_GRAPH_TOKENS = 1024
 
 
+# Chunks of at most this many tokens also have a mixed graph (`mixed`): the chunk and one token for every
+# decode row in one forward, so that a step which prefills while streams decode reads the weights once
+# (vLLM's chunked prefill does the same). A gap-bound prefill budget (limits.max_gap_steps) is one of these
+# sizes: on one H200 (27B, tp=1, 2026-12-02) a 64-token chunk took 30.6 ms beside a 19.8 ms decode step,
+# and the bound of 3 decode steps left room for no larger chunk when the two ran as separate forwards.
+MIXED_GRAPH_TOKENS = 256
+
+
 def buckets(max_tokens: int) -> list[int]:
     """Chunk sizes with a graph: powers of two from 16 below 256, then every multiple of 256 up to the
     first one >= max_tokens: padding wastes at most 255 tokens of compute (~20 ms on the 27B at tp=1), and
@@ -51,7 +60,7 @@ def buckets(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphs:
-    def __init__(self, runner, max_tokens: int):
+    def __init__(self, runner, max_tokens: int, mixed: bool = True):
         self.runner = runner
         self.buckets = buckets(max_tokens)
         top = self.buckets[-1]
@@ -64,9 +73,36 @@ class PrefillGraphs:
         self.k = k
         self.arange = torch.arange(top, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
+        # Mixed chunk sizes (MIXED_GRAPH_TOKENS); none with speculative decoding, whose steps verify drafts.
+        self.mixed = [t for t in self.buckets if t <= MIXED_GRAPH_TOKENS] if mixed else []
+        self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket(self, n: int) -> int | None:
         return next((t for t in self.buckets if t >= n), None)
+
+    def mixed_bucket(self, n: int) -> int | None:
+        return next((t for t in self.mixed if t >= n), None)
+
+    def mixed_forward(self, t: int) -> torch.Tensor:
+        """The chunk in the buffers' first t positions followed by one token for every slot as a decode row
+        (the runner's step_in, as its decode graphs read it; rows not decoding are inactive): logits
+        [1, 1 + slots, vocab], the chunk's last real token first. Reads only buffers, so it can be captured."""
+        runner, top = self.runner, self.buckets[-1]
+        rows = runner.max_slots
+        cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
+        slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
+        ids, positions, mrope, active = runner.step_in[:, :rows]
+        chunk = PrefillView(runner.state, slot, cache_pos, (self.arange[:t] <= last).float(), conv_index)
+        decode = CacheView(runner.state, slice(0, rows), positions=positions, active=active.bool())
+        mask = MixedMask((runner.key_index[None, :] <= cache_pos[:, None])[None, None],
+                         (runner.key_index[None, :] <= positions[:, None])[:, None, None, :], t, slot)
+        embeds = torch.cat([self.embeds[:, :t], runner.model.get_input_embeddings()(ids)[None]], dim=1)
+        position_ids = torch.cat([self.positions[:, :, :t], mrope.view(1, 1, rows).expand(3, 1, rows)], dim=2)
+        keep = torch.cat([last, t + torch.arange(rows, device=last.device)])
+        with torch.compiler.set_stance("force_eager"):  # as the eager prefill (model_runner.prefill says why)
+            return runner.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=MixedView(chunk, decode, t),
+                                attention_mask={"full_attention": mask, "linear_attention": None},
+                                use_cache=True, logits_to_keep=keep).logits
 
     def forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The chunk in the buffers' first t positions: the last real token's logits [1, 1, vocab] and, with
@@ -83,12 +119,14 @@ class PrefillGraphs:
                                   use_cache=True, logits_to_keep=last).logits
         return logits, runner.spec.hidden if runner.spec is not None else None
 
-    def run(self, slot: int, start: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run(self, slot: int, start: int, embeds: torch.Tensor, positions: torch.Tensor,
+            mixed: bool = False) -> torch.Tensor:
         """Prompt tokens [start, start + n) of `slot` (embeds [1, n, hidden], positions [3, 1, n]): the last
-        one's logits [1, 1, vocab]; the slot's KV and GDN state as after an eager prefill of the chunk."""
+        one's logits [1, 1, vocab]; the slot's KV and GDN state as after an eager prefill of the chunk.
+        `mixed`: with the decode rows the runner staged in step_in (mixed_forward): [1, 1 + slots, vocab]."""
         runner, top = self.runner, self.buckets[-1]
         n = embeds.shape[1]
-        t = self.bucket(n)
+        t = self.mixed_bucket(n) if mixed else self.bucket(n)
         if start == 0:  # a new sequence starts from zero state (the eager path ignores what the row held)
             runner.state.conv_all[:, slot].zero_()
             runner.state.rec_all[:, slot].zero_()
@@ -103,6 +141,12 @@ class PrefillGraphs:
         if runner.device.type == "cuda":
             host = host.pin_memory()
         self.index.copy_(host, non_blocking=True)
+        if mixed:  # no MTP head here (speculative steps never mix)
+            if t in self.mixed_graphs:
+                graph, logits = self.mixed_graphs[t]
+                graph.replay()
+                return logits
+            return self.mixed_forward(t)
         if t in self.graphs:
             graph, logits, hidden = self.graphs[t]
             graph.replay()
@@ -128,7 +172,19 @@ class PrefillGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 logits, hidden = self.forward(t)
             self.graphs[t] = (graph, logits, hidden)
+        runner.step_in.zero_()  # the mixed graphs' decode rows: none active, so no row's state moves
+        for t in reversed(self.mixed):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.mixed_forward(t)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.mixed_forward(t)
+            self.mixed_graphs[t] = (graph, logits)
         torch.cuda.synchronize()
         runner.state.conv_all[:, 0].zero_()
         runner.state.rec_all[:, 0].zero_()
-        log(f"[rank {os.environ.get('RANK', '0')}] captured prefill CUDA graphs for chunks of {self.buckets} tokens")
+        log(f"[rank {os.environ.get('RANK', '0')}] captured prefill CUDA graphs for chunks of {self.buckets} tokens"
+            + (f", and with the decode rows for chunks of {self.mixed}" if self.mixed else ""))

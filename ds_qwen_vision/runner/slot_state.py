@@ -161,10 +161,15 @@ class PrefillView:
         self.state, self.slot, self.cache_pos, self.valid, self.conv_index = state, slot, cache_pos, valid, conv_index
 
     def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = self.write(key, value, layer_idx)
+        return keys.index_select(0, self.slot), values.index_select(0, self.slot)
+
+    def write(self, key, value, layer_idx):
+        """The chunk's keys and values ([1, heads, T, dim]) into the slot's cache; every slot's cache back."""
         keys, values = self.state.kv[layer_idx]
         keys[self.slot, :, self.cache_pos] = key[0].transpose(0, 1)  # [T, heads, dim]
         values[self.slot, :, self.cache_pos] = value[0].transpose(0, 1)
-        return keys.index_select(0, self.slot), values.index_select(0, self.slot)
+        return keys, values
 
     def gdn_state(self, layer_idx):
         return (self.state.conv[layer_idx].index_select(0, self.slot),
@@ -173,3 +178,24 @@ class PrefillView:
     def gdn_update(self, layer_idx, conv_state, rec_state):
         self.state.conv[layer_idx].index_copy_(0, self.slot, conv_state.to(self.state.conv[layer_idx].dtype))
         self.state.recurrent[layer_idx].index_copy_(0, self.slot, rec_state.float())
+
+
+class MixedView:
+    """The cache of a forward that carries one slot's prefill chunk and one decode token for each row of
+    the decode batch (runner/prefill_graphs.py, `mixed`): the sequence is [chunk (t positions) | one token
+    per decode row], so the step reads the weights once for both. `chunk` is the chunk's PrefillView,
+    `decode` the decode rows' CacheView (rows [0, b), `positions`, `active`). Full attention gets every
+    slot's cache, and kernels/decode_attention.MixedMask tells it which queries attend to which rows;
+    Gated DeltaNet layers take kernels/gdn.py's mixed forward (`gdn_step == "mixed"`)."""
+
+    gdn_step = "mixed"
+
+    def __init__(self, chunk: PrefillView, decode: CacheView, t: int):
+        self.chunk, self.decode, self.t = chunk, decode, t
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        t = self.t
+        # the decode rows first: an idle row writes where its slot writes again before attending there
+        self.decode.update(key[0, :, t:].transpose(0, 1).unsqueeze(2), value[0, :, t:].transpose(0, 1).unsqueeze(2),
+                           layer_idx)
+        return self.chunk.write(key[:, :, :t], value[:, :, :t], layer_idx)

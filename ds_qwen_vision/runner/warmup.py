@@ -70,7 +70,8 @@ GAP_MARGIN = 0.9
 
 
 def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: float | None,
-                   cap: int, floor: int = 16, sizes: list[int] | None = None) -> tuple[int, int]:
+                   cap: int, floor: int = 16, sizes: list[int] | None = None,
+                   alone_s: dict[int, float] | None = None) -> tuple[int, int]:
     """(tokens, overhead): prompt tokens per step such that a step with a prefill chunk and the full
     decode batch takes at most `max_gap_steps` decode steps -- decode + a + b * n <= GAP_MARGIN *
     max_gap_steps * decode, where a + b * n is the fitted time of a chunk of n tokens -- a multiple of 16
@@ -79,6 +80,9 @@ def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: 
     against the budget too, so that two prompts' chunks in one step stay within the bound. (cap, 0) when
     max_gap_steps is None. `sizes`: the prefill graphs' chunk sizes, where a chunk runs padded up to the next
     one: a gap-bound budget is then one of them (a 144-token chunk would cost a 256-token replay).
+    `alone_s`: where the step's first chunk rides in the decode forward (runner/prefill_graphs.py, mixed),
+    `prefill_s` is what such a step costs beyond the decode step, and a further prompt's chunk runs on its
+    own: its fixed cost comes from these times of chunks run alone.
 
     Where the bound is out of reach -- a prefill forward's fixed cost alone is over the allowance (a
     host-bound prefill, measured on an H200: a 64-token chunk 15.9 ms, a 2048-token one 25.9 ms, beside a
@@ -90,10 +94,10 @@ def prefill_budget(decode_s: float, prefill_s: dict[int, float], max_gap_steps: 
     if max_gap_steps is None or len(prefill_s) < 2:
         return cap, 0
     per_token, fixed = _fit(prefill_s)
-    overhead = int(fixed / per_token)
+    overhead = int((_fit(alone_s)[1] if alone_s and len(alone_s) > 1 else fixed) / per_token)
     n = (GAP_MARGIN * max_gap_steps * decode_s - decode_s - fixed) / per_token
     if n < floor:  # out of reach: chunks that amortize their own fixed cost
-        n = -(-overhead // 16) * 16
+        n = -(-int(fixed / per_token) // 16) * 16
     elif sizes:
         n = max((t for t in sizes if t <= n), default=floor)
     return int(min(cap, max(floor, n // 16 * 16))), overhead
@@ -184,6 +188,14 @@ class WarmUp:
         return self.run_plan(StepPlan(prefill=[item]), {0: seq.pixel_values} if first_image else None,
                              {0: seq} if seq is not None else None)
 
+    def mixed_step(self, n: int) -> float:
+        """A text chunk of n tokens in slot 0 with every other slot decoding, one forward: its seconds."""
+        from ..plan import FROM_DEVICE, Prefill, StepPlan
+
+        plan = StepPlan(prefill=[Prefill(0, _text_ids(self.runner.config, n), [], None, 0, n)],
+                        decode=[(s, FROM_DEVICE) for s in range(1, self.runner.max_slots)])
+        return self.run_plan(plan)
+
     def stage(self, what: str, fn, total: int):
         self.step += 1
         self.engine.warmup = f"{self.step}/{total} {what}"
@@ -227,6 +239,10 @@ class WarmUp:
         for b in reversed(runner.batch_sizes):
             plan = StepPlan(decode=[(s, FROM_DEVICE) for s in range(b)])
             stages.append((f"decode batch {b}", lambda plan=plan: [self.run_plan(plan) for _ in range(2)]))
+        graphs = getattr(runner, "prefill_graphs", None)
+        mixed = graphs.mixed if graphs is not None and runner.max_slots > 1 else []
+        for t in mixed:  # a chunk with the decode rows in one forward (runner/prefill_graphs.py)
+            stages.append((f"prefill chunk of {t} with the decode rows", lambda t=t: self.mixed_step(t)))
         total = len(stages) + 2
         for what, fn in stages:
             self.stage(what, fn, total)
@@ -235,30 +251,40 @@ class WarmUp:
             full = StepPlan(decode=[(s, FROM_DEVICE) for s in range(runner.max_slots)])
             decode_s = statistics.median(self.run_plan(full) for _ in range(5))
             prefill_s = {n: min(self.prompt(n)[0] for _ in range(2)) for n in timed_chunks(x16, graphed, largest)}
-            return decode_s, prefill_s
+            mixed_s = {n: min(self.mixed_step(n) for _ in range(2)) for n in timed_chunks(x16, mixed[-1], largest)} \
+                if mixed else {}
+            return decode_s, prefill_s, mixed_s
 
         # Prefill graphs (runner/prefill_graphs.py): the chunks timed, and those cut while a stream decodes,
         # stay within the largest graph, so that the budget's line fit is one path's and a gap-bound chunk a
         # replay. On one H200 (27B widths, 4 layers, 2026-12-02) 64 tokens as a replay and 2,048 eagerly
         # fitted a 506-token fixed cost, and prefill steps took 10-20 ms beside a 3.6 ms decode step.
         graphed = runner.prefill_graphs.buckets[-1] if getattr(runner, "prefill_graphs", None) else None
-        decode_s, prefill_s = self.stage("timing a decode step and prefill chunks", timing, total)
+        decode_s, prefill_s, mixed_s = self.stage("timing a decode step and prefill chunks", timing, total)
         budget_cap = min(cap, graphed) if graphed and limits.max_gap_steps else cap
-        budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, budget_cap,
-                                          sizes=runner.prefill_graphs.buckets if graphed else None)
+        if mixed_s:  # a gap-bound chunk rides in the decode forward: what that costs beyond a decode step
+            step_s = {n: max(t - decode_s, 1e-6) for n, t in mixed_s.items()}
+            budget, overhead = prefill_budget(decode_s, step_s, limits.max_gap_steps, min(budget_cap, mixed[-1]),
+                                              sizes=mixed, alone_s=prefill_s)
+        else:
+            step_s = prefill_s
+            budget, overhead = prefill_budget(decode_s, prefill_s, limits.max_gap_steps, budget_cap,
+                                              sizes=runner.prefill_graphs.buckets if graphed else None)
         engine.prefill_budget, engine.prefill_overhead = budget, overhead
-        if not gap_bound_reachable(decode_s, prefill_s, limits.max_gap_steps):
-            self.log(f"[rank 0] warm-up: a prefill forward's fixed cost ({_fit(prefill_s)[1] * 1e3:.1f} ms) alone "
+        if not gap_bound_reachable(decode_s, step_s, limits.max_gap_steps):
+            self.log(f"[rank 0] warm-up: a prefill forward's fixed cost ({_fit(step_s)[1] * 1e3:.1f} ms) alone "
                      f"exceeds limits.max_gap_steps = {limits.max_gap_steps:g} decode steps of "
                      f"{decode_s * 1e3:.2f} ms: gaps while prompts are prefilled will be longer; chunks of "
                      f"{budget} tokens keep that cost from multiplying")
         self.stage("reset every slot", lambda: self.run_plan(StepPlan(reset=True)), total)
         runner.warm_shapes = set(runner.shapes)
         self.timings = {"decode_step_s": decode_s, **{f"prefill_{n}_s": t for n, t in prefill_s.items()},
+                        **{f"mixed_{n}_s": t for n, t in mixed_s.items()},
                         "prefill_budget": budget, "warmup_s": time.perf_counter() - t_start}
         self.log(f"[rank 0] warm-up done in {self.timings['warmup_s']:.1f} s: decode step "
                  f"{decode_s * 1e3:.2f} ms at batch {runner.max_slots}, prefill "
                  + ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in prefill_s.items())
+                 + "".join(f", {n} tokens with the decode rows {t * 1e3:.1f} ms" for n, t in mixed_s.items())
                  + f"; prefill budget {budget} tokens per step (+{overhead} per further prompt)"
                  + (f" (limits.max_gap_steps = {limits.max_gap_steps:g})" if limits.max_gap_steps else ""))
         return budget

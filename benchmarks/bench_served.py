@@ -112,7 +112,8 @@ def runner_main(args) -> None:
     processor = load_processor(str(args.model))
     ids = [chat_inputs(processor, [{"role": "user", "content": t}], [])["input_ids"][0].tolist()
            for t in prompts(args.model, args.prompt_tokens, args.streams)]
-    runner = ModelRunner(model, device, max_slots=args.streams, max_len=args.max_prompt + args.new_tokens)
+    runner = ModelRunner(model, device, max_slots=args.streams, max_len=args.max_prompt + args.new_tokens,
+                         mixed_prefill=args.mixed_prefill)
     out = {"card": torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu",
            "prompt_tokens": len(ids[0])}
 
@@ -204,7 +205,8 @@ def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]
                       "step_timeout_s": 600},
            "limits": {"max_concurrent": args.streams, "max_prompt_tokens": args.max_prompt,
                       "max_new_tokens": args.new_tokens, "prefill_chunk_tokens": args.chunk,
-                      "max_gap_steps": args.max_gap_steps, "max_images_per_request": 1}}
+                      "max_gap_steps": args.max_gap_steps, "mixed_prefill": args.mixed_prefill,
+                      "max_images_per_request": 1}}
     path = workdir / f"{tag}.json"
     path.write_text(json.dumps(cfg))
     env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.keep / "compile-cache"))
@@ -420,6 +422,7 @@ def main() -> None:
     p.add_argument("--max-prompt", type=int, default=8192, help="limits.max_prompt_tokens of the server")
     p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
     p.add_argument("--max-gap-steps", type=float, default=3.0, help="limits.max_gap_steps")
+    p.add_argument("--mixed-prefill", action="store_true", help="limits.mixed_prefill (server and runner alone)")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--keep-cache", action="store_true",
                    help="prebuild: keep what OUT/compile-cache holds (to finish a prebuild cut short)")
@@ -494,7 +497,8 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/bench_served.py", *sys.argv[1:]]), "tp": 1,
               "checkpoint": {"preset": args.preset, "layers": layers, "dtype": args.dtype, "weights": "random"},
               "prompt_tokens": runner["prompt_tokens"], "new_tokens": args.new_tokens, "streams": s,
-              "limits": {"prefill_chunk_tokens": args.chunk, "max_gap_steps": args.max_gap_steps}, "rows": rows}
+              "limits": {"prefill_chunk_tokens": args.chunk, "max_gap_steps": args.max_gap_steps,
+                         "mixed_prefill": args.mixed_prefill}, "rows": rows}
     name = f"{date:%Y-%m-%d}-{card.replace('NVIDIA ', '').replace(' ', '-')}-tp1-served.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out / name}")

@@ -52,13 +52,14 @@ def generate(model, processor, device) -> list[dict]:
     return out
 
 
-def serve(model, processor, device, rank: int, peer_memory: str = "off") -> list[dict]:
+def serve(model, processor, device, rank: int, peer_memory: str = "off", mixed_prefill: bool = False) -> list[dict]:
     """Both cases together through the runner, in slots 1 and 2 of 4 (rows 0 and 3 idle in the batch)."""
     from ds_qwen_vision.config import AllReduceConfig
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
-    runner = ModelRunner(model, device, max_slots=4, max_len=1024, allreduce=AllReduceConfig(peer_memory=peer_memory))
+    runner = ModelRunner(model, device, max_slots=4, max_len=1024, allreduce=AllReduceConfig(peer_memory=peer_memory),
+                         mixed_prefill=mixed_prefill)
     jobs = {slot: chat_inputs(processor, messages, images) for slot, (messages, images) in enumerate(cases(), 1)}
     done = dict.fromkeys(jobs, 0)
     out = {slot: {"tokens": [], "top5": []} for slot in jobs}
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--allreduce", choices=["off", "one_shot", "two_shot"], default="off",
                    help="runner: allreduce.peer_memory (kernels/allreduce.py)")
+    p.add_argument("--mixed-prefill", action="store_true",
+                   help="runner: the text prompt's decode rides in the image prompt's 16-token chunks' forwards")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "build":
@@ -112,7 +115,7 @@ def main() -> None:
         rank, world = init_distributed("cuda")
         model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
         result = serve(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), rank,
-                       a.allreduce)
+                       a.allreduce, a.mixed_prefill)
         if rank == 0:
             torch.save(result, a.out)
     else:

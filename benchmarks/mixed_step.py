@@ -60,7 +60,8 @@ def main() -> None:
     model = load_model(str(path), 1, args.device, DTYPES[args.dtype], show_progress=False)
     t = time.perf_counter()
     # prefill_graph_tokens: the graph path on CPU too (run eagerly there), so the script checks itself
-    runner = ModelRunner(model, device, max_slots=args.slots, max_len=2048, prefill_graph_tokens=max(args.chunks))
+    runner = ModelRunner(model, device, max_slots=args.slots, max_len=2048, prefill_graph_tokens=max(args.chunks),
+                         mixed_prefill=True)
     runner_s = time.perf_counter() - t
     graphs = runner.prefill_graphs
     mixed_sizes = list(graphs.mixed)

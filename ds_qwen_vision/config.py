@@ -112,6 +112,10 @@ class LimitsConfig(_Section):
     # from them (at most prefill_chunk_tokens, a multiple of 16 and with prefill graphs one graph's size;
     # aiming at 90% of the bound for the spread of step times). null: prefill_chunk_tokens.
     max_gap_steps: float | None = Field(None, gt=1, allow_inf_nan=False)
+    # A step's last prefill chunk of up to 256 tokens and the decode rows in one forward, which reads the
+    # weights once (runner/prefill_graphs.py, mixed_forward; not with speculative decoding). Off until a GPU
+    # run has checked it against transformers and measured it: it is CPU-tested only (docs/benchmarks.md).
+    mixed_prefill: bool = False
     # Choices per request (`n`): each is its own sequence, in its own cache slot.
     max_n: int = Field(4, ge=1)
 

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
                          max_len=limits.max_prompt_tokens + limits.max_new_tokens, allreduce=config.allreduce,
                          speculative={"method": spec.method, "num_tokens": spec.num_tokens},
-                         prefill_graph_tokens=limits.prefill_chunk_tokens if device.type == "cuda" else 0)
+                         prefill_graph_tokens=limits.prefill_chunk_tokens if device.type == "cuda" else 0,
+                         mixed_prefill=limits.mixed_prefill)
     channel = ControlChannel(limits.max_concurrent)
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")

@@ -42,7 +42,8 @@ def runner(ckpt, graph_tokens: int, **kw):
 
 @pytest.fixture(scope="module")
 def static(tiny_ckpt):
-    return runner(tiny_ckpt, 64)  # buckets 16, 32, 64: every chunk below pads
+    # buckets 16, 32, 64: every chunk below pads; a chunk while others decode rides in their forward
+    return runner(tiny_ckpt, 64, mixed_prefill=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,7 @@ def test_a_mixed_step_is_the_prefill_and_the_decode_step(setup, tiny_ckpt):
     """One forward carrying a slot's chunk and the other slots' decode tokens (prefill_graphs.mixed_forward)
     gives the logits of, and leaves every slot's state as, the chunk's prefill and then the decode step."""
     x, _, _ = setup
-    mixed, separate = runner(tiny_ckpt, 64), runner(tiny_ckpt, 64)
-    separate.prefill_graphs.mixed = []  # the same buffers and padding, as two forwards
+    mixed, separate = runner(tiny_ckpt, 64, mixed_prefill=True), runner(tiny_ckpt, 64)  # separate: the default
     for r in (mixed, separate):
         for slot, i in ((0, 0), (2, 1)):  # slots 0 and 2 hold prompts (one with an image) and decode
             item, px = prefill_item(slot, x[i])

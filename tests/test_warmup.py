@@ -42,7 +42,7 @@ def warmed(tiny_ckpt):
 def warmed_graph_path(tiny_ckpt):
     """Prefill from the graphs' fixed buffers (run eagerly on CPU), chunks of up to 64 tokens with the
     decode rows in one forward (runner/prefill_graphs.py)."""
-    return _warm(tiny_ckpt, prefill_graph_tokens=64)
+    return _warm(tiny_ckpt, prefill_graph_tokens=64, mixed_prefill=True)
 
 
 def _warm(tiny_ckpt, **runner_kw):

@@ -10,9 +10,11 @@ layer's own `norm(core, z)` and `out_proj`.
 
 `gdn_chunk` is the prefill forward for chunks run from fixed buffers (CUDA graphs of prefill chunks,
 runner/prefill_graphs.py): transformers' chunked path with padding positions that leave the state alone.
+`gdn_mixed` is a forward whose sequence is such a chunk followed by one token per decode row: one input
+and one output projection, the chunk's rule and the decode rows' step kernels in between.
 
 `install(model)` puts these paths in front of every GDN layer: a per-instance forward that takes them when
-the cache view is a decode/verify/graph-prefill view (`view.gdn_step` is set) and transformers' own
+the cache view is a decode/verify/graph-prefill/mixed view (`view.gdn_step` is set) and transformers' own
 forward otherwise (an eager prefill, or no cache at all).
 """
 from __future__ import annotations

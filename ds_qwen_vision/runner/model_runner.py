@@ -6,8 +6,10 @@ the KV cache of each full-attention layer and the conv + recurrent state of each
 transformers' own layers run the forward; what they see as `past_key_values` is a `CacheView` of some
 rows of that state, so no forward allocates or copies a cache.
 
-A step is (1) prefill chunks, each of one slot, run eagerly (their shapes vary), then (2) one decode
-forward over the rows [0, b) holding every decoding slot, b rounded up to a captured batch size. On
+A step is (1) prefill chunks, each of one slot (a CUDA graph replay per chunk size, or eagerly), then (2)
+one decode forward over the rows [0, b) holding every decoding slot, b rounded up to a captured batch
+size. Where the step's last chunk is small enough (runner/prefill_graphs.py, MIXED_GRAPH_TOKENS), that
+chunk and the decode rows run as one forward instead (`mixed`): the weights are read once for both. On
 CUDA that decode is a CUDA graph replay, all-reduces included: one launch instead of ~3,300 kernels
 from Python, fewer still with the RMSNorms compiled (compile_norms). Rows that are not decoding this step compute too (shapes are fixed) but leave their state
 as it was: GDN state writes are masked per row, and their KV write lands on a position that the row
@@ -38,7 +40,8 @@ from .warmup import decode_class, prefill_classes, vision_class
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
-                 speculative: dict | None = None, prefill_graph_tokens: int | None = None):
+                 speculative: dict | None = None, prefill_graph_tokens: int | None = None,
+                 mixed_prefill: bool = False):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -92,7 +95,9 @@ class ModelRunner:
         if prefill_graph_tokens is None:
             prefill_graph_tokens = PREFILL_GRAPH_TOKENS if self.cuda_graphs else 0
         limit = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS, max_len)
-        self.prefill_graphs = PrefillGraphs(self, limit, mixed=spec_method == "none") if limit else None
+        # mixed_prefill: small chunks also run with the decode rows in one forward (limits.mixed_prefill)
+        self.prefill_graphs = PrefillGraphs(self, limit, mixed=mixed_prefill and spec_method == "none") \
+            if limit else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
         if spec_method != "none":

@@ -16,6 +16,9 @@ DeltaNet layers their beta and decay are zero, so the state is as after the n re
 so one graph serves a first chunk and a continuing one alike (kernels/chunk_attention.py reads only the
 key tiles the mask leaves visible).
 
+Chunks of up to MIXED_GRAPH_TOKENS also have a mixed graph (`mixed_forward`): the chunk followed by one
+token for every slot as a decode row, so that a step which prefills while streams decode is one forward.
+
 Without CUDA (tests) or for a size with no graph, `forward` runs the same function eagerly: the path a
 graph captures is the path the CPU tests check against the eager prefill (tests/test_prefill_graphs.py).
 """
@@ -173,16 +176,21 @@ class PrefillGraphs:
                 logits, hidden = self.forward(t)
             self.graphs[t] = (graph, logits, hidden)
         runner.step_in.zero_()  # the mixed graphs' decode rows: none active, so no row's state moves
-        for t in reversed(self.mixed):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.mixed_forward(t)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.mixed_forward(t)
-            self.mixed_graphs[t] = (graph, logits)
+        try:
+            for t in reversed(self.mixed):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.mixed_forward(t)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.mixed_forward(t)
+                self.mixed_graphs[t] = (graph, logits)
+        except Exception as e:  # separate forwards rather than none; every rank takes the same path
+            log(f"[rank {os.environ.get('RANK', '0')}] mixed prefill CUDA graph capture failed, prefill and "
+                f"decode run as separate forwards: {e!r}")
+            self.mixed, self.mixed_graphs = [], {}
         torch.cuda.synchronize()
         runner.state.conv_all[:, 0].zero_()
         runner.state.rec_all[:, 0].zero_()

@@ -1,6 +1,7 @@
 """One tensor-parallel rank for the speculative-decoding test (started by tests/ranks.py under the deepspeed
 launcher): loads the checkpoint with its MTP head through the product's path, and on the same ranks runs
-the same jobs with ngram (forced acceptance) and mtp speculation; saves each run's greedy tokens."""
+the same jobs with ngram (forced acceptance) and mtp speculation, and without speculation with mixed
+prefill + decode steps (runner/prefill_graphs.py); saves each run's greedy tokens."""
 import json
 import sys
 
@@ -27,6 +28,12 @@ def main(spec_path: str) -> None:
         result[method] = drive(runner, jobs, spec["new_tokens"], chunk=6, stats=stats, oracle=oracle,
                                profile=(0.88, 0.77 / 0.88, 0.66 / 0.77))
         result[method + "_stats"] = stats
+    # no speculation, prefill from the graphs' buffers (eager on CPU) with mixed steps: a chunk and the
+    # decode rows in one forward, all-reduces included, on both ranks alike
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256, prefill_graph_tokens=64,
+                         mixed_prefill=True)
+    result["mixed"] = drive(runner, jobs, spec["new_tokens"], chunk=6)
+    result["mixed_shapes"] = sorted({c[0] for c in runner.shapes})
     mtp_params = {n: list(p.shape) for n, p in model.named_parameters() if n.startswith("mtp.")}
     result["mtp_params"] = mtp_params
     torch.save(result, f"{spec['out']}/rank{rank}.pt")

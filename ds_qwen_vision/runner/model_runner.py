@@ -95,9 +95,10 @@ class ModelRunner:
         if prefill_graph_tokens is None:
             prefill_graph_tokens = PREFILL_GRAPH_TOKENS if self.cuda_graphs else 0
         limit = min(prefill_graph_tokens, PREFILL_GRAPH_TOKENS, max_len)
-        # mixed_prefill: small chunks also run with the decode rows in one forward (limits.mixed_prefill)
-        self.prefill_graphs = PrefillGraphs(self, limit, mixed=mixed_prefill and spec_method == "none") \
-            if limit else None
+        # mixed_prefill: small chunks also run with the decode rows in one forward (limits.mixed_prefill);
+        # with one slot no step has both
+        mixed = mixed_prefill and spec_method == "none" and max_slots > 1
+        self.prefill_graphs = PrefillGraphs(self, limit, mixed=mixed) if limit else None
         self.spec = None  # speculative decoding (runner/speculative.py)
         self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
         if spec_method != "none":

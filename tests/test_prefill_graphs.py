@@ -147,3 +147,50 @@ def test_a_mixed_step_is_the_prefill_and_the_decode_step(setup, tiny_ckpt):
         torch.testing.assert_close(mixed.state.conv_all, separate.state.conv_all, **close)
         torch.testing.assert_close(mixed.state.rec_all, separate.state.rec_all, **close)
     assert ("prefill-graph-mixed", 16) in mixed.shapes and ("prefill-graph-mixed", 64) in mixed.shapes
+
+
+class ReplayedGraph:
+    """A CUDA graph's stand-in on CPU: a replay runs the captured function again and copies what it returns
+    into the tensors the capture returned, as a replay refills its outputs in place."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        new = self.fn()
+        for old, fresh in zip(*(x if isinstance(x, tuple) else (x,) for x in (self.out, new))):
+            if old is not None:
+                old.copy_(fresh)
+
+
+@pytest.mark.parametrize("speculative", [None, {"method": "mtp", "num_tokens": 2}])
+def test_the_graph_capture_and_replay_plumbing(setup, tiny_ckpt, monkeypatch, speculative):
+    """Every graph the runner captures (decode, prefill chunks, mixed steps, speculative verify) through
+    runner/graphs.capture, replayed by a stand-in that reruns the captured function: the outputs each
+    step reads are the captured ones, refilled, and the greedy tokens are transformers'."""
+    from ds_qwen_vision.runner import graphs
+
+    x, expected, _ = setup
+    captured = []
+
+    def fake_capture(fn, pool, warm_runs=1):
+        for _ in range(warm_runs):
+            fn()
+        out = fn()
+        captured.append(fn)
+        return ReplayedGraph(fn, out), out
+
+    monkeypatch.setattr(graphs, "capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    r = runner(tiny_ckpt, 64, mixed_prefill=True, speculative=speculative)
+    r.capture()
+    if r.spec is not None:
+        r.spec.capture(r.pool)
+    r.prefill_graphs.capture(r.pool)
+    r.reset()
+    sizes = len(r.batch_sizes)
+    assert len(captured) == sizes * (2 if r.spec is not None else 1) + 3 + len(r.prefill_graphs.mixed)
+    assert r.prefill_graphs.mixed == ([] if speculative else [16, 32, 64])
+    jobs = [(0, 0, x[0]), (1, 2, x[1]), (3, 1, x[2])]
+    assert drive(r, jobs, N, chunk=20) == [expected[i] for i in (0, 1, 2)]

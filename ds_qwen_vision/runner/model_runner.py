@@ -30,6 +30,7 @@ from ..kernels.norms import compile_norms
 from ..model import log
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
+from . import graphs
 from .image_cache import ImageEmbeddingCache
 from .prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs
 from .slot_state import CacheView, SlotState
@@ -143,16 +144,7 @@ class ModelRunner:
         pool = self.pool = torch.cuda.graph_pool_handle()  # prefill graphs share it (prefill_graphs.py)
         self.step_in.zero_()  # warm-up and capture run with no row active: the state stays as it is
         for b in reversed(self.batch_sizes):  # largest first: the pool is sized once
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up on the capture stream (allocator, NCCL, Triton autotune)
-                for _ in range(2):
-                    self._decode_forward(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._decode_forward(b)
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = graphs.capture(lambda b=b: self._decode_forward(b), pool, warm_runs=2)
         torch.cuda.synchronize()
         log(f"[rank {os.environ.get('RANK', '0')}] captured decode CUDA graphs for batch sizes {self.batch_sizes}")
 
@@ -169,7 +161,9 @@ class ModelRunner:
             logits = self._decode_forward(b)
         for slot, _ in tokens:
             self.length[slot] += 1
-        rows = logits[:, -1].float()  # one cast for the batch, not one kernel per slot
+        # one cast for the batch, not one kernel per slot; a copy also in float32, where .float() would
+        # return the graph's own output, which the next replay in the step overwrites
+        rows = logits[:, -1].to(torch.float32, copy=True)
         return {slot: rows[slot] for slot, _ in tokens}
 
     def stage_decode(self, tokens: list[tuple[int, int]], b: int) -> None:
@@ -229,7 +223,7 @@ class ModelRunner:
             logits = out[:, :1]
             for slot, _ in decode:
                 self.length[slot] += 1
-            rows_out = out[0, 1:].float()
+            rows_out = out[0, 1:].to(torch.float32, copy=True)  # a copy: see decode
             decoded = {slot: rows_out[slot] for slot, _ in decode}
         elif self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
             self.shapes |= self.chunk_classes(item.start, end - item.start)
@@ -249,7 +243,9 @@ class ModelRunner:
         if end < n_prompt:
             return None, decoded
         del self.pending[item.slot]
-        return logits[0, -1].float(), decoded
+        # a copy in every dtype: a graph's output is overwritten by its next replay, maybe in this same step
+        # (two prompts' last chunks of one size); .float() of float32 logits would return that output itself
+        return logits[0, -1].to(torch.float32, copy=True), decoded
 
     def mixed(self, plan: StepPlan) -> int | None:
         """The index of the prefill item that runs in one forward with the plan's decode rows: its last
@@ -294,9 +290,7 @@ class ModelRunner:
         inner = self.model.model
         ids = self.to_device(torch.tensor([item.input_ids]))
         embeds = inner.get_input_embeddings()(ids)
-        grid = None
         if item.image_grid_thw:
-            grid = self.to_device(torch.tensor(item.image_grid_thw))
             image = self.image_embeddings(item, pixels)
             image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
             embeds = embeds.masked_scatter(image_mask, image.to(embeds.dtype))

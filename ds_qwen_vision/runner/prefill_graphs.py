@@ -30,6 +30,7 @@ import torch
 
 from ..model import log
 from ..kernels.decode_attention import MixedMask
+from . import graphs
 from .slot_state import CacheView, MixedView, PrefillView
 
 
@@ -166,27 +167,12 @@ class PrefillGraphs:
         runner = self.runner
         self.index.zero_()  # slot 0 from position 0, one real token; warm-up's reset zeroes what this writes
         for t in reversed(self.buckets):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # first run outside capture: cuBLAS, FLA's autotune, NCCL
-                self.forward(t)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, hidden = self.forward(t)
+            graph, (logits, hidden) = graphs.capture(lambda t=t: self.forward(t), pool)
             self.graphs[t] = (graph, logits, hidden)
         runner.step_in.zero_()  # the mixed graphs' decode rows: none active, so no row's state moves
         try:
             for t in reversed(self.mixed):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self.mixed_forward(t)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.mixed_forward(t)
-                self.mixed_graphs[t] = (graph, logits)
+                self.mixed_graphs[t] = graphs.capture(lambda t=t: self.mixed_forward(t), pool)
         except Exception as e:  # separate forwards rather than none; every rank takes the same path
             log(f"[rank {os.environ.get('RANK', '0')}] mixed prefill CUDA graph capture failed, prefill and "
                 f"decode run as separate forwards: {e!r}")

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from ..model import log
+from . import graphs
 from .slot_state import CacheView
 
 METHODS = ("none", "mtp", "ngram")
@@ -186,15 +187,7 @@ class Speculation:
             self.mtp_last.zero_()
             self.mtp_delta.zero_()
         for b in reversed(self.runner.batch_sizes):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._verify_forward(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, hidden = self._verify_forward(b)
+            graph, (logits, hidden) = graphs.capture(lambda b=b: self._verify_forward(b), pool, warm_runs=2)
             self.graphs[b] = (graph, logits, hidden)
         torch.cuda.synchronize()
         log(f"[rank {os.environ.get('RANK', '0')}] captured verify CUDA graphs (T={self.t}) for batch sizes "

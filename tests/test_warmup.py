@@ -247,16 +247,24 @@ def test_timed_chunks_stay_within_the_prefill_graphs():
     assert timed_chunks(16, None, largest=False) == [16]
 
 
-def test_with_prefill_graphs_a_gap_bound_chunk_is_a_replay(tiny_ckpt):
-    """Chunks cut while a stream decodes stay within the largest prefill graph, and the timed ones too."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_with_prefill_graphs_a_gap_bound_chunk_is_a_replay(tiny_ckpt, mixed):
+    """Chunks cut while a stream decodes stay within the largest prefill graph (with mixed steps: the
+    largest mixed one), and the timed ones too; without the gap knob the budget is the chunk limit."""
     processor = load_processor(tiny_ckpt)
     model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
-    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=320, prefill_graph_tokens=32)
-    limits = LimitsConfig(max_prompt_tokens=256, max_new_tokens=16, max_concurrent=2, prefill_chunk_tokens=128,
-                          max_images_per_request=0, max_gap_steps=100.0)
-    engine = Engine(runner, OneRank(), processor, limits)
-    lines = []
-    warm_up(engine, lines.append)
-    assert engine.prefill_budget <= 32 < limits.prefill_chunk_tokens
-    done = [line for line in lines if "warm-up done" in line][0]
-    assert "prefill 16 tokens" in done and "32 tokens" in done and "128 tokens" not in done
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=320, prefill_graph_tokens=32,
+                         mixed_prefill=mixed)
+    for gap in (100.0, None):
+        limits = LimitsConfig(max_prompt_tokens=256, max_new_tokens=16, max_concurrent=2, prefill_chunk_tokens=128,
+                              max_images_per_request=0, max_gap_steps=gap)
+        engine = Engine(runner, OneRank(), processor, limits)
+        lines = []
+        warm_up(engine, lines.append)
+        done = [line for line in lines if "warm-up done" in line][0]
+        if gap is None:
+            assert engine.prefill_budget == limits.prefill_chunk_tokens, done
+            continue
+        assert engine.prefill_budget <= 32 < limits.prefill_chunk_tokens
+        assert "prefill 16 tokens" in done and "32 tokens" in done and "128 tokens" not in done
+        assert ("with the decode rows" in done) == mixed

@@ -262,7 +262,7 @@ class WarmUp:
         graphed = runner.prefill_graphs.buckets[-1] if getattr(runner, "prefill_graphs", None) else None
         decode_s, prefill_s, mixed_s = self.stage("timing a decode step and prefill chunks", timing, total)
         budget_cap = min(cap, graphed) if graphed and limits.max_gap_steps else cap
-        if mixed_s:  # a gap-bound chunk rides in the decode forward: what that costs beyond a decode step
+        if mixed_s and limits.max_gap_steps:  # a gap-bound chunk rides in the decode forward: its cost beyond a decode step
             step_s = {n: max(t - decode_s, 1e-6) for n, t in mixed_s.items()}
             budget, overhead = prefill_budget(decode_s, step_s, limits.max_gap_steps, min(budget_cap, mixed[-1]),
                                               sizes=mixed, alone_s=prefill_s)

@@ -20,7 +20,9 @@ Steps, all on the same real-format checkpoint (built once, random weights, `chec
   the first request's time to first token, then the same request warm (new text); one stream's ms per
   token; three bursts of `--streams` concurrent streams (tokens/s, every stream's inter-token gaps as
   the clients see them and as the engine handed the tokens over (`dsqv_inter_token_seconds`), the
-  first burst included); what still compiled after ready (from /health); SIGTERM. Then the runner alone
+  first burst included; with --logprobs-burst a fourth burst whose clients also count each chunk's tokens,
+  so that a gap between two single-token chunks is one gap between two tokens); what still compiled after
+  ready (from /health); SIGTERM. Then the runner alone
   (a subprocess, the baseline): one stream's decode step with the host reading every token, and
   `--streams` prompts served by a tight loop scheduled like Engine.plan with the prefill budget the
   server's warm-up chose (no HTTP, no IPC, no detokenization), and once more with whole `--chunk` chunks
@@ -265,13 +267,14 @@ class Served:
             time.sleep(0.1)
         raise TimeoutError(f"not ready within {timeout} s\n{self.log.read_text()[-6000:]}")
 
-    def stream(self, text: str, max_tokens: int) -> dict:
-        """One streaming chat completion: arrival time of every content chunk, and the usage."""
+    def stream(self, text: str, max_tokens: int, logprobs: bool = False) -> dict:
+        """One streaming chat completion: arrival time of every content chunk, and the usage; with
+        `logprobs`, also how many tokens each chunk carries (its logprob entries)."""
         # ignore_eos: every stream generates max_tokens, as the runner-alone baseline does (random weights
         # write an end-of-sequence token now and then; a burst's wall is its longest stream's either way)
         body = json.dumps({"model": Path(self.model_name).name, "stream": True, "max_tokens": max_tokens,
                            "temperature": 0, "stream_options": {"include_usage": True}, "ignore_eos": True,
-                           "messages": [{"role": "user", "content": text}],
+                           "messages": [{"role": "user", "content": text}], "logprobs": logprobs,
                            "chat_template_kwargs": {"enable_thinking": False}})
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         t0 = time.perf_counter()
@@ -279,7 +282,7 @@ class Served:
         r = c.getresponse()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]}")
-        times, usage = [], None
+        times, counts, usage = [], [], None
         for line in r:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
@@ -291,7 +294,8 @@ class Served:
                 delta = choice.get("delta", {})
                 if delta.get("content") or delta.get("reasoning_content"):
                     times.append(now)
-        return {"times": times, "usage": usage, "end": time.perf_counter() - t0}
+                    counts.append(len((choice.get("logprobs") or {}).get("content") or []))
+        return {"times": times, "counts": counts if logprobs else None, "usage": usage, "end": time.perf_counter() - t0}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -331,12 +335,12 @@ def step_summary(server: Served, t0: float, t1: float, longest: int = 8) -> dict
                          "at_s": round(s["t"] - t0, 3)} for s in top]}
 
 
-def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
+def burst(server: Served, texts: list[str], new_tokens: int, logprobs: bool = False) -> dict:
     results = [None] * len(texts)
     before = itl_buckets(server)
 
     def go(i):
-        results[i] = server.stream(texts[i], new_tokens)
+        results[i] = server.stream(texts[i], new_tokens, logprobs)
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(texts))]
     t = time.perf_counter()
@@ -362,12 +366,26 @@ def burst(server: Served, texts: list[str], new_tokens: int) -> dict:
             "content_chunks": sum(len(r["times"]) for r in results),
             "engine_gaps_per_bucket_s": {str(le): n for le, n in per_bucket.items() if n},
             "engine_max_gap_bucket_ms": None if longest is None else 1e3 * longest,
-            "engine_steps": steps}
+            "engine_steps": steps, **(chunk_tokens(results) if logprobs else {})}
+
+
+def chunk_tokens(results: list[dict]) -> dict:
+    """With logprobs, each content chunk says how many tokens it carries. A gap that ends in a chunk of one
+    token is one gap between two tokens as the client saw them; a chunk of several tokens (text held back
+    until a character is whole, or tokens with no text of their own) sums their gaps."""
+    single = [b - a for r in results for a, b, k in zip(r["times"], r["times"][1:], r["counts"][1:]) if k == 1]
+    per_chunk = {}
+    for r in results:
+        for k in r["counts"]:
+            per_chunk[str(k)] = per_chunk.get(str(k), 0) + 1
+    return {"max_gap_ms_one_token_chunks": 1e3 * max(single) if single else None,
+            "median_gap_ms_one_token_chunks": 1e3 * statistics.median(single) if single else None,
+            "chunks_by_tokens": dict(sorted(per_chunk.items(), key=lambda kv: int(kv[0])))}
 
 
 def served_main(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dsqv-bench-", dir="/tmp"))
-    texts = prompts(args.model, args.prompt_tokens, args.streams * 3 + 5)
+    texts = prompts(args.model, args.prompt_tokens, args.streams * 4 + 5)
     out = {}
     server = Served(args, work, "served")
     server.model_name = str(args.model)
@@ -388,6 +406,9 @@ def served_main(args) -> dict:
         out["served_one_stream_tokens"] = n
         bursts = [burst(server, texts[5 + i * args.streams: 5 + (i + 1) * args.streams], args.new_tokens)
                   for i in range(3)]
+        if args.logprobs_burst:  # a fourth burst whose clients count each chunk's tokens (not in the medians)
+            out["logprobs_burst"] = burst(server, texts[5 + 3 * args.streams: 5 + 4 * args.streams],
+                                          args.new_tokens, logprobs=True)
         out["bursts"] = bursts
         out["served_streams_tokens_per_s"] = statistics.median(b["tokens_per_s"] for b in bursts)
         out["max_inter_token_gap_ms"] = max(b["max_gap_ms"] for b in bursts)
@@ -423,6 +444,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
     p.add_argument("--max-gap-steps", type=float, default=3.0, help="limits.max_gap_steps")
     p.add_argument("--mixed-prefill", action="store_true", help="limits.mixed_prefill (server and runner alone)")
+    p.add_argument("--logprobs-burst", action="store_true",
+                   help="a fourth burst with logprobs: clients see how many tokens each chunk carries")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--keep-cache", action="store_true",
                    help="prebuild: keep what OUT/compile-cache holds (to finish a prebuild cut short)")
@@ -481,7 +504,8 @@ def main() -> None:
          "compiles_after_ready": served["compiles_after_ready"],
          "graphs_compiled_after_ready": served["graphs_compiled_after_ready"],
          "first_compiles_after_ready": served["first_compiles_after_ready"],
-         "bursts": served["bursts"], "served_one_stream_tokens": served["served_one_stream_tokens"],
+         "bursts": served["bursts"], **({"logprobs_burst": served["logprobs_burst"]} if "logprobs_burst" in served else {}),
+         "served_one_stream_tokens": served["served_one_stream_tokens"],
          "warmup_log": served["warmup_log"], "cold_warmup_log": cold.get("warmup_log", [])[-3:]},
         {"run": "runner alone (baseline: ModelRunner steps in a tight loop, the server's prefill budget, same "
                 "checkpoint, same call)",

@@ -23,6 +23,16 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queue: a copy from pageable memory waits
+    for the stream first (CUDA's rule) -- for the whole step just launched, which then delays the previous
+    step's tokens by a step -- while a copy from pinned memory is queued behind it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def init_distributed(device: str) -> tuple[int, int]:
     """Join the launcher's process group; returns (rank, world_size).
 

@@ -28,12 +28,12 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from transformers.image_processing_backends import TorchvisionBackend
 
-from ..model import log, open_image
+from ..model import log, open_image, to_device
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
 from .prefix_cache import PrefixCache, PromptKeys
-from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample, to_device
+from .sampling import PenaltyState, Picked, RowParams, Sampling, generation_defaults, sample
 from .speculative import Speculator
 from .textstream import TextStream, prompt_opens_thinking
 from .tools import ToolCallParser
@@ -180,7 +180,6 @@ class Engine:
         # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
         self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
         self.trace = StepTrace.from_env()  # engine/trace.py: DSQV_STEP_TRACE, for the served benchmark
-        self.admitted = 0  # sequences given a slot by the latest plan (the trace's)
 
     def _processes_on(self, device) -> bool:
         """Whether the processor takes images on `device` (probed once, so that a failure there can
@@ -388,7 +387,7 @@ class Engine:
                         self.trace.step(t=t_plan, plan_s=t0 - t_plan, launch_s=t_launched - t0, wait_s=waited,
                                         consume_s=time.perf_counter() - t_launched - waited,
                                         prefill=[[p.slot, p.start, p.end] for p in plan.prefill],
-                                        decode=len(plan.decode), admitted=self.admitted)
+                                        decode=len(plan.decode))
                 self.busy_since = None
                 dt = time.perf_counter() - t0
                 self.m_step.observe(dt)
@@ -440,7 +439,6 @@ class Engine:
                 plan.decode.append((slot, FROM_DEVICE))
                 seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
-        self.admitted = 0
         while free and budget > self.prefill_overhead:
             try:
                 seq = self.waiting.get_nowait()
@@ -452,7 +450,6 @@ class Engine:
                 continue
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
-            self.admitted += 1
             seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
             if self.spec is not None:
                 self.spec.start(seq)

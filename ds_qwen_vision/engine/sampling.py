@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model import to_device
+
 # Temperatures below this are greedy (vLLM's threshold): dividing by them would overflow float32.
 GREEDY_BELOW = 1e-5
 MAX_TOP_LOGPROBS = 20
@@ -81,16 +83,6 @@ def generation_defaults(generation_config) -> dict:
         return {}
     return {k: getattr(generation_config, k) for k in GENERATION_CONFIG_KEYS
             if getattr(generation_config, k, None) is not None}
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the device's queue: a copy from pageable memory waits
-    for the stream first (CUDA's rule) -- the whole step just launched, which then delays the previous
-    step's tokens by a step -- a copy from pinned memory is queued behind it."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -3,8 +3,8 @@ between two tokens went (benchmarks/bench_served.py summarizes it): set DSQV_STE
 
 Each line: `t` (perf_counter seconds at the start of planning), `plan_s` (planning), `launch_s` (broadcast,
 enqueueing the step's kernels, the picks), `wait_s` (waiting for the previous step's tokens on the host),
-`consume_s` (their detokenization and events), the step's `prefill` chunks as [slot, start, end], `decode`
-(rows) and `admitted` (new sequences this step). Off (None) unless asked for: the loop pays nothing then.
+`consume_s` (their detokenization and events), the step's `prefill` chunks as [slot, start, end] (start 0:
+a new sequence) and `decode` (rows). Off (None) unless asked for: the loop pays nothing then.
 """
 from __future__ import annotations
 

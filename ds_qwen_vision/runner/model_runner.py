@@ -27,7 +27,7 @@ from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION, MAX_QUERY_TOKENS
 from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
-from ..model import log
+from ..model import log, to_device
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
 from . import graphs
@@ -128,12 +128,17 @@ class ModelRunner:
                 self.prefill_graphs = None
 
     # ---- decode ---------------------------------------------------------------------------------------
-    def _decode_forward(self, b: int) -> torch.Tensor:
-        """One token for rows [0, b): logits [b, 1, vocab]. Reads only step_in, so it can be captured."""
+    def decode_inputs(self, b: int):
+        """Rows [0, b) of step_in as a decode forward takes them: token ids [b], M-RoPE positions [b], the
+        rows' cache view and their attention mask [b, 1, 1, L] (prefill_graphs.mixed_forward uses them too)."""
         ids, positions, mrope, active = self.step_in[:, :b]
         # b = 1 runs only when slot 0 decodes: no row to mask (144 fewer kernels per step at 64 layers)
         view = CacheView(self.state, slice(0, b), positions=positions, active=active.bool() if b > 1 else None)
-        mask = (self.key_index[None, :] <= positions[:, None])[:, None, None, :]
+        return ids, mrope, view, (self.key_index[None, :] <= positions[:, None])[:, None, None, :]
+
+    def _decode_forward(self, b: int) -> torch.Tensor:
+        """One token for rows [0, b): logits [b, 1, vocab]. Reads only step_in, so it can be captured."""
+        ids, mrope, view, mask = self.decode_inputs(b)
         return self.model(input_ids=ids[:, None], position_ids=mrope[None, :, None].expand(3, b, 1),
                           past_key_values=view, use_cache=True, logits_to_keep=1,
                           attention_mask={"full_attention": mask, "linear_attention": None}).logits
@@ -288,7 +293,7 @@ class ModelRunner:
         """Token embeddings with the vision tower's image embeddings merged in, and M-RoPE positions,
         the way Qwen3_5Model.forward builds them, for the whole prompt."""
         inner = self.model.model
-        ids = self.to_device(torch.tensor([item.input_ids]))
+        ids = to_device(torch.tensor([item.input_ids]), self.device)
         embeds = inner.get_input_embeddings()(ids)
         if item.image_grid_thw:
             image = self.image_embeddings(item, pixels)
@@ -302,14 +307,7 @@ class ModelRunner:
         positions, delta = inner.get_rope_index(ids_host, mm_types, image_grid_thw=grid_host)
         self.rope_delta[item.slot] = int(delta.view(-1)[0])
         self.length[item.slot] = 0
-        return embeds, self.to_device(positions)
-
-    def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without waiting for the steps in flight: a copy from pageable
-        memory waits for the stream first (CUDA's rule), a copy from pinned memory is queued behind them."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return embeds, to_device(positions, self.device)
 
     def image_embeddings(self, item: Prefill, pixels: torch.Tensor | None) -> torch.Tensor:
         """Every image's embeddings, in prompt order ([image tokens, hidden]): the vision tower's for the
@@ -322,7 +320,7 @@ class ModelRunner:
         encoded = {}
         if encode:
             self.shapes.add(vision_class([grids[i] for i in encode]))
-            grid = self.to_device(torch.tensor([grids[i] for i in encode]))
+            grid = to_device(torch.tensor([grids[i] for i in encode]), self.device)
             features = self.model.model.get_image_features(pixels, grid, return_dict=True).pooler_output
             for i, embeds in zip(encode, features, strict=True):
                 encoded[i] = embeds

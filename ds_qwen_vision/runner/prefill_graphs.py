@@ -31,7 +31,7 @@ import torch
 from ..model import log
 from ..kernels.decode_attention import MixedMask
 from . import graphs
-from .slot_state import CacheView, MixedView, PrefillView
+from .slot_state import MixedView, PrefillView
 
 
 # The largest chunk that runs as a graph; longer chunks run eagerly. Measured on one H200 (27B shapes,
@@ -87,19 +87,23 @@ class PrefillGraphs:
     def mixed_bucket(self, n: int) -> int | None:
         return next((t for t in self.mixed if t >= n), None)
 
+    def _chunk(self, t: int):
+        """The chunk in the buffers' first t positions: its cache view, its attention mask (over the slot's
+        whole cache, by position) and the index of its last real token ([1])."""
+        runner, top = self.runner, self.buckets[-1]
+        cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
+        slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
+        view = PrefillView(runner.state, slot, cache_pos, (self.arange[:t] <= last).float(), conv_index)
+        return view, (runner.key_index[None, :] <= cache_pos[:, None])[None, None], last
+
     def mixed_forward(self, t: int) -> torch.Tensor:
         """The chunk in the buffers' first t positions followed by one token for every slot as a decode row
         (the runner's step_in, as its decode graphs read it; rows not decoding are inactive): logits
         [1, 1 + slots, vocab], the chunk's last real token first. Reads only buffers, so it can be captured."""
-        runner, top = self.runner, self.buckets[-1]
-        rows = runner.max_slots
-        cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
-        slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
-        ids, positions, mrope, active = runner.step_in[:, :rows]
-        chunk = PrefillView(runner.state, slot, cache_pos, (self.arange[:t] <= last).float(), conv_index)
-        decode = CacheView(runner.state, slice(0, rows), positions=positions, active=active.bool())
-        mask = MixedMask((runner.key_index[None, :] <= cache_pos[:, None])[None, None],
-                         (runner.key_index[None, :] <= positions[:, None])[:, None, None, :], t, slot)
+        runner, rows = self.runner, self.runner.max_slots
+        chunk, chunk_mask, last = self._chunk(t)
+        ids, mrope, decode, decode_mask = runner.decode_inputs(rows)
+        mask = MixedMask(chunk_mask, decode_mask, t, chunk.slot)
         embeds = torch.cat([self.embeds[:, :t], runner.model.get_input_embeddings()(ids)[None]], dim=1)
         position_ids = torch.cat([self.positions[:, :, :t], mrope.view(1, 1, rows).expand(3, 1, rows)], dim=2)
         keep = torch.cat([last, t + torch.arange(rows, device=last.device)])
@@ -111,12 +115,8 @@ class PrefillGraphs:
     def forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The chunk in the buffers' first t positions: the last real token's logits [1, 1, vocab] and, with
         an MTP head, the final norm's output [1, t, hidden]. Reads only the buffers, so it can be captured."""
-        runner, top = self.runner, self.buckets[-1]
-        cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
-        slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
-        valid = (self.arange[:t] <= last).float()
-        view = PrefillView(runner.state, slot, cache_pos, valid, conv_index)
-        mask = (runner.key_index[None, :] <= cache_pos[:, None])[None, None]
+        runner = self.runner
+        view, mask, last = self._chunk(t)
         with torch.compiler.set_stance("force_eager"):  # as the eager prefill (model_runner.prefill says why)
             logits = runner.model(inputs_embeds=self.embeds[:, :t], position_ids=self.positions[:, :, :t],
                                   past_key_values=view, attention_mask={"full_attention": mask, "linear_attention": None},

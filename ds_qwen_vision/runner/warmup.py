@@ -240,7 +240,7 @@ class WarmUp:
             plan = StepPlan(decode=[(s, FROM_DEVICE) for s in range(b)])
             stages.append((f"decode batch {b}", lambda plan=plan: [self.run_plan(plan) for _ in range(2)]))
         graphs = getattr(runner, "prefill_graphs", None)
-        mixed = graphs.mixed if graphs is not None and runner.max_slots > 1 else []
+        mixed = graphs.mixed if graphs is not None else []  # none with one slot (ModelRunner)
         for t in mixed:  # a chunk with the decode rows in one forward (runner/prefill_graphs.py)
             stages.append((f"prefill chunk of {t} with the decode rows", lambda t=t: self.mixed_step(t)))
         total = len(stages) + 2
@@ -251,8 +251,9 @@ class WarmUp:
             full = StepPlan(decode=[(s, FROM_DEVICE) for s in range(runner.max_slots)])
             decode_s = statistics.median(self.run_plan(full) for _ in range(5))
             prefill_s = {n: min(self.prompt(n)[0] for _ in range(2)) for n in timed_chunks(x16, graphed, largest)}
+            # what a gap-bound step costs when its chunk rides in the decode forward (only the budget reads it)
             mixed_s = {n: min(self.mixed_step(n) for _ in range(2)) for n in timed_chunks(x16, mixed[-1], largest)} \
-                if mixed else {}
+                if mixed and limits.max_gap_steps else {}
             return decode_s, prefill_s, mixed_s
 
         # Prefill graphs (runner/prefill_graphs.py): the chunks timed, and those cut while a stream decodes,
@@ -262,7 +263,7 @@ class WarmUp:
         graphed = runner.prefill_graphs.buckets[-1] if getattr(runner, "prefill_graphs", None) else None
         decode_s, prefill_s, mixed_s = self.stage("timing a decode step and prefill chunks", timing, total)
         budget_cap = min(cap, graphed) if graphed and limits.max_gap_steps else cap
-        if mixed_s and limits.max_gap_steps:  # a gap-bound chunk rides in the decode forward: its cost beyond a decode step
+        if mixed_s:  # a gap-bound chunk rides in the decode forward: its cost beyond a decode step
             step_s = {n: max(t - decode_s, 1e-6) for n, t in mixed_s.items()}
             budget, overhead = prefill_budget(decode_s, step_s, limits.max_gap_steps, min(budget_cap, mixed[-1]),
                                               sizes=mixed, alone_s=prefill_s)

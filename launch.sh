@@ -76,7 +76,7 @@ if (( prebuild )); then  # the ranks' start-up alone (on the same GPUs), then ex
     [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
     env -u CUDA_VISIBLE_DEVICES deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" --prebuild; code=$?
     rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*
-    exit $(( code == 2 ? 1 : code ))
+    exit $code  # a rank's 2 is a config error (e.g. the memory planner's: no room for one request)
 fi
 # DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank in /dev/shm).
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*' EXIT
@@ -111,7 +111,7 @@ until [[ -S "$socket" ]]; do
         wait "$ranks"; code=$?
         (( stopping )) && exit 0
         echo "launch.sh: the model ranks exited ($code) before becoming ready" >&2
-        exit $(( code == 0 || code == 2 ? 1 : code ))
+        exit $(( code == 0 ? 1 : code ))  # a rank's 2 is a config error: the supervisor sees it
     fi
     sleep 0.5
 done
@@ -143,4 +143,6 @@ if (( stopping )) && (( ranks_code == 0 || early_stop )); then
 fi
 echo "launch.sh: model ranks exited $ranks_code, HTTP front exited $front_code" >&2
 code=$(( ranks_code != 0 ? ranks_code : (front_code != 0 ? front_code : 1) ))
-exit $(( code == 2 ? 1 : code ))  # 2 means a bad config to a supervisor, never a crash
+# 2 means a bad config to a supervisor, never a crash: the ranks return it for config errors found at start
+# (serve.py: the memory planner, a missing MTP head); the front's 2 is not one
+exit $(( code == 2 && ranks_code != 2 ? 1 : code ))

@@ -230,8 +230,13 @@ def engine_main(args) -> None:
     torch.cuda.synchronize()
     results["ttft_8k_image_ms"] = 1e3 * (time.perf_counter() - t)
     token = int(torch.argmax(logits))
-    for _ in range(4):
+    steps = []
+    for _ in range(4 + args.decode_tokens // 2):  # one stream's decode step with ~9k tokens of context
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         token = int(torch.argmax(runner.run(StepPlan(decode=[(0, token)]))[0]))
+        steps.append(time.perf_counter() - t)
+    results["decode_8k_ms_per_token"] = 1e3 * statistics.median(steps[4:])
     results["peak_allocated_gib_8k_image"] = torch.cuda.max_memory_allocated(device) / GiB
     results["peak_reserved_gib_8k_image"] = torch.cuda.max_memory_reserved(device) / GiB
     results["prompt_tokens_8k_image"] = len(long_ids)

@@ -99,11 +99,14 @@ class ServerConfig(_Section):
 class LimitsConfig(_Section):
     max_images_per_request: int = Field(8, ge=0)
     max_image_pixels: int = Field(16_777_216, gt=0)
-    max_prompt_tokens: int = Field(8192, gt=0)
+    # null: what one sequence's KV can hold beside max_new_tokens (the memory planner, runner/memory.py), up to
+    # the model's positions
+    max_prompt_tokens: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(1024, gt=0)
     max_queue: int = Field(64, ge=1)
-    # Sequences generated together (cache slots, allocated at start for max_prompt_tokens + max_new_tokens each).
-    max_concurrent: int = Field(4, ge=1)
+    # Sequences generated together (each a Gated DeltaNet state row; their KV is paged, from one pool). null:
+    # the memory planner decides (their fixed state within a quarter of the cache budget, at most 64).
+    max_concurrent: int | None = Field(None, ge=1, le=64)
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
@@ -134,6 +137,25 @@ class CacheConfig(_Section):
     prefix_bytes: int = Field(1 << 30, ge=0)
     # The vision tower's output per image (content hash + grid): images re-sent each turn are not re-encoded.
     image_bytes: int = Field(256 << 20, ge=0)
+
+
+class MemoryConfig(_Section):
+    """The caches' memory (runner/memory.py): after loading and a profiling forward, every rank measures what
+    its device has left; the ranks take the minimum, and this fraction of it holds the caches (prefix and
+    image caches, the sequences' GDN state, KV blocks with the rest). vLLM's gpu_memory_utilization is a
+    fraction of the whole card; this is of what the weights and activations leave."""
+    gpu_fraction: float = Field(0.9, gt=0, le=1, allow_inf_nan=False)
+    # CPU ranks: the caches' byte budget (host memory is elastic, and pages are only taken once written)
+    cpu_cache_bytes: int = Field(4 << 30, gt=0)
+    # Tokens per KV block: a sequence's KV is allocated in these units.
+    block_size: int = Field(64, ge=16, le=1024)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two (the attention kernels' key tiles fall inside one block)")
+        return v
 
 
 class SecurityConfig(_Section):
@@ -184,6 +206,7 @@ class DeployConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)

@@ -3,7 +3,10 @@
 Followers run exactly what a plan says and nothing else; they never look at requests, sample or
 branch on local state, so the ranks cannot drift apart. A plan is plain data (picklable) and covers
 a batch of sequences: prefill chunks (a new sequence's prompt, or the next part of a long one) and the
-decode tokens of running sequences. A slot needs no freeing: a prefill overwrites all of its state.
+decode tokens of running sequences. KV is paged: rank 0 hands a sequence its KV blocks with its first
+prefill chunk (`Prefill.blocks`) and takes them back when it ends (`StepPlan.release` points the slot's
+table at the null block, so that its idle decode row writes nowhere that matters); a prefill overwrites
+all of the slot's Gated DeltaNet state.
 Image pixels do not travel in the plan: rank 0 broadcasts them on the model's own (device) group, and
 so are the tokens rank 0 samples (`ModelRunner.feed`): a decode entry's token is usually FROM_DEVICE.
 
@@ -44,6 +47,11 @@ class Prefill:
     # A snapshot job (prefix_cache.PrefixCache.finished) in a slot no sequence holds: restore, prefill, save,
     # and keep nothing else (no logits, no pending prompt).
     snapshot_only: bool = False
+    # Paged KV (engine/block_manager.py decides): the slot's KV blocks in position order, from this chunk on
+    # (set with a sequence's first chunk; None: the slot keeps its table), and (src, dst) blocks to copy
+    # first -- a restored prefix's partial last block, which this sequence writes the rest of.
+    blocks: list[int] | None = None
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +64,7 @@ class StepPlan:
     # adds its own drafts on device (identical on every rank).
     accept: list[tuple[int, int]] = field(default_factory=list)
     verify: list[tuple[int, list[int]]] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)  # slots whose sequence ended: table to the null block
     evict_snapshots: list[int] = field(default_factory=list)  # dropped before this step's prefills
     evict_images: list[str] = field(default_factory=list)
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
@@ -64,7 +73,7 @@ class StepPlan:
 
     def empty(self) -> bool:
         return not (self.prefill or self.decode or self.verify or self.accept or self.heartbeat or self.stop
-                    or self.reset)
+                    or self.reset or self.release or self.evict_snapshots or self.evict_images)
 
 
 # The fixed-size header of every broadcast: [kind, n, slot_0..slot_{S-1}, token_0..token_{S-1}].
@@ -95,7 +104,7 @@ class ControlChannel:
             h.zero_()
             if plan.stop:
                 h[0] = _STOP
-            elif plan.heartbeat and not (plan.prefill or plan.decode or plan.reset or plan.verify or plan.accept):
+            elif plan.heartbeat and plan == StepPlan(heartbeat=True):
                 h[0] = _HEARTBEAT
             # Only a plan that is decode tokens and nothing else fits the tensor: any other field (evictions,
             # snapshot jobs, anything added later) sends the whole plan pickled, so nothing is ever dropped.

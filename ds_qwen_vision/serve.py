@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +37,8 @@ from .config import add_cli_args, config_from_args
 from .model import DTYPES, init_distributed, load_model, load_processor, log
 from .plan import ControlChannel, StepPlan
 from .runner import ModelRunner, follower_loop
+from .runner.memory import PlanError, plan_memory
+from .runner.model_runner import prepare_model
 
 EXIT_CRASH = 1
 # How long the IPC threads get to deliver the 503s of a failure before the process ends.
@@ -73,12 +76,25 @@ def main(argv=None) -> int:
     processor = load_processor(model_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
     limits = config.limits
-    runner = ModelRunner(model, device, max_slots=limits.max_concurrent,
-                         max_len=limits.max_prompt_tokens + limits.max_new_tokens, allreduce=config.allreduce,
-                         speculative={"method": spec.method, "num_tokens": spec.num_tokens},
+    # The memory planner (runner/memory.py): sequences, KV blocks and the limits that follow from them.
+    prepare_model(model, device)
+    spec_k = spec.num_tokens if spec.method != "none" else 0
+    try:
+        memory = plan_memory(SimpleNamespace(model=model, device=device, dtype=DTYPES[config.dtype]), limits,
+                             config.memory, config.cache, spec_k, spec.method == "mtp", world)
+    except PlanError as e:
+        log(f"[rank {rank}] config error: {e}")
+        return 2
+    if rank == 0:
+        log(f"[rank 0] memory plan: {memory.summary()}")
+    limits.max_prompt_tokens, limits.max_image_pixels = memory.max_prompt_tokens, memory.max_image_pixels
+    runner = ModelRunner(model, device, max_slots=memory.max_slots, max_len=memory.max_len,
+                         allreduce=config.allreduce, speculative={"method": spec.method, "num_tokens": spec.num_tokens},
                          prefill_graph_tokens=limits.prefill_chunk_tokens if device.type == "cuda" else 0,
-                         mixed_prefill=limits.mixed_prefill)
-    channel = ControlChannel(limits.max_concurrent)
+                         mixed_prefill=limits.mixed_prefill, num_blocks=memory.num_blocks,
+                         block_size=memory.block_size)
+    runner.memory_plan = memory.as_dict()
+    channel = ControlChannel(memory.max_slots)
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     if rank != 0:

@@ -1,61 +1,112 @@
-"""Run under TRITON_INTERPRET=1 (tests/test_fused.py starts it): the Triton decode-attention kernels and the
-prefill-chunk attention kernel (kernels/chunk_attention.py) on CPU against a float64 reference written from
-the definition (softmax(q k^T * scale, masked) v, GQA)."""
+"""Run under TRITON_INTERPRET=1 (tests/test_fused.py starts it): the Triton decode-attention kernel and the
+prefill-chunk attention kernel (kernels/chunk_attention.py), and reference_attention, over a paged KV cache,
+on CPU against a float64 definition (softmax(q k^T * scale, causal by position) v, GQA) computed from each
+row's contiguous keys and values, before they are scattered into the pool through a shuffled block table."""
 import sys
 
 import torch
 
 from ds_qwen_vision.kernels.chunk_attention import chunk_attention
-from ds_qwen_vision.kernels.decode_attention import reference_attention, split_kv_attention
+from ds_qwen_vision.kernels import chunk_attention as chunk_module
+from ds_qwen_vision.kernels.decode_attention import (MixedMask, PagedKV, reference_attention, split_kv_attention,
+                                                     static_cache_attention)
 
 
-def definition(q, k, v, mask, scale):
-    b, hq, t, d = q.shape
-    group = hq // k.shape[1]
+def definition(q, k, v, qpos, scale):
+    """q [b, Hq, T, D]; k/v [b, Hkv, L, D] contiguous per row; qpos [b, T]. Returns [b, T, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     s = (q.double() @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask.expand(b, 1, t, k.shape[2]), float("-inf"))
-    return (s.softmax(-1) @ v).transpose(1, 2)
+    visible = torch.arange(k.shape[2]) <= qpos[:, None, :, None]  # [b, 1, T, L]
+    return (s.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+
+
+def paged(k, v, lengths, block_size, spare=3):
+    """Scatter each row's first lengths[r] positions of k/v [b, Hkv, L, D] into pools whose blocks are a
+    random permutation (block 0 the null block, large finite garbage, for every unmapped table entry; `spare`
+    unused blocks of garbage too). Returns key_pool, value_pool, table [b, L / block_size] int32."""
+    b, hkv, length, d = k.shape
+    per_row = length // block_size
+    used = [-(-int(n) // block_size) for n in lengths]
+    ids = (torch.randperm(sum(used) + spare) + 1).tolist()  # pool blocks 1.. in a random order
+    table = torch.zeros(b, per_row, dtype=torch.int32)
+    pools = [torch.randn(sum(used) + spare + 1, hkv, block_size, d) * 100 for _ in range(2)]  # garbage
+    for r in range(b):
+        for j in range(used[r]):
+            table[r, j] = blk = ids.pop()
+            for pool, x in zip(pools, (k, v)):
+                pool[blk] = x[r, :, j * block_size:(j + 1) * block_size]
+    return *pools, table
+
+
+def check(name, out, ref, worst):
+    assert out.shape == ref.shape and not out.isnan().any(), (name, out.shape)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"{name}: rel {rel:.2e}")
+    assert rel < 1e-5, (name, rel)
+    return max(worst, rel)
 
 
 def main():
     torch.manual_seed(0)
     worst = 0.0
-    for b, hq, hkv, t, d, length, splits in [(2, 6, 2, 1, 32, 200, 3), (1, 8, 2, 3, 64, 130, 2),
-                                             (3, 4, 4, 8, 16, 70, None), (1, 12, 2, 2, 32, 257, 4)]:
+    # decode and speculative verify: row 0's first token sees one key; the last row is long enough for
+    # many slices; a row's tokens are its last T positions
+    for b, hq, hkv, t, d, length, block_size, splits in [
+            (3, 6, 2, 1, 32, 512, 16, 5), (2, 8, 2, 3, 64, 256, 32, 2), (3, 4, 4, 8, 16, 192, 64, None),
+            (2, 12, 2, 2, 32, 640, 16, 8), (1, 4, 1, 1, 16, 128, 64, 4),
+            (2, 4, 2, 2, 16, 1280, 16, 20)]:  # 20 slices: merged 16 at a time
         q = torch.randn(b, t, hq, d).transpose(1, 2)  # strided like the layer's query
         k, v = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
-        pos = torch.randint(0, length - t, (b,))
-        pos[0] = 0  # a row whose first token sees one key
-        qpos = pos[:, None] + torch.arange(t)  # [b, t]
-        mask = (torch.arange(length)[None, None, :] <= qpos[:, :, None])[:, None]  # [b, 1, t, L]
-        if t == 1 and b > 1:
-            mask = mask[:, :, :1]
-        ref = definition(q, k, v, mask, d ** -0.5)
-        for name, out in (("kernel", split_kv_attention(q, k, v, mask, d ** -0.5, splits)),
-                          ("reference", reference_attention(q, k, v, mask, d ** -0.5))):
-            assert out.shape == ref.shape and not out.isnan().any(), (name, out.shape)
-            rel = ((out.double() - ref).norm() / ref.norm()).item()
-            worst = max(worst, rel)
-            print(f"{name} b={b} hq={hq} hkv={hkv} t={t} d={d} L={length}: rel {rel:.2e}")
-            assert rel < 1e-5, (name, rel)
-    # prefill chunks over a static cache, masked by position as runner/prefill_graphs.py does: the chunk's
-    # tokens at start.., padding rows past the prompt's end, keys past the chunk never visible
-    for b, hq, hkv, t, d, length, start, real in [(1, 6, 2, 70, 32, 300, 37, 61), (2, 4, 1, 20, 16, 96, 0, 20),
-                                                  (1, 8, 8, 9, 64, 64, 50, 5)]:
+        lengths = torch.randint(t, length // 2, (b,))
+        lengths[0] = t  # the first token of row 0 sees a single key
+        lengths[-1] = length - 5  # nearly the whole capacity, across every slice
+        qpos = lengths[:, None] - t + torch.arange(t)  # [b, t] int64
+        key_pool, value_pool, table = paged(k, v, lengths, block_size)
+        ref = definition(q, k, v, qpos, d ** -0.5)
+        kv = PagedKV(table, qpos, block_size)
+        tag = f"b={b} hq={hq} hkv={hkv} t={t} d={d} L={length} P={block_size} lengths={lengths.tolist()}"
+        worst = check(f"decode kernel {tag}", split_kv_attention(q, key_pool, value_pool, kv, d ** -0.5, splits),
+                      ref, worst)
+        worst = check(f"reference {tag}", reference_attention(q, key_pool, value_pool, kv, d ** -0.5), ref, worst)
+    # prefill chunks: the chunk's tokens at start.. (its keys written before attention), padding queries past
+    # the prompt's end whose positions map to the null block (their output is not compared)
+    for b, hq, hkv, t, d, length, block_size, starts, real in [
+            (1, 6, 2, 70, 32, 320, 16, [37], 61), (2, 4, 1, 20, 16, 128, 32, [0, 90], 20),
+            (2, 8, 8, 9, 64, 128, 64, [50, 3], 5)]:
         q = torch.randn(b, t, hq, d).transpose(1, 2)
         k, v = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
-        pos = start + torch.arange(t)
-        pos[real:] = start + real + torch.arange(t - real) + 3  # padding: positions past the prompt
-        mask = (torch.arange(length)[None, :] <= pos[:, None])[None, None]  # [1, 1, t, L], shared by the rows
-        ref = definition(q, k, v, mask, d ** -0.5)
-        out = chunk_attention(q, k, v, mask, d ** -0.5)
-        assert out.shape == ref.shape and not out.isnan().any(), out.shape
-        rel = ((out.double() - ref).norm() / ref.norm()).item()
-        worst = max(worst, rel)
-        print(f"chunk b={b} hq={hq} hkv={hkv} t={t} d={d} L={length} start={start}: rel {rel:.2e}")
-        assert rel < 1e-5, rel
+        starts = torch.tensor(starts)
+        qpos = starts[:, None] + torch.arange(t)  # [b, t]
+        qpos[:, real:] += 3  # padding: positions past the prompt, in blocks the table leaves at 0
+        key_pool, value_pool, table = paged(k, v, starts + real, block_size)
+        kv = PagedKV(table, qpos, block_size)
+        ref = definition(q, k, v, qpos, d ** -0.5)[:, :real]
+        tag = f"b={b} hq={hq} hkv={hkv} t={t} d={d} L={length} P={block_size} starts={starts.tolist()}"
+        out = chunk_attention(q, key_pool, value_pool, kv, d ** -0.5)
+        assert out.isfinite().all(), "padding queries read finite garbage"
+        worst = check(f"chunk kernel {tag}", out[:, :real], ref, worst)
+        worst = check(f"reference {tag}", reference_attention(q, key_pool, value_pool, kv, d ** -0.5)[:, :real],
+                      ref, worst)
+    # a mixed forward (one sequence's chunk, then one token per decode row) through the attention interface,
+    # the kernels taken as on CUDA: the chunk by its length (split-KV at 4 tokens, chunk kernel at 12), the
+    # decode rows' strided queries by the split-KV kernel, all from one pool
+    chunk_module.applies = lambda query: True
+    for t, block_size in [(4, 16), (12, 32)]:
+        rows, hq, hkv, d, length = 3, 4, 2, 32, 256
+        k, v = torch.randn(1 + rows, hkv, length, d), torch.randn(1 + rows, hkv, length, d)
+        lengths = torch.tensor([40 + t, 1, 100, 250])  # the chunk's sequence first
+        key_pool, value_pool, table = paged(k, v, lengths, block_size)
+        q = torch.randn(1, t + rows, hq, d).transpose(1, 2)
+        chunk_qpos = 40 + torch.arange(t)[None]  # [1, t]
+        decode_qpos = lengths[1:, None] - 1  # [rows, 1]
+        mask = MixedMask(PagedKV(table[:1], chunk_qpos, block_size), PagedKV(table[1:], decode_qpos, block_size), t)
+        out, _ = static_cache_attention(None, q, key_pool, value_pool, mask, scaling=d ** -0.5)
+        want = torch.cat([definition(q[:, :, :t], k[:1], v[:1], chunk_qpos, d ** -0.5),
+                          definition(q[0, :, t:].transpose(0, 1)[:, :, None], k[1:], v[1:], decode_qpos,
+                                     d ** -0.5).transpose(0, 1)], dim=1)
+        worst = check(f"mixed t={t} P={block_size} lengths={lengths.tolist()}", out, want, worst)
     print(f"OK worst {worst:.2e}")
 
 

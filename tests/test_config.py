@@ -34,7 +34,9 @@ def test_defaults():
     assert cfg.socket_path() == "/tmp/ds-qwen-vision-8000.sock"
     lim = cfg.limits
     assert (lim.max_images_per_request, lim.max_image_pixels, lim.max_prompt_tokens, lim.max_new_tokens,
-            lim.max_queue) == (8, 16_777_216, 8192, 1024, 64)
+            lim.max_queue) == (8, 16_777_216, None, 1024, 64)
+    assert lim.max_concurrent is None  # both null: the memory planner decides (runner/memory.py)
+    assert (cfg.memory.gpu_fraction, cfg.memory.cpu_cache_bytes, cfg.memory.block_size) == (0.9, 4 << 30, 64)
     assert cfg.security.api_key_env is None and cfg.api_key() is None
     assert cfg.security.allowed_image_url_prefixes == []
     assert (cfg.cache.prefix_bytes, cfg.cache.image_bytes) == (1 << 30, 256 << 20)
@@ -50,7 +52,7 @@ def test_qwen_27b_file(monkeypatch):
     assert cfg.model == "/models/Qwen3.6-27B" and cfg.served_model_name == "Qwen3.6-27B"
     assert (cfg.tensor_parallel.tp_size, cfg.device, cfg.dtype) == (2, "cuda", "bfloat16")
     assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8000)
-    assert (cfg.limits.max_prompt_tokens, cfg.limits.max_new_tokens) == (8192, 2048)
+    assert (cfg.limits.max_prompt_tokens, cfg.limits.max_new_tokens, cfg.limits.max_concurrent) == (None, 2048, None)
     assert cfg.api_key() == "sk-test"  # trailing newline of an env file stripped
 
 

@@ -114,18 +114,25 @@ def test_whole_model_logits_match(models, tiny_ckpt, monkeypatch):
 
 @pytest.mark.parametrize("t", [1, 3, 8])
 def test_decode_attention_reference_matches_sdpa(t):
-    """The CPU path of decode attention (1..8 query tokens, GQA, a mask over a longer static cache) against
-    PyTorch's SDPA with the same mask and the key/value heads repeated."""
+    """The CPU path of decode attention (1..8 query tokens, GQA, over a paged cache through a shuffled block
+    table) against PyTorch's SDPA on each row's gathered contiguous keys and values, masked by position."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    from ds_qwen_vision.kernels.decode_attention import PagedKV, gather_kv
+
     torch.manual_seed(t)
-    b, hq, hkv, d, length = 2, 6, 2, 32, 40
+    b, hq, hkv, d, block_size, blocks = 2, 6, 2, 32, 8, 5
     q = torch.randn(b, t, hq, d).transpose(1, 2)
-    k, v = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
-    start = torch.tensor([3, 20])
-    mask = (torch.arange(length)[None, None] <= (start[:, None] + torch.arange(t))[:, :, None])[:, None]
+    key_pool, value_pool = (torch.randn(1 + b * blocks, hkv, block_size, d) for _ in range(2))
+    table = (torch.randperm(b * blocks) + 1).view(b, blocks).to(torch.int32)  # block 0: the null block
+    table[0, 2:] = 0  # row 0 holds 16 positions
+    qpos = torch.tensor([3, 20])[:, None] + torch.arange(t)  # [b, t]
+    k, v = gather_kv(key_pool, table, block_size), gather_kv(value_pool, table, block_size)  # [b, hkv, L, d]
+    assert torch.equal(k[1, :, block_size:2 * block_size], key_pool[table[1, 1]])
+    mask = (torch.arange(blocks * block_size) <= qpos[:, :, None])[:, None]  # [b, 1, t, L]
     want = sdpa(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask).transpose(1, 2)
-    assert rel(reference_attention(q, k, v, mask, d ** -0.5), want) <= TOL
+    got = reference_attention(q, key_pool, value_pool, PagedKV(table, qpos, block_size), d ** -0.5)
+    assert rel(got, want) <= TOL
 
 
 @pytest.mark.parametrize("script", [

@@ -127,11 +127,11 @@ class CountingImageProcessor:
 
 
 class Harness:
-    def __init__(self, ckpt, processor, cache: CacheConfig, slots: int = 2, chunk: int = 2048):
+    def __init__(self, ckpt, processor, cache: CacheConfig, slots: int = 2, chunk: int = 2048, **runner_kw):
         processor = load_processor(ckpt)  # its own: the reference's processor is not counted
         processor.image_processor = self.counter = CountingImageProcessor(processor.image_processor)
         model = load_model(ckpt, 1, "cpu", torch.float32, show_progress=False)
-        self.runner = ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=512)
+        self.runner = ModelRunner(model, torch.device("cpu"), max_slots=slots, max_len=512, **runner_kw)
         limits = LimitsConfig(max_prompt_tokens=400, max_new_tokens=64, max_concurrent=slots, prefill_chunk_tokens=chunk)
         self.engine = Engine(self.runner, OneRank(), processor, limits, cache=cache)
         self.loop = threading.Thread(target=self.engine.run, daemon=True)
@@ -239,10 +239,11 @@ def test_an_edited_history_gets_no_false_hit(roomy, ref):
 
 
 def test_eviction_while_sequences_run_keeps_answers_exact(tiny_ckpt, ref):
-    """Budgets for about one snapshot and one image: every new prompt evicts what others restored, while
+    """Budgets for about two snapshots and one image: every new prompt evicts what others restored, while
     those still decode; prompts are prefilled 16 tokens a step so evictions land mid-generation."""
     h = Harness(tiny_ckpt, ref.processor, CacheConfig(prefix_bytes=1, image_bytes=1), slots=2, chunk=16)
-    budget = int(1.5 * h.runner.snapshots.nbytes(len(ref.ids(TURN2))))  # the size of one snapshot is the runner's
+    # two snapshots: their GDN state, whatever their length (their KV blocks are the paged cache's, shared)
+    budget = int(2.5 * h.runner.snapshots.nbytes())
     h.engine.prefix_cache.snapshots.budget = budget
     grids = chat_inputs(ref.processor, *hf(TURN2), NO_THINKING)["image_grid_thw"].tolist()  # IMG_A, IMG_B
     h.engine.prefix_cache.images.budget = int(1.5 * max(map(h.runner.images.nbytes, grids)))

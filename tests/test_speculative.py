@@ -433,35 +433,39 @@ def test_shard_table_covers_every_mtp_key_once(tiny_ckpt):
 
 
 def test_a_reused_prefix_brings_the_mtp_heads_kv(tiny_ckpt):
-    """A prefix snapshot holds the MTP head's KV with the model's: a prompt continued from it has the same
-    head KV (and so the same drafts) as one prefilled whole, and the snapshot's size counts it."""
+    """The MTP head's KV lives in blocks with the same ids as the model's (one block table for both pools): a
+    prompt continued from a snapshot -- the prefix's full blocks shared, its partial last block copied -- has
+    the same head KV (and so the same drafts) as one prefilled whole."""
+    from ds_qwen_vision.kernels.decode_attention import gather_kv
     from ds_qwen_vision.plan import Prefill, StepPlan
-    from ds_qwen_vision.runner.snapshots import SnapshotStore
 
     runner = runner_for(tiny_ckpt, "mtp")
-    head = runner.spec.mtp_state.kv
-    assert runner.snapshots.head_kv is head
+    state, head = runner.state, runner.spec.mtp_state.kv
+    assert state.extra_kv is head and head
+    p = state.block_size
     g = torch.Generator().manual_seed(3)
-    shared = torch.randint(100, 1000, (40,), generator=g).tolist()
+    shared = torch.randint(100, 1000, (p + 40,), generator=g).tolist()  # one full block and a partial one
     # both go on with the same token after the snapshot, as every chat turn goes on with <|im_start|> after
     # the previous prompt's (the head's row at L - 1 pairs h(L - 1) with the token at L)
     a = shared + [7] + torch.randint(100, 1000, (9,), generator=g).tolist()
     b = shared + [7] + torch.randint(100, 1000, (13,), generator=g).tolist()
-    L = len(shared)
-    runner.run(StepPlan(prefill=[Prefill(0, a, end=L, save=7)]))
+    L, full = len(shared), len(shared) // p
+    runner.run(StepPlan(prefill=[Prefill(0, a, end=L, save=7)]))  # slot 0 in its own blocks
     runner.run(StepPlan(prefill=[Prefill(0, a, start=L)]))
-    runner.run(StepPlan(prefill=[Prefill(1, b, start=L, restore=7)]))  # b from the snapshot
+    zero, one = state.static_blocks(0), state.static_blocks(1)
+    runner.run(StepPlan(prefill=[Prefill(1, b, start=L, restore=7, blocks=zero[:full] + one[full:],
+                                         copy_blocks=[(zero[full], one[full])])]))  # b from the snapshot
     runner.run(StepPlan(prefill=[Prefill(2, b)]))  # b whole
-    for i, (k, v) in head.items():
-        n = len(b) - 1  # the head's pairs (h_i, token_i+1) over the prompt
-        # fp32; the two prefills cut the GDN chunks at other places, so their sums round apart (~1e-5)
-        assert torch.allclose(k[1, :, :n], k[2, :, :n], atol=1e-4) and torch.allclose(v[1, :, :n], v[2, :, :n], atol=1e-4)
-        assert not torch.equal(k[1, :, :L], torch.zeros_like(k[1, :, :L]))
+    n = len(b) - 1  # the head's pairs (h_i, token_i+1) over the prompt
+    for pools in head.values():
+        for pool in pools:
+            x1, x2 = (gather_kv(pool, state.table[r:r + 1], p)[0, :, :n] for r in (1, 2))
+            # fp32; the two prefills cut the GDN chunks at other places, so their sums round apart (~1e-5)
+            assert torch.allclose(x1, x2, atol=1e-4)
+            assert not torch.equal(x1[:, :L], torch.zeros_like(x1[:, :L]))
     first = runner.run(StepPlan(prefill=[Prefill(3, b)]))[3].argmax()
     drafts = {}
     for slot in (1, 2):
         runner.run(StepPlan(verify=[(slot, [int(first)])]))
         drafts[slot] = runner.verified[slot]
     assert drafts[1] == drafts[2]
-    without = SnapshotStore(runner.state).nbytes(L)
-    assert runner.snapshots.nbytes(L) > without

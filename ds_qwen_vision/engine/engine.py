@@ -30,6 +30,7 @@ from transformers.image_processing_backends import TorchvisionBackend
 
 from ..model import log, open_image, to_device
 from ..plan import FROM_DEVICE, Prefill, StepPlan
+from .block_manager import BlockPool
 from .grammar import GrammarError, Grammars
 from .logprobs import TokenBytes
 from .prefix_cache import PrefixCache, PromptKeys
@@ -86,6 +87,11 @@ class Sequence:
     # is synchronous (`Engine.synchronous`): the previous step's tokens are read before it is launched.
     grammar: object = None          # an xgrammar GrammarMatcher
     tools: ToolCallParser | None = None  # tool calls read out of the content (engine/tools.py)
+    # Paged KV (engine/block_manager.py): the tokens of cache it reserves (prompt + max_tokens + the verify's
+    # slack), the blocks it holds from admission to its end, and a restored prefix's partial block to copy.
+    reserve: int = 0
+    blocks: list[int] = field(default_factory=list)
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Step:
@@ -142,7 +148,14 @@ class Engine:
             isinstance(processor.image_processor, TorchvisionBackend) and self._processes_on(device) else {}
         # A sequence must fit its slot's cache, and the model's positions.
         self.context_len = min(runner.max_len, runner.model.config.text_config.max_position_embeddings)
+        # Paged KV: the blocks every rank holds (runner/slot_state.py), handed out here; None where the
+        # runner has no paged cache (a test's fake).
+        state = getattr(runner, "state", None)
+        self.blocks = BlockPool(state.num_blocks, state.block_size) if state is not None else None
+        # a verify writes k positions past a sequence's length; one more for the step computed past its end
+        self.kv_slack = getattr(runner, "kv_len", 0) - getattr(runner, "max_len", 0) + 1
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=limits.max_queue)
+        self.held: Sequence | None = None  # the queue's head, waiting for free KV blocks (FIFO: nothing passes it)
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.ranks: list[dict] = []
@@ -175,10 +188,18 @@ class Engine:
         self.m_inflight = Gauge("dsqv_in_flight", "Requests being generated", registry=r)
         self.m_step = Histogram("dsqv_step_seconds", "Wall time of one engine step", registry=r,
                                 buckets=(.005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10))
+        self.m_blocks_used = Gauge("dsqv_kv_blocks_used", "KV cache blocks held (sequences and prefix snapshots)",
+                                   registry=r)
+        self.m_blocks_free = Gauge("dsqv_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.m_waiting_memory = Gauge("dsqv_waiting_for_memory", "Sequences waiting for free KV blocks", registry=r)
+        self.m_memory_waits = Counter("dsqv_memory_waits", "Times a sequence waited in line for free KV blocks",
+                                      registry=r)
+        if self.blocks is not None:
+            self.m_blocks_free.set(self.blocks.capacity)
         spec = getattr(runner, "spec", None)  # speculative decoding, as the runner was built for it
         self.spec = Speculator(spec.method, spec.k, r) if spec is not None else None
         # `cache`: the deployment config's cache section (budgets); None: no prefix reuse, no image cache
-        self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r)
+        self.prefix_cache = PrefixCache.for_runner(runner, cache, self.tokenizer, r, self.blocks)
         self.trace = StepTrace.from_env()  # engine/trace.py: DSQV_STEP_TRACE, for the served benchmark
 
     def _processes_on(self, device) -> bool:
@@ -242,15 +263,25 @@ class Engine:
                                "invalid_image") from None
         input_ids = inputs["input_ids"][0].tolist()
         n_prompt = len(input_ids)
-        limit = min(self.limits.max_prompt_tokens, self.context_len - 1)
+        limit = min(self.limits.max_prompt_tokens or self.context_len, self.context_len - 1)
         if n_prompt > limit:
             raise RequestError(400, f"the prompt is {n_prompt} tokens (images included); the limit is {limit}",
                                "messages", "context_length_exceeded")
         room = self.context_len - n_prompt
+        if self.blocks is not None:  # and the KV cache: a sequence reserves its blocks at admission
+            room = min(room, self.blocks.capacity * self.blocks.block_size - self.kv_slack - n_prompt)
+            if room < 1:
+                raise RequestError(400, f"the prompt is {n_prompt} tokens (images included); the KV cache holds "
+                                   f"{self.blocks.capacity * self.blocks.block_size - self.kv_slack - 1} "
+                                   f"tokens of prompt at most", "messages", "context_length_exceeded")
         max_tokens = request.get("max_tokens") or min(self.limits.max_new_tokens, room)
         if max_tokens > self.limits.max_new_tokens:
             raise RequestError(400, f"max_tokens is {max_tokens}; the limit is {self.limits.max_new_tokens}",
                                "max_tokens")
+        if request.get("max_tokens") and self.blocks is not None and max_tokens > room:
+            raise RequestError(400, f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) do not fit the "
+                               f"KV cache: at most {room} tokens can follow this prompt", "max_tokens",
+                               "context_length_exceeded")
         max_tokens = min(max_tokens, room)
         sampling = Sampling.from_request(request, self.sampling_defaults, max_tokens)
         if self.vocab_size is not None and any(t >= self.vocab_size for t in sampling.stop_token_ids):
@@ -276,7 +307,8 @@ class Engine:
             group.append(Sequence(next(self.ids), input_ids, pixels, grid.tolist() if grid is not None else [],
                                   sampling, stream, events, generator, index=index, group=group,
                                   grammar=self.grammars.matcher(compiled), tools=parser,
-                                  prefix=copy.copy(inputs.get("prefix"))))  # each its own reuse state
+                                  prefix=copy.copy(inputs.get("prefix")),  # each its own reuse state
+                                  reserve=n_prompt + max_tokens + self.kv_slack))
         return group[0]
 
     def generate(self, request: dict):
@@ -334,7 +366,11 @@ class Engine:
         ready = (self.alive and not self.stopping.is_set() and self.phase == "ready"
                  and len(self.ranks) == self.channel.world and all(r.get("ready") for r in self.ranks))
         return {"ready": ready, "phase": self.phase, "warmup": self.warmup, "alive": self.alive, "stopping": self.stopping.is_set(), "failure": self.failure,
-                "ranks": self.ranks, "queue_depth": self.waiting.qsize(), "in_flight": len(self.running)}
+                "ranks": self.ranks, "queue_depth": self.queued(), "in_flight": len(self.running),
+                "memory": getattr(self.runner, "memory_plan", None)}
+
+    def queued(self) -> int:
+        return self.waiting.qsize() + (self.held is not None)
 
     def metrics(self) -> str:
         return generate_latest(self.registry).decode()
@@ -406,7 +442,8 @@ class Engine:
 
     def idle(self) -> bool:
         """Nothing queued, nothing left to generate."""
-        return self.waiting.empty() and all(seq.done or seq.cancelled for seq in self.running.values())
+        return self.waiting.empty() and self.held is None and all(
+            seq.done or seq.cancelled for seq in self.running.values())
 
     def heartbeat(self) -> None:
         self.channel.broadcast(StepPlan(heartbeat=True))
@@ -426,7 +463,8 @@ class Engine:
             if seq.cancelled or seq.done:
                 if seq.cancelled and not seq.done and seq.index == 0:  # once per request
                     self.m_requests.labels("cancelled").inc()
-                del self.running[slot]  # the slot's next prefill overwrites its state
+                del self.running[slot]  # the slot's next prefill overwrites its GDN state
+                self.release(plan, seq)
                 if job := self.prefix_cache.finished(plan, seq):  # a snapshot job in the slot it left, if deferred
                     budget -= job + self.prefill_overhead
             elif seq.prefilled < len(seq.input_ids):
@@ -440,17 +478,26 @@ class Engine:
                 seq.in_flight += 1
         free = [s for s in range(self.max_slots) if s not in self.running]
         while free and budget > self.prefill_overhead:
-            try:
-                seq = self.waiting.get_nowait()
-            except queue.Empty:
-                break
+            seq, self.held = self.held, None
+            waited = seq is not None
+            if seq is None:
+                try:
+                    seq = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
             if seq.cancelled:
                 if seq.index == 0 and not seq.done:
                     self.m_requests.labels("cancelled").inc()
                 continue
+            hit = self.prefix_cache.lookup(seq.prefix)
+            if not self.reserve(seq, hit):
+                if not waited:
+                    self.m_memory_waits.inc()
+                self.held = seq  # first in line until enough blocks are free (sequences end, snapshots go)
+                break
             seq.slot = free.pop(0)  # the lowest free slot: decoding rows stay packed at the front
             self.running[seq.slot] = seq
-            seq.prefilled = self.prefix_cache.reuse(seq.prefix)  # a held prefix: its state is restored
+            seq.prefilled = self.prefix_cache.reuse(seq.prefix, hit)  # a held prefix: its state is restored
             if self.spec is not None:
                 self.spec.start(seq)
                 if seq.grammar is not None:  # each token's mask needs the token before it: no drafts
@@ -458,9 +505,40 @@ class Engine:
             budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
         if self.spec is not None:
             self.spec.merge(plan)
-        self.m_queue.set(self.waiting.qsize())
+        self.m_queue.set(self.queued())
         self.m_inflight.set(len(self.running))
+        self.m_waiting_memory.set(self.held is not None)
+        if self.blocks is not None:
+            self.m_blocks_used.set(self.blocks.used)
+            self.m_blocks_free.set(len(self.blocks.free))
         return plan
+
+    def reserve(self, seq: Sequence, hit: tuple[int | None, int]) -> bool:
+        """Seq's KV blocks for its whole reservation, before it is admitted: a held prefix's (`hit`, from
+        prefix_cache.lookup) shared, the rest new, snapshots evicted for room where needed. False: not
+        enough blocks free now (nothing changed but the evictions)."""
+        if self.blocks is None:
+            return True
+        snapshot_id, length = hit
+        if snapshot_id is not None:
+            self.prefix_cache.snapshots.touch(snapshot_id)  # pinned: no eviction below may drop it
+        shared, tail = self.prefix_cache.shared_blocks(snapshot_id, length)
+        need = self.blocks.blocks_for(seq.reserve) - len(shared)
+        if len(self.blocks.free) < need:
+            self.prefix_cache.reclaim(need)
+        if len(self.blocks.free) < need:
+            return False
+        self.blocks.share(shared)
+        seq.blocks = shared + self.blocks.allocate(need)
+        seq.copy_blocks = [(tail, seq.blocks[len(shared)])] if tail is not None else []
+        return True
+
+    def release(self, plan: StepPlan, seq: Sequence) -> None:
+        """An ended sequence's blocks go back (those a snapshot holds stay); its slot's table to the null block."""
+        if self.blocks is not None and seq.blocks:
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+            plan.release.append(seq.slot)
 
     def schedule_prefill(self, plan: StepPlan, seq: Sequence, budget: int, overhead: int = 0) -> int:
         """The next chunk of seq's prompt (at most `budget` tokens) into the plan; returns what it costs
@@ -478,8 +556,11 @@ class Engine:
         first = begins and seq.pixel_values is not None
         item = Prefill(seq.slot, seq.input_ids, seq.image_grid_thw if begins else [],
                        tuple(seq.pixel_values.shape) if first else None, start, end)
+        if begins and self.blocks is not None:  # the sequence's KV blocks go with its first chunk
+            item.blocks, item.copy_blocks = list(seq.blocks), seq.copy_blocks
         # prefix reuse / image cache: restore, snapshot (the chunk split there), only uncached images' pixels
-        items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None)
+        items, pixels = self.prefix_cache.schedule(seq.prefix, item, seq.pixel_values if first else None,
+                                                   seq.blocks)
         if len(items) > 1 and end - start + overhead > budget:
             items = items[:1]  # [start, snapshot) now, the rest in a step of its own
             end = items[0].end
@@ -701,6 +782,9 @@ class Engine:
         self.alive, self.failure = False, why
         error = RequestError(503, f"the engine stopped: {why}", type="service_unavailable_error", code=code).event()
         failed = [seq for seq in list(self.running.values()) if not (seq.done or seq.cancelled)]
+        held, self.held = self.held, None
+        if held is not None:
+            failed.append(held)
         while True:
             try:
                 failed.append(self.waiting.get_nowait())

@@ -106,8 +106,13 @@ def _patches(grid: list[int]) -> int:
 
 class PrefixCache:
     def __init__(self, prefix_bytes: int, image_bytes: int, boundary_token: int | None, image_token: int,
-                 merge: int, snapshot_nbytes, image_nbytes, registry):
+                 merge: int, snapshot_nbytes, image_nbytes, registry, pool=None):
         self.snapshots, self.images = Lru(prefix_bytes), Lru(image_bytes)
+        # Paged KV (engine/block_manager.BlockPool): a snapshot holds its prefix's blocks (`blocks`), which
+        # a hit maps into the new sequence's table; prefix_bytes counts the snapshots' GDN state, and the
+        # blocks only snapshots hold are given back when a sequence needs them (`reclaim`).
+        self.pool = pool
+        self.blocks: dict[int, list[int]] = {}
         self.boundary_token, self.image_token, self.merge = boundary_token, image_token, merge
         self.snapshot_nbytes, self.image_nbytes = snapshot_nbytes, image_nbytes
         self.prefixes: dict[int, tuple] = {}  # snapshot id -> the keys of the prefix it holds
@@ -130,7 +135,7 @@ class PrefixCache:
         self.m_image_bytes = Gauge("dsqv_image_cache_bytes", "Bytes of image embeddings held per rank", registry=r)
 
     @classmethod
-    def for_runner(cls, runner, cache_config, tokenizer, registry) -> PrefixCache:
+    def for_runner(cls, runner, cache_config, tokenizer, registry, pool=None) -> PrefixCache:
         """Budgets from the deployment config's `cache` section (None: both caches off)."""
         prefix_bytes = cache_config.prefix_bytes if cache_config is not None else 0
         image_bytes = cache_config.image_bytes if cache_config is not None else 0
@@ -142,7 +147,7 @@ class PrefixCache:
         snapshot_nbytes = runner.snapshots.nbytes if prefix_bytes else None
         image_nbytes = runner.images.nbytes if image_bytes else None
         return cls(prefix_bytes, image_bytes, boundary, config.image_token_id,
-                   config.vision_config.spatial_merge_size, snapshot_nbytes, image_nbytes, registry)
+                   config.vision_config.spatial_merge_size, snapshot_nbytes, image_nbytes, registry, pool)
 
     @property
     def enabled(self) -> bool:
@@ -208,15 +213,49 @@ class PrefixCache:
         self.snapshots.pinned.clear()
         self.images.pinned.clear()
 
-    def reuse(self, prompt: PromptKeys | None) -> int:
-        """A new sequence: the longest held prefix its prompt starts with (at least one token is left to
-        prefill, for the logits). Returns the prompt tokens already there (0: none)."""
+    def lookup(self, prompt: PromptKeys | None) -> tuple[int | None, int]:
+        """The longest held prefix the prompt starts with (at least one token is left to prefill, for the
+        logits): (snapshot id, its length), or (None, 0). Changes nothing."""
         if prompt is None or not self.snapshots.budget:
-            return 0
+            return None, 0
         n, best, length = len(prompt.keys), None, 0
         for snapshot_id, keys in self.prefixes.items():
             if length < len(keys) < n and prompt.keys[:len(keys)] == keys:
                 best, length = snapshot_id, len(keys)
+        return best, length
+
+    def shared_blocks(self, snapshot_id: int | None, length: int) -> tuple[list[int], int | None]:
+        """A snapshot's KV blocks as a sequence continuing it takes them: the full blocks, shared, and the
+        partial last one (None: none), which the sequence copies, since it writes the rest of it."""
+        if snapshot_id is None or self.pool is None:
+            return [], None
+        blocks, full = self.blocks[snapshot_id], length // self.pool.block_size
+        return blocks[:full], (blocks[full] if length % self.pool.block_size else None)
+
+    def reclaim(self, n: int) -> None:
+        """Evict snapshots, least recently used first, until the pool has n free blocks (or none is left
+        that this plan does not use)."""
+        for snapshot_id in list(self.snapshots.sizes):
+            if len(self.pool.free) >= n:
+                return
+            if snapshot_id not in self.snapshots.pinned:
+                self.snapshots.used -= self.snapshots.sizes.pop(snapshot_id)
+                self._drop(snapshot_id)
+                self.plan.evict_snapshots.append(snapshot_id)
+                self.m_evictions.inc()
+        self.m_bytes.set(self.snapshots.used)
+
+    def _drop(self, snapshot_id: int) -> None:
+        del self.prefixes[snapshot_id]
+        if self.pool is not None:
+            self.pool.release(self.blocks.pop(snapshot_id))
+
+    def reuse(self, prompt: PromptKeys | None, hit: tuple[int | None, int] | None = None) -> int:
+        """A new sequence: continue the held prefix `hit` (lookup's; None: look it up). Returns the prompt
+        tokens already there (0: none)."""
+        if prompt is None or not self.snapshots.budget:
+            return 0
+        best, length = hit if hit is not None else self.lookup(prompt)
         if best is None:
             self.m_misses.inc()
             return 0
@@ -226,10 +265,11 @@ class PrefixCache:
         prompt.restore, prompt.cached = best, length
         return length
 
-    def schedule(self, prompt: PromptKeys | None, item: Prefill, pixel_values: torch.Tensor | None
-                 ) -> tuple[list[Prefill], torch.Tensor | None]:
+    def schedule(self, prompt: PromptKeys | None, item: Prefill, pixel_values: torch.Tensor | None,
+                 blocks: list[int] | None = None) -> tuple[list[Prefill], torch.Tensor | None]:
         """The plan items for one prefill chunk (split where a snapshot is taken) and, for a first chunk,
-        the pixels to broadcast: only those of the images the vision tower has to encode."""
+        the pixels to broadcast: only those of the images the vision tower has to encode. `blocks`: the
+        sequence's KV blocks (a snapshot keeps those of its prefix)."""
         if prompt is None:
             return [item], pixel_values
         first = item.start == prompt.cached
@@ -244,7 +284,7 @@ class PrefixCache:
                 if last >= item.start and first_pos < b):
             prompt.deferred = True  # a hit: the snapshot is taken by a job when the sequence ends (finished)
             return [item], pixel_values
-        snapshot_id = self._admit_snapshot(prompt.keys[:b])
+        snapshot_id = self._admit_snapshot(prompt.keys[:b], blocks)
         if snapshot_id is None:
             return [item], pixel_values
         if b == item.end:
@@ -254,7 +294,7 @@ class PrefixCache:
         item.end, item.save = b, snapshot_id
         return [item, rest], pixel_values
 
-    def _admit_snapshot(self, keys: tuple) -> int | None:
+    def _admit_snapshot(self, keys: tuple, blocks: list[int] | None) -> int | None:
         for snapshot_id, held in self.prefixes.items():
             if held == keys:  # the same prefix is held already (e.g. the same prompt twice)
                 self.snapshots.touch(snapshot_id)
@@ -264,8 +304,11 @@ class PrefixCache:
         if evicted is None:
             return None
         for old in evicted:
-            del self.prefixes[old]
+            self._drop(old)
         self.prefixes[snapshot_id] = keys
+        if self.pool is not None:  # the prefix's blocks, held by the snapshot too
+            self.blocks[snapshot_id] = blocks[:self.pool.blocks_for(len(keys))]
+            self.pool.share(self.blocks[snapshot_id])
         self.plan.evict_snapshots.extend(evicted)
         self.m_evictions.inc(len(evicted))
         self.m_bytes.set(self.snapshots.used)
@@ -288,16 +331,27 @@ class PrefixCache:
             sources.append("cache" if needed else "skip")
         if prompt.restore not in self.prefixes:
             return 0
+        self.snapshots.touch(prompt.restore)
+        blocks, copies = None, []
+        if self.pool is not None:  # the job's blocks: the restored prefix's, then [cached, b) in new ones
+            shared, tail = self.shared_blocks(prompt.restore, prompt.cached)
+            need = self.pool.blocks_for(b) - len(shared)
+            if len(self.pool.free) < need:
+                return 0  # the cache is full: no snapshot of this prompt (it is an optimisation)
+            self.pool.share(shared)
+            blocks = shared + self.pool.allocate(need)
+            copies = [(tail, blocks[len(shared)])] if tail is not None else []
         for key in keys:
             if key is not None:
                 self.images.touch(key)
-        self.snapshots.touch(prompt.restore)
-        snapshot_id = self._admit_snapshot(prompt.keys[:b])
+        snapshot_id = self._admit_snapshot(prompt.keys[:b], blocks)
+        if self.pool is not None:
+            self.pool.release(blocks)  # the snapshot holds them now (or, not admitted, nobody)
         if snapshot_id is None:
             return 0
         plan.prefill.append(Prefill(seq.slot, seq.input_ids, seq.image_grid_thw, None, prompt.cached, b,
                                     restore=prompt.restore, save=snapshot_id, image_keys=keys,
-                                    image_source=sources, snapshot_only=True))
+                                    image_source=sources, snapshot_only=True, blocks=blocks, copy_blocks=copies))
         self.m_jobs.inc()
         return b - prompt.cached
 

@@ -1,8 +1,9 @@
 """Runs step plans on this rank's shard of the model. The same code on every rank.
 
-The server has a fixed number of sequence slots for its whole life. `SlotState` holds every slot's
-state in batched tensors allocated once, row r = slot r, sharded like the layers (this rank's heads):
-the KV cache of each full-attention layer and the conv + recurrent state of each Gated DeltaNet layer.
+The server has a fixed number of sequence slots for its whole life. `SlotState` holds the state in tensors
+allocated once, sharded like the layers (this rank's heads): the KV blocks of each full-attention layer,
+which slots hold through their block tables (rank 0 hands out blocks in the plan: paged KV), and the conv
++ recurrent state of each Gated DeltaNet layer, row r = slot r.
 transformers' own layers run the forward; what they see as `past_key_values` is a `CacheView` of some
 rows of that state, so no forward allocates or copies a cache.
 
@@ -24,7 +25,7 @@ import torch.distributed as tdist
 
 from ..kernels import allreduce as peer_allreduce
 from ..kernels import gdn as gdn_kernel
-from ..kernels.decode_attention import ATTENTION, MAX_QUERY_TOKENS
+from ..kernels.decode_attention import ATTENTION
 from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
 from ..model import log, to_device
@@ -38,11 +39,28 @@ from .snapshots import SnapshotStore
 from .warmup import decode_class, prefill_classes, vision_class
 
 
+def prepare_model(model, device: torch.device, fuse: bool | None = None) -> None:
+    """The forwards this runner runs, installed once (the memory planner's profile runs them before the
+    runner exists): the paged attention, fused projections and compiled norms (CUDA), the GDN kernels."""
+    if getattr(model, "_dsqv_prepared", False):
+        return
+    model.config.text_config._attn_implementation = ATTENTION  # the language model's layers only
+    if device.type == "cuda":
+        # cuDNN's SDPA re-plans for every new KV length, ~18 ms of host time per call (measured on
+        # H100); the flash / memory-efficient kernels that prefill uses need no planning.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if device.type == "cuda" if fuse is None else fuse:
+        compile_norms(model)
+        install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
+    gdn_kernel.install(model)  # decode (and verify) GDN layers: kernels/gdn.py; prefill: transformers'
+    model._dsqv_prepared = True
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
                  speculative: dict | None = None, prefill_graph_tokens: int | None = None,
-                 mixed_prefill: bool = False):
+                 mixed_prefill: bool = False, num_blocks: int | None = None, block_size: int = 64):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -50,20 +68,13 @@ class ModelRunner:
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
-        model.config.text_config._attn_implementation = ATTENTION  # the language model's layers only
-        if device.type == "cuda":
-            # cuDNN's SDPA re-plans for every new KV length, ~18 ms of host time per call (measured on
-            # H100); the flash / memory-efficient kernels that prefill uses need no planning.
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        if device.type == "cuda" if fuse is None else fuse:
-            compile_norms(model)
-            install_fused_forwards(model)  # kernels/layers.py: fused projections and elementwise chains
-        gdn_kernel.install(model)  # decode (and verify) GDN layers: kernels/gdn.py; prefill: transformers'
+        prepare_model(model, device, fuse)
         spec = speculative or {}
         spec_method, spec_k = spec.get("method", "none"), spec.get("num_tokens", 0)
         # A verify writes T = k + 1 positions from a slot's length: k positions of slack past max_len.
         self.kv_len = max_len + (spec_k if spec_method != "none" else 0)
-        self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype)
+        # num_blocks: the planner's (runner/memory.py); None: as many as max_slots sequences of max_len need
+        self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype, num_blocks, block_size)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunked prefill: embeds, positions
@@ -84,7 +95,6 @@ class ModelRunner:
         self.graphs_at_ready = 0
         self.compiles_after_ready: list[str] = []
         self.counting_compiles = device.type == "cuda" and self._count_triton_compiles()
-        self.key_index = torch.arange(self.kv_len, device=device)
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_slots} | {max_slots})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.world > 1:  # config.AllReduceConfig; before capture: the graphs keep the all-reduce installed now
@@ -106,8 +116,6 @@ class ModelRunner:
             from .speculative import Speculation
 
             self.spec = Speculation(self, spec_method, spec_k)
-            if self.spec.mtp is not None:  # a reused prefix brings the head's KV too
-                self.snapshots.head_kv = self.spec.mtp_state.kv
         if self.cuda_graphs:
             try:
                 self.capture()
@@ -130,11 +138,11 @@ class ModelRunner:
     # ---- decode ---------------------------------------------------------------------------------------
     def decode_inputs(self, b: int):
         """Rows [0, b) of step_in as a decode forward takes them: token ids [b], M-RoPE positions [b], the
-        rows' cache view and their attention mask [b, 1, 1, L] (prefill_graphs.mixed_forward uses them too)."""
+        rows' cache view and their attention mask (prefill_graphs.mixed_forward uses them too)."""
         ids, positions, mrope, active = self.step_in[:, :b]
         # b = 1 runs only when slot 0 decodes: no row to mask (144 fewer kernels per step at 64 layers)
         view = CacheView(self.state, slice(0, b), positions=positions, active=active.bool() if b > 1 else None)
-        return ids, mrope, view, (self.key_index[None, :] <= positions[:, None])[:, None, None, :]
+        return ids, mrope, view, view.mask()
 
     def _decode_forward(self, b: int) -> torch.Tensor:
         """One token for rows [0, b): logits [b, 1, vocab]. Reads only step_in, so it can be captured."""
@@ -210,6 +218,13 @@ class ModelRunner:
         end = n_prompt if item.end is None else item.end
         if n_prompt >= self.max_len:
             raise ValueError(f"prompt of {n_prompt} tokens does not fit a slot of {self.max_len}")
+        blocks = item.blocks
+        if blocks is None and item.start == 0 and item.restore is None:  # a runner driven without an engine
+            blocks = self.state.static_blocks(item.slot)
+        if blocks is not None:  # a new sequence's (or snapshot job's) blocks, before anything writes
+            if item.copy_blocks:
+                self.state.copy_blocks(item.copy_blocks)
+            self.state.set_blocks(item.slot, blocks)
         if item.start == 0 or item.restore is not None:  # a new sequence: embeddings + positions, whole prompt
             self.pending[item.slot] = self.prompt_inputs(item, self.pixels(item, pixel_values))
             if item.restore is not None:  # a reused prefix: its state instead of prefilling [0, start)
@@ -269,22 +284,17 @@ class ModelRunner:
 
     def _eager_prefill(self, item: Prefill, end: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The chunk through the model eagerly, its own shapes: logits [1, 1, vocab]."""
-        mask = None  # from the start of the cache: plain causal attention (SDPA's is_causal)
-        # A short continuing chunk goes to the decode attention kernel (kernels/decode_attention.py), whose
-        # split count is a compile-time constant of the key length: it sees the whole cache (a fixed
-        # length, the tail masked) so that every such chunk reuses the variants warm-up compiled.
-        span = self.kv_len if 0 < item.start and end - item.start <= MAX_QUERY_TOKENS else None
-        if item.start > 0:
-            rows = torch.arange(item.start, end, device=self.device)
-            mask = (self.key_index[None, :span or end] <= rows[:, None])[None, None]
+        # A first chunk attends to its own keys (SDPA, causal); a continuing one reads the slot's blocks
+        # (kernels/decode_attention.py: the decode kernel up to 8 tokens, else the chunk kernel).
+        view = CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start)
+        mask = view.mask(end - item.start)
         # Compiled code (the RMSNorms, kernels/norms.py) runs eagerly here: a compiled call's host time
         # (dynamo's guards, its wrapper) is hidden by a graph replay but paid 209 times by an eager prefill.
         # On one H200 (27B shapes, 2026-12-02) first logits for 512 tokens took 174.7 ms with the compiled
         # norms and 139.3 ms without, in the same run.
         with torch.compiler.set_stance("force_eager"):
             out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
-                             past_key_values=CacheView(self.state, slice(item.slot, item.slot + 1),
-                                                       start=item.start, span=span),
+                             past_key_values=view,
                              attention_mask={"full_attention": mask, "linear_attention": None},
                              use_cache=True, logits_to_keep=1)
         return out.logits
@@ -351,6 +361,8 @@ class ModelRunner:
         logits = {}
         if plan.accept:  # the previous step's verified tokens that were accepted: before anything else
             self.spec.accept(plan.accept)
+        for slot in plan.release:  # ended sequences: their blocks are someone else's from now on
+            self.state.table[slot].zero_()
         for snapshot_id in plan.evict_snapshots:  # rank 0 never evicts what this plan restores or saves
             self.snapshots.evict(snapshot_id)
         for key in plan.evict_images:
@@ -384,11 +396,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def reset(self) -> None:
-        """Every slot as at start: zero state, no length, nothing pending."""
-        for t in (*(x for kv in self.state.kv.values() for x in kv), *self.state.conv.values(),
-                  *self.state.recurrent.values(), self.next_tokens, self.step_in):
+        """Every slot as at start: zero GDN state, no blocks, no length, nothing pending."""
+        # KV blocks keep what they hold: no query reads a position its own sequence has not written (zeroing
+        # would also make the OS hand a CPU rank every page of the pool)
+        state = self.state
+        for t in (state.table, state.conv_all, state.rec_all, self.next_tokens, self.step_in):
             t.zero_()
-        for t in (getattr(self.state, "conv_scratch", None), self.state.conv_steps, self.state.rec_steps):
+        for t in (state.conv_steps, state.rec_steps):
             if t is not None:
                 t.zero_()
         self.length = [0] * self.max_slots

@@ -12,9 +12,9 @@ slot (a tensor, so the graph does not depend on it), the conv window to keep and
 real token. Positions n..T-1 are padding: zero embeddings; their KV lands past the prompt's end, where
 the slot writes again before it ever attends to it (as an idle decode row's does); in the Gated
 DeltaNet layers their beta and decay are zero, so the state is as after the n real tokens
-(kernels/gdn.py `gdn_chunk`). Full attention sees the slot's whole static cache, masked by position,
-so one graph serves a first chunk and a continuing one alike (kernels/chunk_attention.py reads only the
-key tiles the mask leaves visible).
+(kernels/gdn.py `gdn_chunk`). Full attention reads the slot's KV blocks through its block table, each
+query up to its own position, so one graph serves a first chunk and a continuing one alike
+(kernels/chunk_attention.py reads only the key tiles below the block's last query).
 
 Chunks of up to MIXED_GRAPH_TOKENS also have a mixed graph (`mixed_forward`): the chunk followed by one
 token for every slot as a decode row, so that a step which prefills while streams decode is one forward.
@@ -88,13 +88,13 @@ class PrefillGraphs:
         return next((t for t in self.mixed if t >= n), None)
 
     def _chunk(self, t: int):
-        """The chunk in the buffers' first t positions: its cache view, its attention mask (over the slot's
-        whole cache, by position) and the index of its last real token ([1])."""
+        """The chunk in the buffers' first t positions: its cache view, its attention mask (the slot's blocks,
+        each query up to its position) and the index of its last real token ([1])."""
         runner, top = self.runner, self.buckets[-1]
         cache_pos, conv_index = self.index[:t], self.index[top:top + self.k]
         slot, last = self.index[top + self.k:top + self.k + 1], self.index[top + self.k + 1:]
         view = PrefillView(runner.state, slot, cache_pos, (self.arange[:t] <= last).float(), conv_index)
-        return view, (runner.key_index[None, :] <= cache_pos[:, None])[None, None], last
+        return view, view.mask(), last
 
     def mixed_forward(self, t: int) -> torch.Tensor:
         """The chunk in the buffers' first t positions followed by one token for every slot as a decode row
@@ -103,7 +103,7 @@ class PrefillGraphs:
         runner, rows = self.runner, self.runner.max_slots
         chunk, chunk_mask, last = self._chunk(t)
         ids, mrope, decode, decode_mask = runner.decode_inputs(rows)
-        mask = MixedMask(chunk_mask, decode_mask, t, chunk.slot)
+        mask = MixedMask(chunk_mask, decode_mask, t)
         embeds = torch.cat([self.embeds[:, :t], runner.model.get_input_embeddings()(ids)[None]], dim=1)
         position_ids = torch.cat([self.positions[:, :, :t], mrope.view(1, 1, rows).expand(3, 1, rows)], dim=2)
         keep = torch.cat([last, t + torch.arange(rows, device=last.device)])

@@ -3,11 +3,29 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.decode_attention import PagedKV
+from ..model import to_device
+
 
 class SlotState:
-    """Every slot's sequence state in batched tensors, allocated once; row r belongs to slot r."""
+    """Every sequence's state, allocated once.
 
-    def __init__(self, model, max_slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    Full attention: one pool of KV blocks per layer, [blocks, kv heads, block_size, head dim], shared by every
+    slot through its row of `table` (this slot's position p is in block table[slot, p // block_size]). Rank 0
+    decides which blocks a sequence holds and the step plan carries them (plan.Prefill.blocks), so every rank
+    holds the same table. Block 0 is the null block: never given to a sequence, it is where an unmapped
+    position points, so padding and idle rows write there harmlessly.
+    Gated DeltaNet: the conv + recurrent state of each slot (row r = slot r), a fixed size per sequence.
+    """
+
+    def __init__(self, model, max_slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 num_blocks: int | None = None, block_size: int = 64):
+        self.block_size = block_size
+        self.blocks_per_seq = -(-max_len // block_size)
+        if num_blocks is None:  # every slot can hold max_len (what a static cache held), plus the null block
+            num_blocks = max_slots * self.blocks_per_seq + 1
+        self.num_blocks = num_blocks
+        self.table = torch.zeros((max_slots, self.blocks_per_seq), dtype=torch.int32, device=device)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.recurrent: dict[int, torch.Tensor] = {}
@@ -18,10 +36,7 @@ class SlotState:
                 gdn = layer.linear_attn  # head counts are this rank's (tp_policy.shard_gated_deltanet)
                 self.gdn_layers.append(i)
             else:
-                attn = layer.self_attn
-                shape = (max_slots, attn.k_proj.weight.shape[0] // attn.head_dim, max_len, attn.head_dim)
-                self.kv[i] = (torch.zeros(shape, dtype=dtype, device=device),
-                              torch.zeros(shape, dtype=dtype, device=device))
+                self.kv[i] = kv_pool(layer.self_attn, num_blocks, block_size, device, dtype)
         # The GDN states of all layers in one tensor each ([layers, slots, ...], per-layer views in
         # conv / recurrent), so that selecting a speculative step's accepted state is one copy per kind.
         n = len(self.gdn_layers)
@@ -36,10 +51,9 @@ class SlotState:
         # Speculative verify (alloc_steps): the state after each of T positions, [layers, slots, T, ...].
         self.conv_steps: torch.Tensor | None = None
         self.rec_steps: torch.Tensor | None = None
-        # transformers' decode path (causal_conv1d_update) shifts the conv state in place for every row;
-        # kept for a view that runs it (decode now goes through kernels/gdn.py, which writes masked rows).
-        any_conv = next(iter(self.conv.values()), None)
-        self.conv_scratch = torch.zeros_like(any_conv) if any_conv is not None else None
+        # Other pools that use the same block ids (the MTP head's layer, runner/speculative.py): a block
+        # copy copies them too.
+        self.extra_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def alloc_steps(self, t: int) -> None:
         """Room for the GDN state after each of t verified positions, for every slot and layer."""
@@ -53,51 +67,105 @@ class SlotState:
         self.conv_all[:, slots] = self.conv_steps[:, slots, index]
         self.rec_all[:, slots] = self.rec_steps[:, slots, index]
 
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """The slot's block table from now on: `blocks` in position order, the rest the null block."""
+        row = torch.zeros(self.blocks_per_seq, dtype=torch.int32)
+        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.table[slot].copy_(to_device(row, self.table.device))
+
+    def static_blocks(self, slot: int) -> list[int]:
+        """A slot's fixed share of a pool sized for every slot (num_blocks None): the blocks of a first chunk
+        that comes without rank 0's (a runner driven directly, as tests and benchmarks do)."""
+        slots, n = self.table.shape
+        if self.num_blocks < slots * n + 1:
+            raise ValueError(f"slot {slot}: a first prefill chunk without its KV blocks (plan.Prefill.blocks), "
+                             f"and the pool ({self.num_blocks} blocks) has no fixed share per slot")
+        return list(range(1 + slot * n, 1 + (slot + 1) * n))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Block src's keys and values into block dst, in every pool (a restored prefix's partial last block:
+        the new sequence writes the rest of it)."""
+        src = torch.tensor([s for s, _ in pairs], device=self.table.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.table.device)
+        for k, v in (*self.kv.values(), *self.extra_kv.values()):
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def kv_bytes_per_block(self) -> int:
+        return sum(2 * k[0].numel() * k.element_size() for k, _ in (*self.kv.values(), *self.extra_kv.values()))
+
     def nbytes(self) -> int:
-        tensors = [t for kv in self.kv.values() for t in kv] + [self.conv_all, self.rec_all]
+        tensors = [t for kv in (*self.kv.values(), *self.extra_kv.values()) for t in kv]
+        tensors += [self.conv_all, self.rec_all, self.table]
         tensors += [t for t in (self.conv_steps, self.rec_steps) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class CacheView:
-    """The `past_key_values` transformers' layers see: rows of SlotState.
+def kv_pool(attn, num_blocks: int, block_size: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention layer's key and value blocks, [blocks, this rank's kv heads, block_size, head dim]."""
+    shape = (num_blocks, attn.k_proj.weight.shape[0] // attn.head_dim, block_size, attn.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    Prefill: one row, prompt tokens [start, start + n) (start > 0 continues a chunked prefill).
+
+def write_kv(pools: tuple[torch.Tensor, torch.Tensor], block_size: int, table: torch.Tensor,
+             positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """key / value [b, heads, T, dim] at positions [b, T] of rows whose block tables are table [b, blocks]."""
+    blocks = table.gather(1, positions // block_size).long()  # [b, T]
+    offsets = positions % block_size
+    pools[0][blocks, :, offsets] = key.transpose(1, 2)  # the indexed result is [b, T, heads, dim]
+    pools[1][blocks, :, offsets] = value.transpose(1, 2)
+
+
+def paged(state, table: torch.Tensor, qpos: torch.Tensor) -> PagedKV:
+    """The attention mask argument of rows with block tables `table` [b, blocks] whose queries sit at
+    qpos [b, T] (each attends to the positions up to its own)."""
+    return PagedKV(table, qpos, state.block_size)
+
+
+class CacheView:
+    """The `past_key_values` transformers' layers see: some slots of SlotState (or of a pool with the same block
+    table, as the MTP head's).
+
+    Eager prefill: one row, prompt tokens [start, start + n) (start > 0 continues a chunked prefill).
     Decode: rows [0, b), one token each, written at `positions` [b]; with `active`, only those rows keep
     their new GDN state (None: every row decodes).
     Verify (speculative): rows [0, b), T tokens each, written at `positions` [b, T]; the GDN state after
     each position goes to SlotState's step buffers (`steps=True`), the slots' own state is untouched
     until SlotState.select_steps picks the accepted position.
+    Full attention writes the new keys through the rows' block tables and reads the pools with `mask()`
+    (kernels/decode_attention.PagedKV); a first prefill chunk attends to its own keys (SDPA, causal).
     Implements the part of transformers' Cache interface that Qwen3.5 layers call; decode and verify
     GDN layers use gdn_step_state (kernels/gdn.py).
     """
 
-    def __init__(self, state: SlotState, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
-                 active: torch.Tensor | None = None, steps: bool = False, span: int | None = None):
+    def __init__(self, state, rows: slice, start: int = 0, positions: torch.Tensor | None = None,
+                 active: torch.Tensor | None = None, steps: bool = False):
         self.state, self.rows, self.start, self.positions = state, rows, start, positions
-        self.span = span  # prefill: the keys returned cover [0, span) (None: up to the chunk's end)
         self.active = active
         self.steps = steps
         self.gdn_step = None if positions is None else ("verify" if steps else "decode")
-        if positions is not None:
-            self.batch_index = torch.arange(rows.stop - rows.start, device=positions.device)
+        self.table = state.table[rows]
+
+    def mask(self, n: int | None = None) -> PagedKV | None:
+        """The full-attention mask argument of this view's queries: decode / verify rows at their positions;
+        an eager chunk of n tokens at start.. (None for a first chunk: causal over its own keys)."""
+        if self.positions is not None:
+            return paged(self.state, self.table, self.positions.view(self.table.shape[0], -1))
+        if self.start == 0:
+            return None
+        return paged(self.state, self.table, torch.arange(self.start, self.start + n, device=self.table.device)[None])
 
     # full-attention layers
     def update(self, key, value, layer_idx, *args, **kwargs):
-        keys, values = (t[self.rows] for t in self.state.kv[layer_idx])
+        pools = self.state.kv[layer_idx]
         if self.positions is None:
-            end = self.start + key.shape[2]
-            keys[:, :, self.start:end] = key
-            values[:, :, self.start:end] = value
-            stop = end if self.span is None else self.span
-            return keys[:, :, :stop], values[:, :, :stop]
-        if self.positions.dim() == 1:
-            keys[self.batch_index, :, self.positions] = key[:, :, 0]
-            values[self.batch_index, :, self.positions] = value[:, :, 0]
-        else:  # [b, T] positions: the indexed result is [b, T, heads, dim]
-            keys[self.batch_index[:, None], :, self.positions] = key.transpose(1, 2)
-            values[self.batch_index[:, None], :, self.positions] = value.transpose(1, 2)
-        return keys, values
+            positions = torch.arange(self.start, self.start + key.shape[2], device=key.device)[None]
+        else:
+            positions = self.positions.view(key.shape[0], -1)
+        write_kv(pools, self.state.block_size, self.table, positions, key, value)
+        if self.positions is None and self.start == 0:
+            return key, value  # a new sequence's first chunk sees only its own keys
+        return pools
 
     # Gated DeltaNet layers, decode / verify (kernels/gdn.py)
     def gdn_step_state(self, layer_idx):
@@ -109,19 +177,15 @@ class CacheView:
         j = self.state.gdn_index[layer_idx]
         return conv, recurrent, None, self.state.conv_steps[j, self.rows], self.state.rec_steps[j, self.rows]
 
-    # Gated DeltaNet layers
+    # Gated DeltaNet layers, eager prefill (transformers' own path)
     def is_recording_past(self, layer_idx) -> bool:
         return False
 
     def get_conv_state(self, layer_idx, state_idx=0):
-        if self.active is not None:
-            scratch = self.state.conv_scratch[self.rows]
-            scratch.copy_(self.state.conv[layer_idx][self.rows])
-            return scratch
-        return self.state.conv[layer_idx][self.rows] if self.positions is not None or self.start > 0 else None
+        return self.state.conv[layer_idx][self.rows] if self.start > 0 else None
 
     def get_recurrent_state(self, layer_idx, state_idx=0):
-        return self.state.recurrent[layer_idx][self.rows] if self.positions is not None or self.start > 0 else None
+        return self.state.recurrent[layer_idx][self.rows] if self.start > 0 else None
 
     def update_conv_state(self, new, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
         """Prefill: the window the causal conv needs (left context + new), keeping its last kernel columns."""
@@ -135,13 +199,7 @@ class CacheView:
 
     def update_recurrent_state(self, new, layer_idx, state_idx=0, **kwargs):
         recurrent = self.state.recurrent[layer_idx][self.rows]
-        if self.active is None:
-            recurrent.copy_(new)
-            return recurrent
-        keep = self.active.view(-1, 1, 1, 1)
-        torch.where(keep, new, recurrent, out=recurrent)
-        conv = self.state.conv[layer_idx][self.rows]  # this layer's conv step is done by now
-        torch.where(keep.view(-1, 1, 1), self.state.conv_scratch[self.rows], conv, out=conv)
+        recurrent.copy_(new)
         return recurrent
 
 
@@ -149,27 +207,29 @@ class PrefillView:
     """The cache a prefill chunk sees when it runs from fixed buffers (runner/prefill_graphs.py), so that
     one CUDA graph per chunk size serves every slot and every start: the slot is a tensor (`slot`, [1]),
     the chunk's T positions are `cache_pos` ([T]: the real tokens first, then padding, whose positions
-    lie past the prompt's end where the slot writes again before it ever attends), `valid` ([T] float,
-    1 for real tokens) and `conv_index` (the conv window after the last real token, as columns of
-    [state | chunk]). Full attention sees the slot's whole cache (attention is masked by position);
-    Gated DeltaNet layers take kernels/gdn.py's chunk forward (`gdn_step == "prefill"`)."""
+    lie past the prompt's end where the slot writes again before it ever attends, or in the null block),
+    `valid` ([T] float, 1 for real tokens) and `conv_index` (the conv window after the last real token, as
+    columns of [state | chunk]). Full attention reads the slot's blocks, each query up to its position
+    (`mask()`); Gated DeltaNet layers take kernels/gdn.py's chunk forward (`gdn_step == "prefill"`)."""
 
     gdn_step = "prefill"
 
     def __init__(self, state: SlotState, slot: torch.Tensor, cache_pos: torch.Tensor, valid: torch.Tensor,
                  conv_index: torch.Tensor):
         self.state, self.slot, self.cache_pos, self.valid, self.conv_index = state, slot, cache_pos, valid, conv_index
+        self.table = state.table.index_select(0, slot)  # [1, blocks]
+
+    def mask(self) -> PagedKV:
+        return paged(self.state, self.table, self.cache_pos[None])
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        keys, values = self.write(key, value, layer_idx)
-        return keys.index_select(0, self.slot), values.index_select(0, self.slot)
+        return self.write(key, value, layer_idx)
 
     def write(self, key, value, layer_idx):
-        """The chunk's keys and values ([1, heads, T, dim]) into the slot's cache; every slot's cache back."""
-        keys, values = self.state.kv[layer_idx]
-        keys[self.slot, :, self.cache_pos] = key[0].transpose(0, 1)  # [T, heads, dim]
-        values[self.slot, :, self.cache_pos] = value[0].transpose(0, 1)
-        return keys, values
+        """The chunk's keys and values ([1, heads, T, dim]) into the slot's blocks; the layer's pools back."""
+        pools = self.state.kv[layer_idx]
+        write_kv(pools, self.state.block_size, self.table, self.cache_pos[None], key, value)
+        return pools
 
     def gdn_state(self, layer_idx):
         return (self.state.conv[layer_idx].index_select(0, self.slot),
@@ -184,9 +244,9 @@ class MixedView:
     """The cache of a forward that carries one slot's prefill chunk and one decode token for each row of
     the decode batch (runner/prefill_graphs.py, `mixed`): the sequence is [chunk (t positions) | one token
     per decode row], so the step reads the weights once for both. `chunk` is the chunk's PrefillView,
-    `decode` the decode rows' CacheView (rows [0, b), `positions`, `active`). Full attention gets every
-    slot's cache, and kernels/decode_attention.MixedMask tells it which queries attend to which rows;
-    Gated DeltaNet layers take kernels/gdn.py's mixed forward (`gdn_step == "mixed"`)."""
+    `decode` the decode rows' CacheView (rows [0, b), `positions`, `active`). Full attention reads the pools
+    through kernels/decode_attention.MixedMask (the chunk's and the rows' PagedKV); Gated DeltaNet layers
+    take kernels/gdn.py's mixed forward (`gdn_step == "mixed"`)."""
 
     gdn_step = "mixed"
 

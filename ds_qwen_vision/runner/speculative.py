@@ -28,7 +28,7 @@ import torch
 
 from ..model import log
 from . import graphs
-from .slot_state import CacheView
+from .slot_state import CacheView, kv_pool
 
 METHODS = ("none", "mtp", "ngram")
 
@@ -55,12 +55,14 @@ class Speculation:
             if self.mtp is None:
                 raise ValueError("speculative.method mtp: the model was loaded without its mtp.* head")
             self.mtp.config._attn_implementation = model.config.text_config._attn_implementation
-            self.mtp_state = SimpleNamespace(kv={})
+            # The head's KV blocks: the same block ids as the main model's (one table), pools of their own.
+            state = runner.state
+            self.mtp_state = SimpleNamespace(kv={}, table=state.table, block_size=state.block_size)
             for layer in self.mtp.layers:
                 attn = layer.self_attn
-                shape = (slots, attn.k_proj.weight.shape[0] // attn.head_dim, runner.kv_len, attn.head_dim)
-                self.mtp_state.kv[attn.layer_idx] = (torch.zeros(shape, dtype=runner.dtype, device=device),
-                                                     torch.zeros(shape, dtype=runner.dtype, device=device))
+                self.mtp_state.kv[attn.layer_idx] = kv_pool(attn, state.num_blocks, state.block_size, device,
+                                                            runner.dtype)
+            state.extra_kv = self.mtp_state.kv
             hidden = model.config.text_config.hidden_size
             # Per slot: the main model's hidden states not yet paired into the head's KV, and their tokens.
             self.pend_hidden = torch.zeros((slots, self.t, hidden), dtype=runner.dtype, device=device)
@@ -102,13 +104,10 @@ class Speculation:
         hidden = self.hidden  # [1, end - start, hidden], the chunk's final-norm output
         stop = min(end, n_prompt - 1)
         if stop > start:
-            mask = None
-            if start > 0:
-                rows = torch.arange(start, stop, device=self.runner.device)
-                mask = (self.runner.key_index[None, :stop] <= rows[:, None])[None, None]
+            view = CacheView(self.mtp_state, slice(slot, slot + 1), start=start)
             pos = positions[:, :, start:stop]
             self.mtp(embeds[:, start + 1:stop + 1], hidden[:, :stop - start], self.lm.rotary_emb(hidden, pos),
-                     mask, pos, CacheView(self.mtp_state, slice(slot, slot + 1), start=start))
+                     view.mask(stop - start), pos, view)
         if end == n_prompt:
             self.pend_hidden[slot, 0] = hidden[0, -1]
             self.pend_n[slot] = 1
@@ -143,12 +142,12 @@ class Speculation:
         ids, pos = self.mtp_in[:, :b]
         last, delta = self.mtp_last[:b], self.mtp_delta[:b]
         kv_view = lambda p: CacheView(self.mtp_state, slice(0, b), positions=p)  # noqa: E731
-        embed, head, key_index = self.lm.embed_tokens, runner.model.lm_head, runner.key_index
+        embed, head = self.lm.embed_tokens, runner.model.lm_head
         # catch-up: the pairs since the last step, the last of them drafts d1
         mrope = (pos + delta[:, None])[None].expand(3, b, t)
-        mask = (key_index[None, None, :] <= pos[:, :, None])[:, None]
         h = self.pend_hidden[:b]
-        out = self.mtp(embed(ids), h, self.lm.rotary_emb(h, mrope), mask, mrope, kv_view(pos))
+        view = kv_view(pos)
+        out = self.mtp(embed(ids), h, self.lm.rotary_emb(h, mrope), view.mask(), mrope, view)
         h = out[torch.arange(b, device=device), last][:, None]  # [b, 1, hidden]
         token = head(h).argmax(-1)  # [b, 1]
         drafts = [token]
@@ -156,8 +155,8 @@ class Speculation:
         for j in range(1, self.k):
             step_pos = (step_pos + 1).clamp(max=runner.kv_len - 1)
             mrope = (step_pos + delta[:, None])[None].expand(3, b, 1)
-            mask = (key_index[None, None, :] <= step_pos[:, :, None])[:, None]
-            h = self.mtp(embed(token), h, self.lm.rotary_emb(h, mrope), mask, mrope, kv_view(step_pos), step=j)
+            view = kv_view(step_pos)
+            h = self.mtp(embed(token), h, self.lm.rotary_emb(h, mrope), view.mask(), mrope, view, step=j)
             token = head(h).argmax(-1)
             drafts.append(token)
         self.verify_in[0, :b, 1:] = torch.cat(drafts, dim=1)  # [b, k]; drafts of rows not verifying are unused
@@ -170,10 +169,9 @@ class Speculation:
             self._mtp_forward(b)
         ids, positions, mrope = self.verify_in[:, :b]
         view = CacheView(self.runner.state, slice(0, b), positions=positions, steps=True)
-        mask = (self.runner.key_index[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, T, len]
         logits = self.runner.model(input_ids=ids, position_ids=mrope[None].expand(3, b, self.t),
                                    past_key_values=view, use_cache=True, logits_to_keep=0,
-                                   attention_mask={"full_attention": mask, "linear_attention": None}).logits
+                                   attention_mask={"full_attention": view.mask(), "linear_attention": None}).logits
         return logits, self.hidden
 
     @torch.inference_mode()

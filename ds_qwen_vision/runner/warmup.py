@@ -163,6 +163,10 @@ class WarmUp:
         self.limits = engine.limits
         self.step = 0
         self.timings: dict[str, float] = {}
+        # Slot 0's KV blocks for every warm-up prompt: the pool's first, as many as one sequence can hold (the
+        # planner made the pool hold at least one request of the deployment's limits).
+        state = self.runner.state
+        self.blocks = list(range(1, 1 + min(state.blocks_per_seq, state.num_blocks - 1)))
 
     def run_plan(self, plan, pixels=None, seqs=None) -> float:
         """One plan through the engine's own step (broadcast, forward, pick, feed), waited for."""
@@ -184,7 +188,8 @@ class WarmUp:
 
         first_image = start == 0 and seq is not None and seq.pixel_values is not None
         item = Prefill(0, ids, seq.image_grid_thw if first_image else [],
-                       tuple(seq.pixel_values.shape) if first_image else None, start, end)
+                       tuple(seq.pixel_values.shape) if first_image else None, start, end,
+                       blocks=self.blocks if start == 0 else None)
         return self.run_plan(StepPlan(prefill=[item]), {0: seq.pixel_values} if first_image else None,
                              {0: seq} if seq is not None else None)
 
@@ -192,7 +197,7 @@ class WarmUp:
         """A text chunk of n tokens in slot 0 with every other slot decoding, one forward: its seconds."""
         from ..plan import FROM_DEVICE, Prefill, StepPlan
 
-        plan = StepPlan(prefill=[Prefill(0, _text_ids(self.runner.config, n), [], None, 0, n)],
+        plan = StepPlan(prefill=[Prefill(0, _text_ids(self.runner.config, n), [], None, 0, n, blocks=self.blocks)],
                         decode=[(s, FROM_DEVICE) for s in range(1, self.runner.max_slots)])
         return self.run_plan(plan)
 
@@ -209,7 +214,7 @@ class WarmUp:
 
         engine, runner, limits = self.engine, self.runner, self.limits
         t_start = time.perf_counter()
-        longest = min(limits.max_prompt_tokens, engine.context_len - 1)
+        longest = min(limits.max_prompt_tokens or engine.context_len, engine.context_len - 1)
         cap = min(limits.prefill_chunk_tokens, longest)
         x16 = max(16, cap // 16 * 16)
         # On a GPU each class runs at its largest length: the largest is also the peak of the prefill's
@@ -300,7 +305,7 @@ class WarmUp:
         if small:
             side = [unit, unit]
         else:
-            tokens = min(limits.max_prompt_tokens, self.engine.context_len - 1) - 64
+            tokens = min(limits.max_prompt_tokens or self.engine.context_len, self.engine.context_len - 1) - 64
             per_side = max(1, int(tokens ** 0.5))
             while per_side * per_side * unit * unit > limits.max_image_pixels and per_side > 1:
                 per_side -= 1

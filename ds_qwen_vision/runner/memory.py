@@ -1,0 +1,227 @@
+"""The memory planner: how many sequences and KV blocks this deployment holds, from the memory the ranks have.
+
+In vLLM's order, at start-up, before any cache is allocated: the weights are loaded; a profiling forward
+runs the largest shapes a request can bring (the largest prefill chunk, and the largest allowed image
+through the vision tower -- capped, and said so, where it does not fit); every rank measures what its
+device still has (free, plus what PyTorch's caching allocator holds unused) less what those forwards
+needed at their peak; the ranks take the minimum, so that every rank allocates the same caches; then
+`memory.gpu_fraction` of it (vLLM's gpu_memory_utilization, of what is left rather than of the card) is
+split into
+
+  * the prefix and image caches (`cache.prefix_bytes`, `cache.image_bytes`, as configured);
+  * per sequence slot: its Gated DeltaNet state (conv + recurrent, float32 as the checkpoint's
+    mamba_ssm_dtype), with speculative decoding the state after each verified position (k + 1 more), and
+    the slot's small buffers. `limits.max_concurrent` caps the slots; left out, the slots' fixed state
+    takes at most a quarter of the budget (at most MAX_SLOTS);
+  * KV blocks with the rest: one pool per attention layer (and the MTP head's), shared by every sequence
+    through block tables (runner/slot_state.py), so that one long conversation or many short ones use
+    the same memory as they come.
+
+`limits.max_prompt_tokens` left out is what fits one sequence (up to the model's positions). A deployment
+whose KV cannot hold one request of its own limits refuses to start with the numbers (MemoryError here, a
+config error: exit 2). CPU ranks take `memory.cpu_cache_bytes` as the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as tdist
+
+from ..model import log
+
+MAX_SLOTS = 64  # the decode graphs' largest batch (ModelRunner.batch_sizes) and the plan header's width
+SLOT_SHARE = 0.25  # of the budget, for the slots' fixed state when limits.max_concurrent is left out
+GIB = 1 << 30
+
+
+class PlanError(ValueError):
+    """A deployment that cannot serve one request of its own limits: a config error (exit 2)."""
+
+
+@dataclass
+class MemoryPlan:
+    max_slots: int          # sequences at once (GDN state rows)
+    num_blocks: int         # KV blocks per attention layer, the null block included
+    block_size: int
+    max_prompt_tokens: int
+    max_len: int            # tokens one sequence may hold: prompt + new tokens
+    max_image_pixels: int
+    kv_tokens: int          # tokens of KV all sequences together can hold
+    budget_bytes: int       # what the caches got
+    available_bytes: int    # what the device had for them (after weights and activations), the ranks' minimum
+    activation_bytes: int   # the profiled forwards' peak beyond the weights
+    per_token_bytes: int
+    per_slot_bytes: int
+
+    def summary(self) -> str:
+        return (f"KV capacity: {self.kv_tokens:,} tokens ({self.num_blocks - 1:,} blocks of {self.block_size}), up "
+                f"to {self.max_slots} sequences, each up to {self.max_len:,} tokens (prompt up to "
+                f"{self.max_prompt_tokens:,}); cache budget {self.budget_bytes / GIB:.2f} GiB of "
+                f"{self.available_bytes / GIB:.2f} GiB available after the weights and "
+                f"{self.activation_bytes / GIB:.2f} GiB of activations; {self.per_token_bytes / 1024:.1f} KiB per "
+                f"token, {self.per_slot_bytes / (1 << 20):.1f} MiB per sequence slot")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def per_token_bytes(model, dtype: torch.dtype, mtp: bool) -> int:
+    """KV bytes one token takes on this rank: K and V of every full-attention layer (this rank's heads),
+    and of the MTP head's layers with speculative MTP."""
+    layers = [layer.self_attn for layer in model.model.language_model.layers if not hasattr(layer, "linear_attn")]
+    if mtp and getattr(model, "mtp", None) is not None:
+        layers += [layer.self_attn for layer in model.mtp.layers]
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(2 * attn.k_proj.weight.shape[0] * size for attn in layers)
+
+
+def per_slot_bytes(model, dtype: torch.dtype, spec_tokens: int) -> int:
+    """Fixed bytes per sequence slot on this rank: the GDN conv + recurrent state (float32), the state after
+    each of T = k + 1 verified positions with speculative decoding, the MTP head's pending hidden states, the
+    penalties' per-slot counts (engine/sampling.PenaltyState), the block table's row."""
+    gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
+    size = torch.tensor([], dtype=dtype).element_size()
+    state = sum(g.conv1d.weight.shape[0] * g.conv_kernel_size * size
+                + g.num_v_heads * g.head_k_dim * g.head_v_dim * 4 for g in gdn)
+    t = spec_tokens + 1 if spec_tokens else 0
+    text = model.config.text_config
+    return state * (1 + t) + t * text.hidden_size * size + text.vocab_size * 5
+
+
+def _peak(device, fn) -> int:
+    """The peak bytes allocated beyond what is allocated now while fn() runs."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def profile_chunk(runner_like, tokens: int) -> int:
+    """Peak activation bytes of a first prefill chunk of `tokens` (the largest a step runs)."""
+    from .slot_state import CacheView, SlotState
+
+    model, device = runner_like.model, runner_like.device
+    text = model.config.text_config
+    state = SlotState(model, 1, tokens, device, runner_like.dtype)  # one sequence of one chunk
+
+    def forward():
+        embeds = torch.zeros((1, tokens, text.hidden_size), dtype=runner_like.dtype, device=device)
+        positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
+        model(inputs_embeds=embeds, position_ids=positions, past_key_values=CacheView(state, slice(0, 1)),
+              attention_mask={"full_attention": None, "linear_attention": None}, use_cache=True, logits_to_keep=1)
+
+    return _peak(device, forward)
+
+
+def profile_image(runner_like, pixels: int) -> int | None:
+    """Peak activation bytes of the vision tower on a square image of `pixels`; None: out of memory."""
+    model, device = runner_like.model, runner_like.device
+    vision = model.config.vision_config
+    side = max(1, int(math.sqrt(pixels)) // (vision.patch_size * vision.spatial_merge_size))  # merged tokens
+    grid = torch.tensor([[1, side * vision.spatial_merge_size, side * vision.spatial_merge_size]], device=device)
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+
+    def forward():
+        x = torch.zeros((int(grid.prod()), width), dtype=runner_like.dtype, device=device)
+        model.model.get_image_features(x, grid, return_dict=True)
+
+    try:
+        return _peak(device, forward)
+    except torch.OutOfMemoryError:
+        return None
+
+
+def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool, world: int) -> MemoryPlan:
+    """The plan (module docstring). `runner_like`: model, device, dtype (the runner before its caches)."""
+    model, device = runner_like.model, runner_like.device
+    chunk = min(limits.prefill_chunk_tokens, limits.max_prompt_tokens or limits.prefill_chunk_tokens)
+    pixels = limits.max_image_pixels if limits.max_images_per_request > 0 else None
+    if device.type != "cuda":
+        return split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp,
+                            memory.cpu_cache_bytes, 0, limits.max_image_pixels, budget_share=1.0)
+    chunk_peak = profile_chunk(runner_like, chunk)
+    while True:
+        image_peak = profile_image(runner_like, pixels) if pixels is not None else 0
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        # The prefill graphs keep a pool of their own for their largest chunk's activations, beside what eager
+        # forwards (longer chunks, the vision tower) take from the caching allocator.
+        activation = chunk_peak + max(chunk_peak, image_peak if image_peak is not None else free)
+        available = _ranks_min(free + unused - activation, device, world)
+        fits = _ranks_min(int(image_peak is not None), device, world)
+        try:
+            if not fits:
+                raise PlanError("the vision tower runs out of memory")
+            plan = split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp, available,
+                                activation, pixels if pixels is not None else limits.max_image_pixels)
+            break
+        except PlanError:
+            # an image whose vision tower needs more than a prefill chunk leaves less for the caches: cap it
+            if pixels is None or (image_peak is not None and image_peak <= chunk_peak) or pixels < 4 * 1024 * 1024:
+                raise
+            log(f"[rank {_rank()}] memory planner: images of {pixels:,} pixels leave no room for the caches "
+                f"(vision tower {'out of memory' if image_peak is None else f'{image_peak / GIB:.2f} GiB'}); "
+                f"limits.max_image_pixels capped at {pixels // 2:,}")
+            pixels //= 2
+    return plan
+
+
+def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: bool, available: int,
+                 activation: int, image_pixels: int, budget_share: float | None = None) -> MemoryPlan:
+    """What `available` bytes (the ranks' minimum) hold: slots, KV blocks and the limits that follow."""
+    text = model.config.text_config
+    token_bytes = per_token_bytes(model, dtype, mtp)
+    slot_bytes = per_slot_bytes(model, dtype, spec_tokens)
+    block = memory.block_size
+    slack = spec_tokens + 1  # a verify writes k positions past the length; one step computed past the end
+    budget = int(available * (memory.gpu_fraction if budget_share is None else budget_share))
+    budget -= cache.prefix_bytes + cache.image_bytes
+    longest = text.max_position_embeddings
+    want = (limits.max_prompt_tokens + limits.max_new_tokens) if limits.max_prompt_tokens else None
+    if limits.max_concurrent is not None:
+        slots = min(limits.max_concurrent, MAX_SLOTS)
+    else:
+        slots = max(1, min(MAX_SLOTS, int(SLOT_SHARE * budget) // slot_bytes))
+    # fewer slots where the KV left would not hold one request of the limits (or, left out, a useful one)
+    need_one = (want or min(longest, 4 * limits.max_new_tokens)) + slack
+    while slots > 1 and (budget - slots * slot_bytes) // token_bytes < need_one:
+        slots -= 1
+    kv_bytes = budget - slots * slot_bytes
+    num_blocks = max(0, kv_bytes // (token_bytes * block))  # the null block is one of them
+    kv_tokens = (num_blocks - 1) * block
+    if num_blocks < 2 or kv_tokens < need_one:
+        raise PlanError(
+            f"the KV cache would hold {max(kv_tokens, 0):,} tokens ({max(budget, 0) / GIB:.2f} GiB for caches of "
+            f"{available / GIB:.2f} GiB available after the weights and {activation / GIB:.2f} GiB of activations, "
+            f"less cache.prefix_bytes + cache.image_bytes = {(cache.prefix_bytes + cache.image_bytes) / GIB:.2f} GiB "
+            f"and {slots} sequence slot(s) of {slot_bytes / (1 << 20):.1f} MiB), but one request of "
+            f"limits.max_prompt_tokens + limits.max_new_tokens needs {need_one:,}: lower those limits or the cache "
+            f"budgets, or give the deployment more memory (memory.gpu_fraction, more GPUs)")
+    max_len = min(kv_tokens - slack, longest)
+    if want is not None:
+        max_len = min(max_len, want)
+    prompt = limits.max_prompt_tokens or max(1, max_len - limits.max_new_tokens)
+    return MemoryPlan(slots, num_blocks, block, prompt, max_len, image_pixels, kv_tokens, budget, available,
+                      activation, token_bytes, slot_bytes)
+
+
+def _ranks_min(value: int, device, world: int) -> int:
+    """The smallest of every rank's value: the ranks size their caches alike."""
+    if world == 1 or not tdist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _rank() -> str:
+    import os
+
+    return os.environ.get("RANK", "0")

@@ -70,8 +70,11 @@ def gather_kv(pool, table, block_size):
 def reference_attention(query, key_pool, value_pool, paged: PagedKV, scaling):
     """query [b, Hq, T, D] (may be strided); key_pool/value_pool [num_blocks, Hkv, P, D]. Returns [b, T, Hq, D]."""
     b, n_heads, t, dim = query.shape
-    key = gather_kv(key_pool, paged.table, paged.block_size)  # [b, Hkv, L, D]
-    value = gather_kv(value_pool, paged.table, paged.block_size)
+    table = paged.table
+    if not query.is_cuda:  # only the blocks up to the batch's last visible key (CUDA: no host sync, graphs)
+        table = table[:, :int(paged.qpos.max()) // paged.block_size + 1]
+    key = gather_kv(key_pool, table, paged.block_size)  # [b, Hkv, L, D]
+    value = gather_kv(value_pool, table, paged.block_size)
     kv_heads, length = key.shape[1], key.shape[2]
     group = n_heads // kv_heads
     visible = torch.arange(length, device=query.device) <= paged.qpos[:, :, None]  # [b, T, L]

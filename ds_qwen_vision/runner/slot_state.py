@@ -85,8 +85,8 @@ class SlotState:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Block src's keys and values into block dst, in every pool (a restored prefix's partial last block:
         the new sequence writes the rest of it)."""
-        src = torch.tensor([s for s, _ in pairs], device=self.table.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.table.device)
+        src = to_device(torch.tensor([s for s, _ in pairs]), self.table.device)
+        dst = to_device(torch.tensor([d for _, d in pairs]), self.table.device)
         for k, v in (*self.kv.values(), *self.extra_kv.values()):
             k[dst] = k[src]
             v[dst] = v[src]

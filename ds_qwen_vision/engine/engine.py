@@ -261,6 +261,14 @@ class Engine:
         except Exception as e:
             raise RequestError(400, f"the image processor could not read an image: {e}", "messages",
                                "invalid_image") from None
+        grid = inputs.get("image_grid_thw")
+        patch = self.runner.model.config.vision_config.patch_size if grid is not None else 0
+        for t, h, w in (grid.tolist() if grid is not None else []):
+            # the memory planner may have capped limits.max_image_pixels below what the front lets through
+            if t * h * w * patch * patch > self.limits.max_image_pixels:
+                raise RequestError(400, f"an image of {w * patch}x{h * patch} pixels (as processed) is over this "
+                                   f"deployment's limits.max_image_pixels ({self.limits.max_image_pixels:,}; the memory "
+                                   f"planner's cap, see the start-up log)", "messages", "image_too_large")
         input_ids = inputs["input_ids"][0].tolist()
         n_prompt = len(input_ids)
         limit = min(self.limits.max_prompt_tokens or self.context_len, self.context_len - 1)

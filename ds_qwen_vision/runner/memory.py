@@ -34,6 +34,7 @@ from ..model import log
 MAX_SLOTS = 64  # the decode graphs' largest batch (ModelRunner.batch_sizes) and the plan header's width
 SLOT_SHARE = 0.25  # of the budget, for the slots' fixed state when limits.max_concurrent is left out
 GIB = 1 << 30
+IMAGE_FLOOR = 4 << 20  # pixels: images are not capped below 2048 x 2048 to make room for the caches
 
 
 class PlanError(ValueError):
@@ -146,30 +147,28 @@ def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool,
         return split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp,
                             memory.cpu_cache_bytes, 0, limits.max_image_pixels, budget_share=1.0)
     chunk_peak = profile_chunk(runner_like, chunk)
-    while True:
-        image_peak = profile_image(runner_like, pixels) if pixels is not None else 0
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
-        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        # The prefill graphs keep a pool of their own for their largest chunk's activations, beside what eager
-        # forwards (longer chunks, the vision tower) take from the caching allocator.
-        activation = chunk_peak + max(chunk_peak, image_peak if image_peak is not None else free)
-        available = _ranks_min(free + unused - activation, device, world)
-        fits = _ranks_min(int(image_peak is not None), device, world)
-        try:
-            if not fits:
-                raise PlanError("the vision tower runs out of memory")
-            plan = split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp, available,
-                                activation, pixels if pixels is not None else limits.max_image_pixels)
-            break
-        except PlanError:
-            # an image whose vision tower needs more than a prefill chunk leaves less for the caches: cap it
-            if pixels is None or (image_peak is not None and image_peak <= chunk_peak) or pixels < 4 * 1024 * 1024:
-                raise
-            log(f"[rank {_rank()}] memory planner: images of {pixels:,} pixels leave no room for the caches "
-                f"(vision tower {'out of memory' if image_peak is None else f'{image_peak / GIB:.2f} GiB'}); "
-                f"limits.max_image_pixels capped at {pixels // 2:,}")
-            pixels //= 2
+    image_peak = profile_image(runner_like, pixels) if pixels is not None else 0
+    # An image whose vision tower needs more than a prefill chunk takes that memory from the caches for good
+    # (its attention spans all of one image's patches): images are capped until it does not, down to 4 MP
+    # (2048 x 2048, 4,096 image tokens), and the log says so. The ranks agree on the cap.
+    while pixels is not None and pixels >= 2 * IMAGE_FLOOR and _ranks_min(
+            int(image_peak is not None and image_peak <= chunk_peak), device, world) == 0:
+        log(f"[rank {_rank()}] memory planner: the vision tower on an image of {pixels:,} pixels needs "
+            f"{'more than the device has' if image_peak is None else f'{image_peak / GIB:.2f} GiB'}, more than a "
+            f"prefill chunk's {chunk_peak / GIB:.2f} GiB; limits.max_image_pixels capped at {pixels // 2:,}")
+        pixels //= 2
+        image_peak = profile_image(runner_like, pixels)
+    if _ranks_min(int(image_peak is not None), device, world) == 0:
+        raise PlanError(f"the vision tower runs out of memory on an image of {pixels:,} pixels beside the weights")
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    # The prefill graphs keep a pool of their own for their largest chunk's activations, beside what eager
+    # forwards (longer chunks, the vision tower) take from the caching allocator.
+    activation = chunk_peak + max(chunk_peak, image_peak)
+    available = _ranks_min(free + unused - activation, device, world)
+    plan = split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp, available, activation,
+                        pixels if pixels is not None else limits.max_image_pixels)
     return plan
 
 

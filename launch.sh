@@ -12,9 +12,27 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
+# Nothing outlives this script (ds_qwen_vision/lifeline.py): the ranks watch this pid, the front dies with it.
+export DSQV_LAUNCHER_PID=$$
 # NVLink multicast can take a shared host's GPUs down; NCCL does fine without it.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 trap 'exit 0' TERM INT  # stopped before anything started: nothing to clean up
+usage() {
+    echo "usage: ./launch.sh [--prebuild] [--config FILE] [--model DIR] [--host H] [--port N] [--tp N] [--gpus 2,3]"
+    echo "                   [--device cpu|cuda] [--dtype float32|bfloat16]"
+    echo "  no arguments: the embedded demo (tiny checkpoint, CPU ranks, tp=2) on 127.0.0.1:8000 (README.md)"
+}
+# The flags' names are checked here, their values by ds_qwen_vision.config (the same overrides).
+for (( i = 1; i <= $#; i++ )); do
+    case ${!i} in
+        -h|--help) usage; exit 0 ;;
+        --prebuild) (( i == 1 )) || { usage >&2; echo "launch.sh: --prebuild comes first" >&2; exit 2; } ;;
+        --config|--model|--host|--port|--tp|--gpus|--device|--dtype)
+            (( i++ < $# )) || { usage >&2; echo "launch.sh: ${!#} needs a value" >&2; exit 2; } ;;
+        --config=*|--model=*|--host=*|--port=*|--tp=*|--gpus=*|--device=*|--dtype=*) ;;
+        *) usage >&2; echo "launch.sh: unknown argument ${!i}" >&2; exit 2 ;;
+    esac
+done
 prebuild=0
 if [[ "${1:-}" == "--prebuild" ]]; then prebuild=1; shift; fi
 
@@ -72,14 +90,22 @@ for gpu in "${lock_gpus[@]}"; do
     echo "launch.sh pid $$, server.port $(get server.port)" >"$lock"
 done
 # ---- end of rank placement
+# DeepSpeed JIT-builds its CPU all-reduce (shared memory) op at the CPU ranks' first start on a machine, silently.
+ext_dir=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}  # torch's (+ py311_cpu/ unless set)
+built=$(compgen -G "$ext_dir/deepspeed_shm_comm/*.so"; compgen -G "$ext_dir/py*/deepspeed_shm_comm/*.so")
+if [[ "$device" == "cpu" && -z "$built" ]]; then
+    echo "launch.sh: first start on this machine: DeepSpeed builds its CPU communication op now," \
+         "about 30 s with no output (once: cached in $ext_dir)" >&2
+fi
 if (( prebuild )); then  # the ranks' start-up alone (on the same GPUs), then exit: no socket, no front
     [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
     env -u CUDA_VISIBLE_DEVICES deepspeed "${launcher_args[@]}" --module ds_qwen_vision.serve "$@" --prebuild; code=$?
     rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*
     exit $code  # a rank's 2 is a config error (e.g. the memory planner's: no room for one request)
 fi
-# DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank in /dev/shm).
-trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_*' EXIT
+# Should a rank die before doing so itself: its shared-memory buffer (model.init_distributed), rank 0's socket
+# and pid file.
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$master_port"_* "$socket" "$socket.pid"' EXIT
 [[ "$device" == "cpu" ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + tp - 1) / tp ))}
 # Own sessions (setsid): a terminal's Ctrl-C or a supervisor's SIGTERM reaches this script only, which then
 # asks rank 0 to drain and stop the followers; the launcher itself would SIGTERM every rank at once.
@@ -118,7 +144,9 @@ done
 
 export DSQV_CONFIG_JSON="$config_json"
 export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d -t dsqv-metrics.XXXXXX)
-setsid gunicorn -c python:ds_qwen_vision.server.gunicorn_conf "ds_qwen_vision.server.app:create_app_from_env()" &
+# lifeline: SIGQUIT (gunicorn's quick shutdown) to the front when this script dies, even by kill -9.
+setsid python3 -m ds_qwen_vision.lifeline QUIT \
+    gunicorn -c python:ds_qwen_vision.server.gunicorn_conf "ds_qwen_vision.server.app:create_app_from_env()" &
 front=$!
 
 # Whichever side ends first ends the other; `wait -n` returns early when a trapped signal arrives.

@@ -136,7 +136,7 @@ def engine_main(args) -> None:
             args.out.write_text(json.dumps({"mode": f"ds-qwen-vision tp={world}", "ranks": [results],
                                             "partial": True}, indent=1))
 
-    def preprocess(gpu=on_gpu):  # what Engine.prepare runs: bytes -> pixels held on the host
+    def preprocess(gpu=on_gpu):  # what Intake.prepare runs: bytes -> pixels held on the host
         out = processor.image_processor(images=[open_image(img)], return_tensors="pt",
                                         **({"device": device} if gpu else {}))
         return {k: v.cpu() for k, v in out.items()}
@@ -243,7 +243,7 @@ def engine_main(args) -> None:
     save()
 
     # Concurrency: `streams` requests of 512 prompt tokens arrive together, each generates 256 tokens.
-    # Scheduled as the engine does (engine.Engine.plan): prompts prefilled within a token budget per step
+    # Scheduled as the engine does (engine/scheduler.py): prompts prefilled within a token budget per step
     # (limits.prefill_chunk_tokens) into the lowest free slots, every generating slot decodes each step,
     # greedy picks of all rows in one device op and one host copy.
     del runner

@@ -91,29 +91,12 @@ def conversation(tokenizer, turns: int, images: list[bytes], text_tokens: int, r
     return messages
 
 
-def drive(engine, runner) -> None:
-    """Engine.run's loop (tp=1: nothing to broadcast to) until a plan finds nothing to do and no step is in
-    flight: the request's steps, then whatever the engine does after it (freeing the slot, a snapshot job)."""
-    pending = None
-    while True:
-        plan = engine.plan()
-        if plan.empty():
-            if pending is None:
-                return
-            engine.consume(pending)
-            pending = None
-            continue
-        if pending is not None and engine.synchronous(plan):
-            engine.consume(pending)
-            pending = None
-        pixels = {p.slot: engine.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-        if engine.spec is not None:
-            engine.after_step(plan, runner.run(plan, pixels))
-            continue
-        step = engine.launch(plan, pixels, engine.running)
-        if pending is not None:
-            engine.consume(pending)
-        pending = step
+def drive(engine) -> None:
+    """Engine.run's own steps (tp=1: nothing to broadcast to) until one finds nothing to do: the request's
+    steps, then whatever the engine does after it (freeing the slot, a snapshot job)."""
+    pending, worked = engine.step(None)
+    while worked:
+        pending, worked = engine.step(pending)
 
 
 def ask(engine, runner, messages, max_tokens: int = 1) -> dict:
@@ -121,8 +104,8 @@ def ask(engine, runner, messages, max_tokens: int = 1) -> dict:
     host), time per later token, the work after the answer, prompt and cached tokens."""
     device = runner.device
     finished = {}
-    finish = engine.finish
-    engine.finish = lambda seq, reason: (finished.setdefault(seq.id, time.perf_counter()), finish(seq, reason))
+    finish = engine.output.finish
+    engine.output.finish = lambda seq, reason: (finished.setdefault(seq.id, time.perf_counter()), finish(seq, reason))
     sync(device)
     t0 = time.perf_counter()
     events = engine.generate({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
@@ -130,11 +113,11 @@ def ask(engine, runner, messages, max_tokens: int = 1) -> dict:
     start = next(events)  # prepare() ran: template, images, processor, hashes; the sequence is queued
     assert start["event"] == "start", start
     prepared = time.perf_counter()
-    seq = next(iter(engine.waiting.queue))
-    drive(engine, runner)
+    seq = engine.scheduler.waiting.items[0]
+    drive(engine)
     sync(device)
     idle = time.perf_counter()
-    engine.finish = finish
+    engine.output.finish = finish
     usage = None
     while not seq.events.empty():
         event = seq.events.get_nowait()

@@ -24,7 +24,7 @@ Steps, all on the same real-format checkpoint (built once, random weights, `chec
   so that a gap between two single-token chunks is one gap between two tokens); what still compiled after
   ready (from /health); SIGTERM. Then the runner alone
   (a subprocess, the baseline): one stream's decode step with the host reading every token, and
-  `--streams` prompts served by a tight loop scheduled like Engine.plan with the prefill budget the
+  `--streams` prompts served by a tight loop scheduled like Scheduler.schedule with the prefill budget the
   server's warm-up chose (no HTTP, no IPC, no detokenization), and once more with whole `--chunk` chunks
   every step.
 Writes OUT/DATE-CARD-tp1-served.json. Weights are random; the served streams ask for `ignore_eos`, so
@@ -130,7 +130,7 @@ def runner_main(args) -> None:
         return steps
 
     def streams(budget=None, overhead=0):
-        """Scheduled like Engine.plan: every generating slot decodes; prompts are prefilled within a token
+        """Scheduled like Scheduler.schedule (engine/scheduler.py): every generating slot decodes; prompts are prefilled within a token
         budget per step, `budget` while a stream decodes (whole `--chunk` chunks when none does) with each
         prompt charged `overhead` tokens; budget None: `--chunk` every step."""
         k = args.streams
@@ -203,7 +203,7 @@ def server_config(args, workdir: Path, tag: str, port: int) -> tuple[Path, dict]
     """The deployment config (the same limits for prebuild and bench: the same shapes) and launch.sh's env."""
     cfg = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
            "tensor_parallel": {"tp_size": 1},
-           "server": {"port": port, "ipc_socket": str(workdir / f"{tag}.sock"), "threads": 64,
+           "server": {"port": port, "ipc_socket": str(workdir / f"{tag}.sock"),
                       "step_timeout_s": 600},
            "limits": {"max_concurrent": args.streams, "max_prompt_tokens": args.max_prompt,
                       "max_new_tokens": args.new_tokens, "prefill_chunk_tokens": args.chunk,

@@ -6,7 +6,7 @@ step without a grammar (the baseline: pick the tokens of unmasked logits), measu
     python benchmarks/grammar_masks.py --model /models/Qwen3.6-27B --device cuda --out benchmarks/results/X.json
 
 `fill` is the host's part (xgrammar's matchers, every constrained row); `apply` is the device's: the
-additive mask `Engine.token_mask` hands the sampler (zeros, then xgrammar's kernel sets the disallowed
+additive mask `Output.token_mask` hands the sampler (zeros, then xgrammar's kernel sets the disallowed
 tokens to -inf) and its addition to the logits. The rows are driven by random logits under their masks (a random model, so the text itself means
 nothing); every step's mask depends on the token picked before it, as in serving. Costs depend on the
 grammar's state (inside a free string a mask is cheap, at a JSON key it is not): the figures are means
@@ -59,7 +59,7 @@ def run(grammars: Grammars, request: dict, batch: int, steps: int, vocab: int, d
         t1 = time.perf_counter()
         bits = grammars.fill(matchers)
         t2 = time.perf_counter()
-        # what Engine.token_mask hands the sampler (which adds it to the logits)
+        # what Output.token_mask hands the sampler (which adds it to the logits)
         mask = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
         grammars.apply(mask, bits)
         logits = logits + mask

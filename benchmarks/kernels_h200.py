@@ -7,7 +7,7 @@
    static cache holding 512 or 9,000 tokens; time per layer call (16 calls, one per attention layer, each
    over its own cache, replayed as a CUDA graph).
 2. Projections at 1..16 rows: cuBLAS (F.linear) on the separate and the fused weights, and the Triton skinny
-   GEMM (kernels/gemv.py), as achieved weight-read bandwidth against the measured copy bandwidth. Each
+   GEMM (benchmarks/gemv.py), as achieved weight-read bandwidth against the measured copy bandwidth. Each
    timing replays a CUDA graph over enough distinct weight copies that none is served from L2.
 3. The GDN decode step without its GEMMs (kernels/gdn_step.py: conv update + gated delta rule, state from
    and into the slot state): the Triton backend against flash-linear-attention's recurrence with the torch
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ds_qwen_vision.kernels import gemv  # noqa: E402
+from benchmarks import gemv  # noqa: E402  (the measured alternative, kept beside its benchmark)
 from ds_qwen_vision.kernels.decode_attention import reference_attention, split_kv_attention  # noqa: E402
 
 HIDDEN = 5120

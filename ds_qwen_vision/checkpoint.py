@@ -826,9 +826,11 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
 
 
 def demo_dir() -> Path:
-    """Where launch.sh builds (once) and serves the embedded demo checkpoint."""
-    cache = os.environ.get("DSQV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ds-qwen-vision"
-    return Path(cache) / "demo-tiny-seed0"
+    """Where launch.sh builds (once) and serves the embedded demo checkpoint (the front reads its
+    preprocessor_config.json there too: config.demo_checkpoint_dir)."""
+    from ds_qwen_vision.config import demo_checkpoint_dir
+
+    return Path(demo_checkpoint_dir())
 
 
 def main(argv: list[str] | None = None) -> int:

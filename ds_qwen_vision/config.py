@@ -31,6 +31,19 @@ ENV_CONFIG_JSON = "DSQV_CONFIG_JSON"
 ENV_CONFIG_PATH = "DSQV_CONFIG"
 # sockaddr_un.sun_path is 108 bytes including the trailing NUL.
 _MAX_SOCKET_PATH_BYTES = 107
+# The most sequences generated together: the memory planner's cap when limits.max_concurrent is null
+# (runner/memory.py MAX_SLOTS, the decode graphs' largest batch; a test keeps the two equal).
+MAX_CONCURRENT = 64
+# Request threads of each gunicorn worker beyond those the engine's sequences and queue can hold, so that
+# /health, /metrics and /v1/models still answer while every place holds a waiting client.
+SPARE_THREADS = 4
+
+
+def demo_checkpoint_dir() -> str:
+    """Where launch.sh builds (once) and serves the embedded demo checkpoint (checkpoint.py builds it)."""
+    cache = os.environ.get("DSQV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ds-qwen-vision")
+    return os.path.join(cache, "demo-tiny-seed0")
 
 
 class ConfigError(ValueError):
@@ -77,11 +90,15 @@ class ServerConfig(_Section):
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
-    threads: int = Field(16, ge=1)
+    # Request threads per worker (gthread): a request holds one while it waits in the engine's queue or
+    # generates. null: enough for limits.max_concurrent + limits.max_queue, plus SPARE_THREADS (filled in below).
+    threads: int | None = Field(None, ge=1)
     timeout_s: int = Field(600, gt=0)  # gunicorn worker timeout; also the front's IPC read timeout
     ipc_socket: str | None = None  # None -> /tmp/ds-qwen-vision-{port}.sock (filled in below)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     step_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    # From a rank's start to ready (loading, the memory plan, graph capture, warm-up): longer means a stuck rank
+    startup_timeout_s: float = Field(1800.0, gt=0, allow_inf_nan=False)
     shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
 
     @field_validator("ipc_socket")
@@ -104,9 +121,13 @@ class LimitsConfig(_Section):
     max_prompt_tokens: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(1024, gt=0)
     max_queue: int = Field(64, ge=1)
+    # Image pixels (as processed) that queued requests may hold in host memory until they are prefilled
+    # (float32 patches: 24 bytes a pixel, so the default is ~1.5 GiB); a request past it is refused (429
+    # queue_full) unless nothing queued holds pixels (one request alone always fits).
+    max_queued_pixels: int = Field(64 << 20, gt=0)
     # Sequences generated together (each a Gated DeltaNet state row; their KV is paged, from one pool). null:
     # the memory planner decides (their fixed state within a quarter of the cache budget, at most 64).
-    max_concurrent: int | None = Field(None, ge=1, le=64)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_CONCURRENT)
     # Prompt tokens prefilled per engine step, all sequences together: a long prompt is prefilled in
     # chunks so that the sequences already generating keep getting a token every step.
     prefill_chunk_tokens: int = Field(2048, ge=16)
@@ -227,11 +248,59 @@ class DeployConfig(_Section):
             self.server.ipc_socket = f"/tmp/ds-qwen-vision-{self.server.port}.sock"
         if self.tensor_parallel.master_port == self.server.port:
             raise ValueError(f"tensor_parallel.master_port and server.port are both {self.server.port}")
+        if self.server.threads is None:
+            held = self.requests_held()
+            self.server.threads = -(-held // self.server.workers) + SPARE_THREADS
         return self
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> DeployConfig:
+        """Settings that are each valid but cannot work together: every one found, each naming both fields."""
+        problems = []
+        limits, server = self.limits, self.server
+        if limits.max_n > limits.max_queue:
+            problems.append(
+                f"limits.max_n ({limits.max_n}) is above limits.max_queue ({limits.max_queue}): each choice takes a "
+                f"place in the queue, so every request with n over {limits.max_queue} would be refused (429 "
+                f"queue_full); lower limits.max_n or raise limits.max_queue")
+        assert server.threads is not None  # filled in above
+        held, threads = self.requests_held(), server.workers * server.threads
+        if threads < held:
+            concurrent = (limits.max_concurrent if limits.max_concurrent is not None
+                          else f"null, up to the memory planner's {MAX_CONCURRENT}")
+            problems.append(
+                f"server.workers x server.threads ({server.workers} x {server.threads} = {threads} request threads) is "
+                f"below limits.max_concurrent ({concurrent}) + limits.max_queue ({limits.max_queue}) = {held}: the "
+                f"requests past {threads} would wait inside gunicorn, where the engine's 429 queue_full never reaches "
+                f"them; raise server.threads (null: sized from the limits) or lower those limits")
+        if server.timeout_s < server.step_timeout_s:
+            problems.append(
+                f"server.timeout_s ({server.timeout_s}) is below server.step_timeout_s ({server.step_timeout_s:g}): "
+                f"the front would give up on the engine (503 engine_unavailable) while a step it allows is still "
+                f"running, before a hung rank is declared (503 rank_lost); raise server.timeout_s or lower "
+                f"server.step_timeout_s")
+        if limits.mixed_prefill and self.speculative.method != "none":
+            problems.append(
+                f'limits.mixed_prefill is true but speculative.method is "{self.speculative.method}": a speculative '
+                f"step verifies drafts, so no step would mix a prefill chunk with decode rows; set "
+                f"limits.mixed_prefill to false or speculative.method to \"none\"")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def requests_held(self) -> int:
+        """Requests the engine holds at most, running or queued (n = 1 each; a request of n choices takes n
+        places), each holding a request thread; limits.max_concurrent null counts as the memory planner's cap."""
+        concurrent = self.limits.max_concurrent if self.limits.max_concurrent is not None else MAX_CONCURRENT
+        return concurrent + self.limits.max_queue
 
     @property
     def is_demo(self) -> bool:
         return self.model == DEMO_MODEL
+
+    def model_dir(self) -> str:
+        """The checkpoint's directory: `model`, or the demo's cache directory."""
+        return demo_checkpoint_dir() if self.is_demo else self.model
 
     def socket_path(self) -> str:
         assert self.server.ipc_socket is not None  # filled in by the validator
@@ -278,6 +347,9 @@ def _json_path(loc: tuple[Any, ...]) -> str:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
+        if not e["loc"] and e["type"] == "value_error":  # DeployConfig's own rules name their fields themselves
+            lines += [f"  - {line}" for line in e["msg"].removeprefix("Value error, ").splitlines()]
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "model_type":

@@ -8,17 +8,24 @@ UTF-8 JSON object ending in ``\\n`` (JSON escapes newlines inside strings, so a 
                       engine closes the connection;
                       health / metrics: one line, {"result": ...} or {"error": "message"}.
 
-Events of a generate stream (build them with the helpers below)::
+Events of a generate stream: one typed contract, built with the helpers below by the engine (and the
+tests' fake engine) and checked by `EngineClient` (`check_event`) before the front reads them::
 
     {"event": "error", "status": 400|413|429|500|503, "type": str, "message": str,
      "param": str|None, "code": str|None}
     {"event": "start", "prompt_tokens": int}
-    {"event": "delta", "content": str, "reasoning_content": str}          # either may be ""
-    {"event": "done", "finish_reason": "stop"|"length",
-     "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int}}
+    {"event": "delta", "index": int, "content": str, "reasoning_content": str,     # either text may be ""
+     ["tool_calls": [OpenAI tool-call delta, ...]], ["logprobs": [OpenAI logprob entry, ...]],
+     ["finish_reason": "stop"|"length"|"tool_calls"]}                           # choice `index` ended
+    {"event": "done", "finish_reason": "stop"|"length"|"tool_calls",
+     "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int,
+               ["prompt_tokens_details": {"cached_tokens": int}]}}
 
 A stream is ``error`` alone, or ``start delta* done``; an ``error`` may also end a stream after
-``start`` (the engine failed mid-generation).  ``done`` and ``error`` are terminal.
+``start`` (the engine failed mid-generation, or this request's own host work raised: a 500
+``internal_error`` whose message names the request id found in the engine's log).  ``done`` and
+``error`` are terminal. A request with ``n`` choices streams the deltas of all of them (``index``), each
+choice's last delta carrying its ``finish_reason``.
 
 Cancellation: the front writes nothing after its request line, so the engine side reading EOF
 means the front went away (its client disconnected).  `IpcServer` then calls ``.close()`` on the
@@ -54,7 +61,7 @@ EVENT_START = "start"
 EVENT_DELTA = "delta"
 EVENT_DONE = "done"
 TERMINAL_EVENTS = frozenset({EVENT_ERROR, EVENT_DONE})
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 # OpenAI error ``type`` for each status an engine error may carry.
 ERROR_TYPES = {
@@ -78,20 +85,65 @@ def start_event(prompt_tokens: int) -> dict[str, Any]:
     return {"event": EVENT_START, "prompt_tokens": prompt_tokens}
 
 
-def delta_event(content: str = "", reasoning_content: str = "") -> dict[str, Any]:
-    return {"event": EVENT_DELTA, "content": content, "reasoning_content": reasoning_content}
+def delta_event(content: str = "", reasoning_content: str = "", *, index: int = 0,
+                tool_calls: list[dict[str, Any]] | None = None, logprobs: list[dict[str, Any]] | None = None,
+                finish_reason: str | None = None) -> dict[str, Any]:
+    """Text of choice `index`; the optional fields only when present (`logprobs` also when empty: the request
+    asked for them and these tokens' entries come later)."""
+    event: dict[str, Any] = {"event": EVENT_DELTA, "index": index, "content": content,
+                             "reasoning_content": reasoning_content}
+    if tool_calls:
+        event["tool_calls"] = tool_calls
+    if logprobs is not None:
+        event["logprobs"] = logprobs
+    if finish_reason is not None:
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, not {finish_reason!r}")
+        event["finish_reason"] = finish_reason
+    return event
 
 
-def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               cached_tokens: int | None = None) -> dict[str, Any]:
     if finish_reason not in FINISH_REASONS:
         raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, not {finish_reason!r}")
-    return {"event": EVENT_DONE, "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return {"event": EVENT_DONE, "finish_reason": finish_reason, "usage": usage}
 
 
 def is_terminal(event: dict[str, Any]) -> bool:
     return event.get("event") in TERMINAL_EVENTS
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_event(event: Any) -> dict[str, Any]:
+    """`event` if it is one of the contract's events, else ValueError naming what is wrong (per token on the
+    front: a few dictionary look-ups, no schema library)."""
+    kind = event.get("event") if isinstance(event, dict) else None
+    if kind == EVENT_DELTA:
+        ok = _is_int(event.get("index")) and isinstance(event.get("content"), str) and \
+            isinstance(event.get("reasoning_content"), str) and \
+            isinstance(event.get("tool_calls", []), list) and isinstance(event.get("logprobs", []), list) and \
+            event.get("finish_reason", "stop") in FINISH_REASONS
+    elif kind == EVENT_START:
+        ok = _is_int(event.get("prompt_tokens"))
+    elif kind == EVENT_DONE:
+        usage = event.get("usage")
+        ok = event.get("finish_reason") in FINISH_REASONS and isinstance(usage, dict) and \
+            all(_is_int(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    elif kind == EVENT_ERROR:
+        ok = event.get("status") in ERROR_TYPES and isinstance(event.get("message"), str)
+    else:
+        raise ValueError(f"unknown event: {str(event)[:200]}")
+    if not ok:
+        raise ValueError(f"malformed {kind} event: {str(event)[:200]}")
+    return event
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +244,10 @@ class EngineClient:
                     checked = time.monotonic()
                     if client_gone():
                         raise ClientGone("the HTTP client closed its connection")
-                if event.get("event") not in (EVENT_ERROR, EVENT_START, EVENT_DELTA, EVENT_DONE):
-                    raise EngineUnavailable(f"engine sent an unknown event: {str(event)[:200]}")
+                try:
+                    check_event(event)
+                except ValueError as e:
+                    raise EngineUnavailable(f"engine sent {e}") from None
                 yield event
                 if is_terminal(event):
                     return

@@ -53,8 +53,56 @@ def init_distributed(device: str) -> tuple[int, int]:
     if "RANK" not in os.environ:  # run without the launcher: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The ranks of a host share its cores (launch.sh exports the same share): each rank's OpenMP pool
+        # would otherwise take them all, and the ranks fight for them (64 tokens of the generate command on the
+        # demo at tp=2, 2 busy cores: 60 s with 2 threads a rank, 9-14 s with 1; 2026-12-07).
+        local = int(os.environ.get("LOCAL_SIZE", "1"))
+        torch.set_num_threads(max(1, -(-len(os.sched_getaffinity(0)) // local)))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else None, verbose=False)
-    return dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # DeepSpeed's CPU all-reduce gives each rank a shared-memory buffer (/dev/shm, 69 MB), which every rank maps
+    # while joining, and never unlinks it. Once all have mapped all (the barrier) the names serve no one: unlinked
+    # now, the memory goes with the last process that maps it, however the processes end (kill -9 too).
+    # Every rank has one or none (it is the CPU ranks' op, for ranks of one host), so all or none wait here.
+    shm = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+           f"{os.environ.get('MASTER_PORT', '')}_{rank}")  # DeepSpeed's name (csrc/cpu/comm/shm.cpp)
+    if os.path.exists(shm):
+        if world > 1:
+            dist.barrier()
+        os.unlink(shm)
+    return rank, world
+
+
+def agree(ok: bool, device: torch.device | str = "cpu", group=None) -> bool:
+    """Whether `ok` holds on every rank of `group` (a MIN all-reduce of a flag; `ok` itself without a group).
+
+    Every per-rank choice that changes a step's collectives goes through here before it is used -- a CUDA
+    graph captured or not, the peer all-reduce: a rank replaying a padded prefill graph while its peer runs
+    exact-length chunks eagerly all-reduces other sizes, and both hang. `device`: where the group's backend
+    takes tensors (CUDA for NCCL)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size(group) == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+class _KernelAdvice(logging.Filter):
+    """transformers' advice to install flash-linear-attention / causal-conv1d, logged once per function and process
+    when a Gated DeltaNet layer runs its PyTorch fallback: four lines per rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+def quiet_kernel_advice(device: str, rank: int) -> None:
+    """Drop that advice where it cannot apply (CPU ranks: those kernels need a GPU) and on ranks other than 0, which
+    would repeat rank 0's."""
+    if device == "cpu" or rank != 0:
+        logging.getLogger("transformers.integrations.hub_kernels").addFilter(_KernelAdvice())
 
 
 def build_sharded(config, tp: int, dtype: torch.dtype, mtp: bool = False):
@@ -91,6 +139,7 @@ def load_model(model_dir: str, tp: int, device: str, dtype: torch.dtype, show_pr
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     rank = dist.get_rank() if tp > 1 else 0
     load_shards(model, model_dir, tp, rank, show_progress=show_progress and rank == 0)
+    quiet_kernel_advice(device, rank)
     return model
 
 

@@ -68,7 +68,7 @@ def image_files(tmp_path_factory):
 HARDENED_KEY_ENV = "DSQV_TEST_HARDENED_KEY"
 HARDENED_CONFIG = {
     "served_model_name": "fake-qwen",
-    "server": {"max_body_bytes": 300_000, "threads": 8, "shutdown_grace_s": 2},
+    "server": {"max_body_bytes": 300_000, "shutdown_grace_s": 2},
     "limits": {"max_images_per_request": 2, "max_image_pixels": 1_000_000, "max_prompt_tokens": 512,
                "max_new_tokens": 1024, "max_queue": 8, "max_concurrent": 1},
     "security": {"api_key_env": HARDENED_KEY_ENV, "allowed_image_url_prefixes": ["https://images.example/"]},

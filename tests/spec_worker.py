@@ -9,7 +9,7 @@ import torch
 
 from ds_qwen_vision.model import chat_inputs, init_distributed, load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
-from spec_driver import drive
+from driver import drive
 
 
 def main(spec_path: str) -> None:
@@ -18,7 +18,7 @@ def main(spec_path: str) -> None:
     model = load_model(spec["model"], world, "cpu", torch.float32, mtp=True, show_progress=False)
     processor = load_processor(spec["model"])
     x = [chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]]) for c in spec["cases"]]
-    jobs = [(0, 0, x[0]), (1, 2, x[1]), (("after", 0), 0, x[2])]
+    jobs = [(0, x[0]), (1, x[1]), (("after", 0), x[2])]
     result = {}
     for method in ("mtp", "ngram"):
         runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256,

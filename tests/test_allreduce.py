@@ -15,6 +15,8 @@ from ds_qwen_vision.config import ConfigError, load_config
 from ds_qwen_vision.kernels.allreduce import PeerAllReduce, refusal
 from ds_qwen_vision.model import chat_inputs, load_processor
 
+pytestmark = pytest.mark.slow  # multi-process (pyproject.toml: the fast tier runs -m "not slow")
+
 HIDDEN, VOCAB = 5120, 248_320  # the 27B's hidden size and vocabulary (the tp=2 lm_head all-reduces full logits)
 MiB = 1 << 20
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from PIL import Image
 from chat_http import answer, get, metric, post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -250,9 +251,11 @@ def images() -> list[Case]:
                           f"at most {MAX_IMAGES} per request", "messages"))
     cases.append(Case("too_many_images:across_turns", req(user([one, one]), {"role": "assistant", "content": "ok"},
                                                           user([one])), 400, "too_many_images", "3 images", "messages"))
-    # The front cannot know the processor's limits; the engine refuses with the processor's own reason.
+    # The front reads the processor's resize rule from the checkpoint: an image it would refuse is refused from
+    # its header, before it is decoded.
     cases.append(Case("processor:aspect_500", req(user(with_image(data_url(png(2000, 4))))), 400, "invalid_image",
-                      "aspect ratio must be smaller than 200", "messages", engine=True))
+                      "aspect ratio is over the model's image processor's limit of 200:1",
+                      "messages[0].content[1].image_url"))
     return cases
 
 
@@ -319,6 +322,13 @@ def sizes() -> list[Case]:
                                        user("and?")))]:
         cases.append(Case(f"prompt_too_long:{name}", body, 400, "context_length_exceeded",
                           f"the limit is {MAX_PROMPT}", "messages", engine=True))
+    # Images whose tokens alone are over the limit (a 1000x1000 image is 963 tokens): the front counts them from
+    # their headers, so even one whose pixel data is cut off is refused for its length, never decoded.
+    flat = encode(Image.new("RGB", (1000, 1000), "teal"), "PNG")
+    for name, data in [("image_header", flat), ("image_header_truncated", flat[:120])]:
+        cases.append(Case(f"prompt_too_long:{name}", req(user(with_image(data_url(data)))), 400,
+                          "context_length_exceeded", f"963 tokens as the model's image processor resizes them; "
+                          f"this server accepts at most {MAX_PROMPT} prompt tokens", "messages"))
     return cases
 
 

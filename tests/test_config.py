@@ -29,7 +29,8 @@ def test_defaults():
     assert cfg.tensor_parallel.tp_size == 2
     assert (cfg.dtype, cfg.device) == ("float32", "cpu")
     s = cfg.server
-    assert (s.host, s.port, s.workers, s.threads, s.timeout_s) == ("127.0.0.1", 8000, 1, 16, 600)
+    # threads null: one per request the engine can hold (64 sequences, the planner's cap, + 64 queued) + 4 spare
+    assert (s.host, s.port, s.workers, s.threads, s.timeout_s) == ("127.0.0.1", 8000, 1, 132, 600)
     assert (s.max_body_bytes, s.step_timeout_s, s.shutdown_grace_s) == (20 * 1024 * 1024, 120, 30)
     assert cfg.socket_path() == "/tmp/ds-qwen-vision-8000.sock"
     lim = cfg.limits
@@ -200,6 +201,81 @@ def test_module_entry_point(tmp_path):
     bad = run("--config", write(tmp_path, {"limits": {"max_queue": -1}}), "--dump")
     assert bad.returncode == 2 and bad.stdout == ""
     assert "limits.max_queue: Input should be greater than or equal to 1 (got -1)" in bad.stderr
+
+
+# Each rule: a config that breaks it, and the two fields its message must name (both JSON paths).
+CROSS_FIELD = {
+    "max_n over max_queue": ({"limits": {"max_n": 8, "max_queue": 4}},
+                             "limits.max_n (8) is above limits.max_queue (4)"),
+    "threads under concurrent + queue": ({"server": {"threads": 8}, "limits": {"max_concurrent": 1, "max_queue": 8}},
+                                         "server.workers x server.threads (1 x 8 = 8 request threads) is below "
+                                         "limits.max_concurrent (1) + limits.max_queue (8) = 9"),
+    "threads under the planner's 64 + queue": ({"server": {"workers": 2, "threads": 16}},
+                                               "server.workers x server.threads (2 x 16 = 32 request threads) is below "
+                                               "limits.max_concurrent (null, up to the memory planner's 64) + "
+                                               "limits.max_queue (64) = 128"),
+    "timeout under step timeout": ({"server": {"timeout_s": 60, "step_timeout_s": 120}},
+                                   "server.timeout_s (60) is below server.step_timeout_s (120)"),
+    "mixed prefill under speculation": ({"limits": {"mixed_prefill": True}, "speculative": {"method": "ngram"}},
+                                        'limits.mixed_prefill is true but speculative.method is "ngram"'),
+}
+
+
+@pytest.mark.parametrize("name", CROSS_FIELD)
+def test_fields_that_cannot_work_together(tmp_path, name):
+    raw, expected = CROSS_FIELD[name]
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, raw), {})
+    assert f"\n  - {expected}" in str(e.value), str(e.value)  # a line of its own, no "(top level)" prefix
+    assert str(e.value).count("\n  - ") == 1  # this rule alone
+
+
+def test_every_cross_field_problem_at_once(tmp_path):
+    raw = {"server": {"threads": 1, "timeout_s": 10, "step_timeout_s": 20},
+           "limits": {"max_n": 8, "max_queue": 4, "mixed_prefill": True}, "speculative": {"method": "mtp"}}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, raw), {})
+    lines = str(e.value).splitlines()[1:]
+    assert [line.split(" (")[0] for line in lines] == [
+        "  - limits.max_n", "  - server.workers x server.threads", "  - server.timeout_s",
+        "  - limits.mixed_prefill is true but speculative.method is \"mtp\": a speculative step verifies drafts, so "
+        "no step would mix a prefill chunk with decode rows; set limits.mixed_prefill to false or speculative.method "
+        "to \"none\""]
+
+
+def test_threads_default_to_what_the_limits_hold(tmp_path):
+    cfg = load_config(write(tmp_path, {"server": {"workers": 2}, "limits": {"max_concurrent": 4, "max_queue": 9}}), {})
+    assert cfg.server.threads == 7 + 4  # ceil(13 / 2) per worker, + 4 spare for /health and /metrics
+    assert cfg.server.workers * cfg.server.threads >= cfg.limits.max_concurrent + cfg.limits.max_queue
+    # the boundaries themselves are fine: threads == concurrent + queue, n == queue, timeout == step timeout
+    edge = {"server": {"threads": 13, "timeout_s": 120, "step_timeout_s": 120},
+            "limits": {"max_concurrent": 4, "max_queue": 9, "max_n": 9}}
+    assert load_config(write(tmp_path, edge), {}).server.threads == 13
+
+
+def test_planner_cap_is_the_runner_s():
+    from ds_qwen_vision.config import MAX_CONCURRENT
+    from ds_qwen_vision.runner.memory import MAX_SLOTS
+
+    assert MAX_CONCURRENT == MAX_SLOTS
+
+
+def test_test_configs_are_consistent():
+    """The configs the tests start servers with pass the cross-field rules too."""
+    from conftest import HARDENED_CONFIG
+    from test_load import CONFIG as LOAD_CONFIG
+
+    for raw in (HARDENED_CONFIG, LOAD_CONFIG):
+        load_config_json(json.dumps(raw), check_env=False)
+
+
+def test_cross_field_refusal_exits_2(tmp_path):
+    """launch.sh refuses such a config at start: ``python -m ds_qwen_vision.config`` exits 2 naming both fields."""
+    bad = subprocess.run([sys.executable, "-m", "ds_qwen_vision.config", "--config",
+                          write(tmp_path, {"limits": {"max_n": 8, "max_queue": 4}}), "--dump"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "limits.max_n (8) is above limits.max_queue (4)" in bad.stderr
 
 
 def test_config_from_env(tmp_path):

@@ -366,13 +366,16 @@ GRACE_S = 6.0
 
 
 def test_sigterm_refuses_new_work_finishes_what_fits_and_exits_0(tmp_path):
-    server = start_server(tmp_path, {"server": {"shutdown_grace_s": GRACE_S}, "limits": LIMITS})
+    # the queued request asks for more tokens than the grace period can hold, whatever the machine's speed
+    server = start_server(tmp_path, {"server": {"shutdown_grace_s": GRACE_S},
+                                     "limits": {**LIMITS, "max_new_tokens": 8000}})
     base = server.base_url
     try:
         tree = process_tree(server)
         _, short = open_stream(base, chat(DEMO_SERVED_NAME, LONG_PROMPTS[0], max_tokens=30, temperature=0))
         short_got = read_chunks(short, 3)
-        _, long = open_stream(base, chat(DEMO_SERVED_NAME, LONG_PROMPTS[1], max_tokens=1024, temperature=0))
+        _, long = open_stream(base, {**chat(DEMO_SERVED_NAME, LONG_PROMPTS[1], max_tokens=8000, temperature=0),
+                                     "ignore_eos": True})
         status, body = health(base)
         assert status == 200 and body["engine"]["in_flight"] == 1 and body["engine"]["queue_depth"] == 1, body
         t0 = time.monotonic()

@@ -181,7 +181,7 @@ def test_speculative_steps_through_fused_forwards(tiny_ckpt, method):
     """fuse=True on CPU (fused forwards, their eager chains; the MTP head's layer fused too): speculative
     verify steps of T = k + 1 tokens (decode attention over 1..8 query tokens) give transformers' greedy
     tokens, with forced acceptance of every length for ngram."""
-    from spec_driver import drive
+    from driver import drive
 
     from ds_qwen_vision.runner import ModelRunner
 
@@ -198,5 +198,5 @@ def test_speculative_steps_through_fused_forwards(tiny_ckpt, method):
         assert fused_weight(model.mtp.layers[0].mlp) is not None
     stats = {}
     extra = {"oracle": [want], "profile": (0.88, 0.77 / 0.88, 0.66 / 0.77)} if method == "ngram" else {}
-    assert drive(runner, [(0, 1, x)], n, chunk=5, stats=stats, **extra) == [want[:n]]
+    assert drive(runner, [(0, x)], n, chunk=5, stats=stats, **extra) == [want[:n]]
     assert stats["drafts"] > 0

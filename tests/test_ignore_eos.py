@@ -1,7 +1,7 @@
 """`ignore_eos`: an end-of-sequence token ends a choice unless the request asks to generate through it.
 
 The tiny random checkpoint seldom writes its real end-of-sequence token, so the engine is told that a token
-transformers' greedy answer writes early is one (Engine.eos_ids, what it reads from generation_config)."""
+transformers' greedy answer writes early is one (Output.eos_ids, what the engine reads from generation_config)."""
 from __future__ import annotations
 
 import threading
@@ -56,8 +56,8 @@ def test_ignore_eos_generates_through_end_of_sequence(engine, greedy_ids, tiny_c
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)
     eos = greedy_ids[3]
     first = greedy_ids.index(eos)
-    saved = engine.eos_ids
-    engine.eos_ids = saved | {eos}
+    saved = engine.output.eos_ids
+    engine.output.eos_ids = saved | {eos}
     try:
         text, finish, tokens = ask(engine)
         assert (finish, tokens) == ("stop", first + 1)
@@ -69,4 +69,4 @@ def test_ignore_eos_generates_through_end_of_sequence(engine, greedy_ids, tiny_c
         text, finish, tokens = ask(engine, ignore_eos=True, stop_token_ids=[eos])
         assert (finish, tokens) == ("stop", first + 1)
     finally:
-        engine.eos_ids = saved
+        engine.output.eos_ids = saved

@@ -20,6 +20,8 @@ from server_fixture import start_server
 
 from ds_qwen_vision.config import DEMO_SERVED_NAME
 
+pytestmark = pytest.mark.slow  # multi-process (pyproject.toml: the fast tier runs -m "not slow")
+
 CLIENTS = 64
 LOAD_S = 60.0          # the whole module stays under ~2 minutes on a 2-core machine
 MAX_TOKENS = 8

@@ -18,14 +18,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import OneRank
+from conftest import OneRank, generate_text
 from ds_qwen_vision.config import CacheConfig, LimitsConfig, MemoryConfig
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.engine.block_manager import BlockPool
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.plan import StepPlan
+from ds_qwen_vision.runner import ModelRunner
 from ds_qwen_vision.runner.memory import PlanError, plan_memory
-from test_prefix_cache import IMG_A, IMG_B, Harness, Reference, assistant, img, metrics, user
+from test_prefix_cache import IMG_A, IMG_B, Harness, Reference, assistant, engine_request, img, metrics, user
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_a_request_the_cache_cannot_hold_is_a_400(tiny_ckpt):
     events = [e for e in engine.generate(request) if e is not None]
     assert events[0]["event"] == "error" and events[0]["status"] == 400, events
     assert events[0]["code"] == "context_length_exceeded" and "KV cache" in events[0]["message"]
-    assert engine.waiting.empty()  # refused before anything was queued
+    assert not engine.scheduler.queued()  # refused before anything was queued
     request["messages"][0]["content"][0]["text"] = "hi " * 200
     events = [e for e in engine.generate(request) if e is not None]
     assert events[0]["status"] == 400 and events[0]["code"] == "context_length_exceeded"
@@ -199,25 +200,27 @@ def _hand_sums(model, spec_tokens: int, mtp: bool):
     conv = (2 * text.linear_num_key_heads * text.linear_key_head_dim
             + text.linear_num_value_heads * text.linear_value_head_dim) * text.linear_conv_kernel_dim * 4
     rec = text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim * 4
-    t = spec_tokens + 1 if spec_tokens else 0
-    per_slot = gdn * (conv + rec) * (1 + t) + t * text.hidden_size * 4 + text.vocab_size * 5
-    return per_token, per_slot
+    t = spec_tokens + 1
+    per_slot = gdn * (conv + rec) + text.vocab_size * 5
+    per_row = (gdn * (conv + rec) * t + t * text.hidden_size * 4) if spec_tokens else 0
+    return per_token, per_slot, per_row
 
 
 @pytest.mark.parametrize("spec_tokens", [0, 3])
 def test_planner_arithmetic(tiny_ckpt, spec_tokens):
     model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=spec_tokens > 0)
     like = SimpleNamespace(model=model, device=torch.device("cpu"), dtype=torch.float32)
-    per_token, per_slot = _hand_sums(model, spec_tokens, spec_tokens > 0)
+    per_token, per_slot, per_row = _hand_sums(model, spec_tokens, spec_tokens > 0)
     budget, cache = 64 << 20, CacheConfig(prefix_bytes=4 << 20, image_bytes=2 << 20)
     limits = LimitsConfig(max_new_tokens=256)
     plan = plan_memory(like, limits, MemoryConfig(cpu_cache_bytes=budget, block_size=32), cache, spec_tokens,
                        spec_tokens > 0, 1)
-    assert (plan.per_token_bytes, plan.per_slot_bytes) == (per_token, per_slot)
+    assert (plan.per_token_bytes, plan.per_slot_bytes, plan.per_row_bytes) == (per_token, per_slot, per_row)
     left = budget - (6 << 20)
     slots = min(64, left // 4 // per_slot)
-    assert plan.max_slots == slots
-    blocks = (left - slots * per_slot) // (per_token * 32)
+    rows = max(1, min(slots, left // 4 // per_row)) if spec_tokens else 0
+    assert (plan.max_slots, plan.spec_rows) == (slots, rows)
+    blocks = (left - slots * per_slot - rows * per_row) // (per_token * 32)
     assert plan.num_blocks == blocks and plan.kv_tokens == (blocks - 1) * 32
     assert plan.max_len == min(plan.kv_tokens - spec_tokens - 1, model.config.text_config.max_position_embeddings)
     assert plan.max_prompt_tokens == plan.max_len - 256
@@ -225,9 +228,48 @@ def test_planner_arithmetic(tiny_ckpt, spec_tokens):
     fixed = plan_memory(like, LimitsConfig(max_prompt_tokens=1000, max_new_tokens=256, max_concurrent=3),
                         MemoryConfig(cpu_cache_bytes=budget, block_size=32), cache, spec_tokens, spec_tokens > 0, 1)
     assert (fixed.max_slots, fixed.max_prompt_tokens, fixed.max_len) == (3, 1000, 1256)
-    assert fixed.num_blocks == (left - 3 * per_slot) // (per_token * 32)
+    assert fixed.num_blocks == (left - 3 * per_slot - fixed.spec_rows * per_row) // (per_token * 32)
     # a deployment that cannot hold one request of its own limits refuses to start, with the numbers
     with pytest.raises(PlanError, match="needs 1,2"):
         plan_memory(like, LimitsConfig(max_prompt_tokens=1000, max_new_tokens=256),
-                    MemoryConfig(cpu_cache_bytes=(6 << 20) + 3 * per_slot, block_size=32), cache, spec_tokens,
+                    MemoryConfig(cpu_cache_bytes=(6 << 20) + 3 * per_slot + per_row, block_size=32), cache, spec_tokens,
                     spec_tokens > 0, 1)
+
+
+def test_speculation_with_fewer_verify_rows_than_slots(tiny_ckpt, ref):
+    """MTP with verify buffers for 2 of 4 slots: sequences in slots 0-1 verify drafts, those in 2-3 decode one
+    token a step in a forward of their own, in the same steps. Every answer is transformers' greedy one."""
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=True)
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=512,
+                         speculative={"method": "mtp", "num_tokens": 2, "rows": 2})
+    assert runner.spec.rows == 2 and runner.state.conv_steps.shape[1] == 2
+    engine = Engine(runner, OneRank(), load_processor(tiny_ckpt), LimitsConfig(max_new_tokens=64))
+    steps = []
+    run = runner.run
+
+    def recording(plan, pixels=None):
+        steps.append((sorted(s for s, _ in plan.verify), sorted(s for s, _ in plan.decode)))
+        return run(plan, pixels)
+
+    runner.run = recording
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    try:
+        convs = [[user(f"Tell me about the number {n}, briefly.")] for n in range(4)]
+        out = [None] * 4
+
+        def ask(i):
+            out[i] = generate_text(engine, engine_request(convs[i]))[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert out == [ref.answer(c) for c in convs]
+        # steps where both kinds ran: verify rows below 2, plain decode rows at 2 and above
+        both = [(v, d) for v, d in steps if v and d]
+        assert both and all(max(v) < 2 <= min(d) for v, d in both)
+    finally:
+        engine.stop()
+        loop.join(30)

@@ -11,7 +11,7 @@ from ds_qwen_vision.model import chat_inputs, load_model, load_processor
 from ds_qwen_vision.plan import StepPlan
 from ds_qwen_vision.runner import ModelRunner
 from ds_qwen_vision.runner.prefill_graphs import buckets
-from spec_driver import drive, prefill_item
+from driver import drive, prefill_item
 
 N = 8
 PROMPTS = [
@@ -61,9 +61,9 @@ def test_buckets():
 @pytest.mark.parametrize("chunk", [None, 7, 20])
 def test_padded_chunks_match_transformers(setup, static, chunk):
     x, expected, last_logits = setup
-    # 0 in slot 0; 1 (an image) joins slot 2 at step 1; 2 joins slot 1 at step 3 while the others decode;
-    # when 0 ends, 0 again in slot 0: a new sequence in a used row starts from zero state
-    jobs = [(0, 0, x[0]), (1, 2, x[1]), (3, 1, x[2]), (("after", 0), 0, x[0])]
+    # 0 in slot 0; 1 (an image) joins at step 1; 2 joins at step 3 while the others decode; when 0 ends, 0
+    # again takes its slot: a new sequence in a used row starts from zero state
+    jobs = [(0, x[0]), (1, x[1]), (3, x[2]), (("after", 0), x[0])]
     assert drive(static, jobs, N, chunk=chunk) == [expected[i] for i in (0, 1, 2, 0)]
     # chunks that joined while others decoded rode in the decode rows' forward (prefill_graphs.mixed_forward)
     assert {c[0] for c in static.shapes if c[0].startswith("prefill")} >= {"prefill-graph", "prefill-graph-mixed"}
@@ -102,7 +102,7 @@ def test_a_chunk_above_the_largest_bucket_runs_eagerly(setup, tiny_ckpt):
     small = runner(tiny_ckpt, 16)
     n = x[2]["input_ids"].shape[1]
     assert n > 16
-    assert drive(small, [(0, 0, x[2])], N, chunk=None) == [expected[2]]  # one chunk of n: eager
+    assert drive(small, [(0, x[2])], N, chunk=None) == [expected[2]]  # one chunk of n: eager
     assert any(c[0] == "prefill" for c in small.shapes)
     assert small.chunk_classes(0, 16) == {("prefill-graph", 16)}
 
@@ -116,7 +116,7 @@ def test_mtp_head_sees_the_real_tokens_hidden_states(setup, tiny_ckpt):
     for tokens in (64, 0):
         r = runner(tiny_ckpt, tokens, speculative=spec)
         stats = {}
-        results.append((drive(r, [(0, 0, x[0]), (1, 1, x[1])], N, chunk=9, stats=stats), stats))
+        results.append((drive(r, [(0, x[0]), (1, x[1])], N, chunk=9, stats=stats), stats))
     (static_tokens, static_stats), (eager_tokens, eager_stats) = results
     assert static_tokens == eager_tokens == [expected[0], expected[1]]
     assert static_stats == eager_stats and static_stats["drafts"] > 0
@@ -194,5 +194,5 @@ def test_the_graph_capture_and_replay_plumbing(setup, tiny_ckpt, monkeypatch, sp
     sizes = len(r.batch_sizes)
     assert len(captured) == sizes * (2 if r.spec is not None else 1) + 3 + len(r.prefill_graphs.mixed)
     assert r.prefill_graphs.mixed == ([] if speculative else [16, 32, 64])
-    jobs = [(0, 0, x[0]), (1, 2, x[1]), (3, 1, x[2])]
+    jobs = [(0, x[0]), (1, x[1]), (3, x[2])]
     assert drive(r, jobs, N, chunk=20) == [expected[i] for i in (0, 1, 2)]

@@ -4,17 +4,20 @@ odd-but-valid images that must pass, and the image checks that must refuse bad b
 The image builders at the top are shared with test_server_api.py.
 """
 import base64
+import dataclasses
 import io
 import json
 import random
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from ds_qwen_vision.server.errors import ApiError
+from ds_qwen_vision.server.image_tokens import ImageTokens
 from ds_qwen_vision.server.protocol import (CompletionMeta, RequestLimits, chat_choice, chat_completion, check_image,
                                             completion_chunk, parse_chat_request, usage_chunk)
 
@@ -232,6 +235,90 @@ def test_images_are_counted_before_any_is_decoded():
     err = refused(body(messages=user_with_images(*[data_url(bomb_png(5000, 5000))] * 4)))
     assert (err.status, err.code, err.param) == (400, "too_many_images", "messages")
     assert "4 images" in err.message and "at most 3" in err.message
+
+
+# The demo checkpoints' rule (Qwen3.5/3.6's own preprocessor_config.json values): 32-pixel units, 256^2 to 4096^2 px
+RULE = ImageTokens(patch_size=16, merge_size=2, min_pixels=65_536, max_pixels=16_777_216)
+SIZES = [(1, 1), (8, 8), (31, 33), (48, 64), (200, 100), (255, 257), (600, 400), (640, 480), (1000, 1000),
+         (1023, 17), (4, 796), (1920, 1080), (3000, 15), (4096, 4096), (5000, 4000), (10000, 50), (16000, 9000)]
+
+
+def flat_png(w: int, h: int) -> bytes:
+    return encode(Image.new("RGB", (w, h), "teal"), "PNG")  # compresses to a few KB at any size
+
+
+def test_image_tokens_are_the_processor_s(tiny_ckpt):
+    """The front's count from the size alone is transformers' (the image processor's own patch count, as vLLM
+    counts it) and is what the processor produces from the decoded image: pad tokens and the two markers."""
+    from ds_qwen_vision.model import chat_inputs, load_processor
+
+    rule = ImageTokens.from_checkpoint(tiny_ckpt)
+    assert rule == RULE
+    processor = load_processor(tiny_ckpt)
+    merged = rule.merge_size ** 2
+    for w, h in SIZES:
+        assert rule.tokens(w, h) == processor.image_processor.get_number_of_image_patches(h, w) // merged + 2, (w, h)
+    tok = processor.tokenizer
+    pad, start = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_start|>")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}]
+    for sizes in [((1, 1), (640, 480)), ((48, 64), (1023, 17)), ((200, 100), (4, 796))]:
+        ids = chat_inputs(processor, messages, [png(w, h) for w, h in sizes])["input_ids"][0].tolist()
+        assert ids.count(pad) + 2 * ids.count(start) == sum(rule.tokens(w, h) for w, h in sizes), sizes
+
+
+def test_image_tokens_rule_from_checkpoint_files(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "merge_size": 2, "min_pixels": 3136, "max_pixels": 1_003_520,
+         "size": {"shortest_edge": 1, "longest_edge": 2}}))  # Qwen2-VL style: min/max_pixels win over size
+    assert ImageTokens.from_checkpoint(tmp_path) == ImageTokens(14, 2, 3136, 1_003_520)
+    (tmp_path / "preprocessor_config.json").write_text('{"patch_size": 16}')
+    assert ImageTokens.from_checkpoint(tmp_path) is None  # unreadable: the engine alone counts
+    assert ImageTokens.from_checkpoint(tmp_path / "missing") is None
+
+
+def test_over_long_images_are_refused_from_their_headers():
+    """A prompt whose images alone are over the prompt limit is a 400 context_length_exceeded before any image
+    is decoded: an image whose pixel data is cut off is refused for its length, not as a truncated image."""
+    limits = dataclasses.replace(LIMITS, image_tokens=RULE, max_prompt_tokens=500, max_image_pixels=16_777_216)
+    big = flat_png(1000, 1000)
+    assert RULE.tokens(1000, 1000) == 963
+    for images in ([big], [big[:120]], [flat_png(640, 480), flat_png(600, 400)[:100]]):
+        err = refused(body(messages=user_with_images(*map(data_url, images))), limits)
+        assert (err.status, err.code, err.param) == (400, "context_length_exceeded", "messages"), err.message
+        assert "this server accepts at most 500 prompt tokens" in err.message
+    err = refused(body(messages=user_with_images(data_url(flat_png(640, 480)), data_url(flat_png(600, 400)))), limits)
+    assert "are 532 tokens (302 + 230)" in err.message
+    # Within the limit: decoded then, and a truncated one refused as such.
+    parse_chat_request(body(messages=user_with_images(data_url(flat_png(640, 480)))), limits)
+    err = refused(body(messages=user_with_images(data_url(flat_png(640, 480)[:120]))), limits)
+    assert err.code == "invalid_image"
+    # Without the rule or the limit, images are not counted here (the engine counts the whole prompt).
+    for unknown in (dataclasses.replace(limits, image_tokens=None),
+                    dataclasses.replace(limits, max_prompt_tokens=None)):
+        assert refused(body(messages=user_with_images(data_url(big[:120]))), unknown).code == "invalid_image"
+        parse_chat_request(body(messages=user_with_images(data_url(big))), unknown)
+
+
+def test_too_elongated_images_are_refused_from_their_headers():
+    limits = dataclasses.replace(LIMITS, image_tokens=RULE)
+    err = refused(body(messages=user_with_images(data_url(png(2000, 4)[:60]))), limits)
+    assert (err.status, err.code, err.param) == (400, "invalid_image", "messages[0].content[1].image_url")
+    assert "2000x4: its aspect ratio is over the model's image processor's limit of 200:1" in err.message
+    parse_chat_request(body(messages=user_with_images(data_url(png(800, 4)))), limits)  # 200:1 itself is fine
+
+
+def test_limits_from_config(tiny_ckpt, tmp_path, monkeypatch):
+    from ds_qwen_vision.config import load_config_json
+
+    cfg = load_config_json(json.dumps({"model": tiny_ckpt, "limits": {"max_prompt_tokens": 300}}))
+    limits = RequestLimits.from_config(cfg)
+    assert (limits.image_tokens, limits.max_prompt_tokens) == (RULE, 300)
+    monkeypatch.setenv("DSQV_CACHE_DIR", str(tmp_path))  # the demo's checkpoint, where launch.sh builds it
+    (tmp_path / "demo-tiny-seed0").mkdir()
+    (tmp_path / "demo-tiny-seed0" / "preprocessor_config.json").write_text(
+        (Path(tiny_ckpt) / "preprocessor_config.json").read_text())
+    demo = RequestLimits.from_config(load_config_json("{}"))
+    assert (demo.image_tokens, demo.max_prompt_tokens) == (RULE, None)  # null: the planner's, asked at serving
 
 
 def test_image_urls():

@@ -8,7 +8,7 @@ from conftest import make_image
 from ds_qwen_vision.model import chat_inputs, load_model, load_processor
 from ds_qwen_vision.plan import Prefill, StepPlan
 from ds_qwen_vision.runner import ModelRunner
-from spec_driver import prefill_item as prefill  # a plan item for prompt tokens [start, end) and its pixels
+from driver import drive
 
 N = 10
 PROMPTS = [
@@ -36,46 +36,6 @@ def setup(tiny_ckpt):
     return runner, inputs, expected
 
 
-def drive(runner, jobs, chunk: int | None = None, logits: list | None = None) -> list[list[int]]:
-    """Run jobs = [(joins, slot, inputs)] the way the engine schedules them: a job joins at step `joins`
-    (an int) or when job k has finished (("after", k)); prompts are prefilled `chunk` tokens per step
-    while the other slots decode. Returns each job's N greedy tokens (and their logits in `logits`)."""
-    tokens = [[] for _ in jobs]
-    rows = [[] for _ in jobs]
-    prefilled = [None] * len(jobs)  # None: not started
-    finished = set()
-    step = 0
-    while len(finished) < len(jobs):
-        plan, pixels, slot_job = StepPlan(), {}, {}
-        for j, (joins, slot, x) in enumerate(jobs):
-            if j in finished:
-                continue
-            started = prefilled[j] is not None
-            if not started and not (joins == step if isinstance(joins, int) else joins[1] in finished):
-                continue
-            slot_job[slot] = j
-            n = x["input_ids"].shape[1]
-            done = prefilled[j] or 0
-            if done < n:
-                end = n if chunk is None else min(n, done + chunk)
-                item, px = prefill(slot, x, done, end)
-                plan.prefill.append(item)
-                pixels.update(px)
-                prefilled[j] = end
-            else:
-                plan.decode.append((slot, tokens[j][-1]))
-        for slot, row in runner.run(plan, pixels).items():
-            j = slot_job[slot]
-            tokens[j].append(int(torch.argmax(row)))
-            rows[j].append(row)
-            if len(tokens[j]) == N:
-                finished.add(j)
-        step += 1
-    if logits is not None:
-        logits.extend(torch.stack(r) for r in rows)
-    return tokens
-
-
 def state_addresses(runner):
     return [t.data_ptr() for kv in runner.state.kv.values() for t in kv] + \
         [t.data_ptr() for t in (*runner.state.conv.values(), *runner.state.recurrent.values())]
@@ -84,27 +44,31 @@ def state_addresses(runner):
 def test_concurrent_sequences_match_transformers(setup):
     runner, x, expected = setup
     addresses = state_addresses(runner)
-    # 0 in slot 0; 1 (an image) joins slot 2 at step 2, so slot 1 is an idle row inside the decode batch;
-    # 2 joins slot 1 at step 4 and is prefilled 5 tokens a step while 0 and 1 decode around it (idle rows
-    # must keep their state); when 0 ends, 3 (two images) reuses slot 0, and so does 0 again after 1.
-    jobs = [(0, 0, x[0]), (2, 2, x[1]), (4, 1, x[2]), (("after", 0), 0, x[3]), (("after", 3), 3, x[0])]
-    logits = []
-    got = drive(runner, jobs, chunk=5, logits=logits)
+    # 0 in slot 0; 1 (an image) joins at step 2; 2 joins at step 4 and is prefilled 5 tokens a step while 0
+    # and 1 decode around it; when 0 ends, 3 (two images) takes its slot (an idle row inside the decode batch
+    # while it is prefilled), and 0 again takes 1's (no state may leak).
+    jobs = [(0, x[0]), (2, x[1]), (4, x[2]), (("after", 0), x[3]), (("after", 1), x[0])]
+    logits, plans = [], []
+    got = drive(runner, jobs, N, chunk=5, logits=logits, plans=plans)
     assert got == [expected[i] for i in (0, 1, 2, 3, 0)]
+    assert any(p.decode and max(s for s, _ in p.decode) >= len(p.decode) for p in plans)  # an idle row inside
     # Closer than tokens: each job's logits as when it runs alone (a leaked state moved them by 0.3 and flipped no token).
-    for (_, _, xj), row in zip(jobs, logits):
+    for (_, xj), row in zip(jobs, logits):
         alone = []
-        drive(runner, [(0, 0, xj)], logits=alone)
+        drive(runner, [(0, xj)], N, logits=alone)
         torch.testing.assert_close(row, alone[0], rtol=1e-3, atol=1e-3)
     assert state_addresses(runner) == addresses  # never reallocated
 
 
 def test_chunked_prefill_and_one_at_a_time_match(setup):
     runner, x, expected = setup
-    for i in range(len(PROMPTS)):
-        assert drive(runner, [(0, 3, x[i])], chunk=7) == [expected[i]]  # the highest slot: a batch of 4
+    filler = {"input_ids": torch.tensor([[100]])}  # one token, one new token: holds a slot for one step
+    for i in range(len(PROMPTS)):  # three fillers take slots 0-2, so this one decodes in slot 3: a batch of 4
+        plans = []
+        assert drive(runner, [(0, filler, 1)] * 3 + [(0, x[i])], N, chunk=7, plans=plans)[3] == expected[i]
+        assert plans[-2].decode == [(3, -1)]
     # slot 0 every time, the previous sequence's state must not leak into the next one
-    assert drive(runner, [(0, 0, x[2]), (("after", 0), 0, x[0]), (("after", 1), 0, x[2])]) == \
+    assert drive(runner, [(0, x[2]), (("after", 0), x[0]), (("after", 1), x[2])], N) == \
         [expected[2], expected[0], expected[2]]
 
 
@@ -117,11 +81,11 @@ def test_refusals(setup):
 
 
 def test_compiled_norms_answer_the_same(setup, tiny_ckpt):
-    """fuse=True (the CUDA default): torch.compile'd RMSNorms, batch sizes 1 and 4, chunked prefill."""
+    """fuse=True (the CUDA default): torch.compile'd RMSNorms, decode batches of 1 and 2, chunked prefill."""
     _, x, expected = setup
     model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)  # compile patches modules
     runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=256, fuse=True)
-    assert drive(runner, [(0, 0, x[0]), (1, 3, x[1])], chunk=6) == expected[:2]
+    assert drive(runner, [(0, x[0]), (1, x[1])], N, chunk=6) == expected[:2]
 
 
 def test_prefill_runs_the_norms_eagerly(setup, tiny_ckpt):

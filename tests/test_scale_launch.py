@@ -21,6 +21,8 @@ import pytest
 from ds_qwen_vision.config import ConfigError, load_config
 from ds_qwen_vision.launcher import LaunchPlan, plan_launch
 
+pytestmark = pytest.mark.slow  # multi-process (pyproject.toml: the fast tier runs -m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -39,6 +39,8 @@ from server_fixture import REPO, free_port, start_server
 
 from ds_qwen_vision.config import DEMO_SERVED_NAME
 
+pytestmark = pytest.mark.slow  # multi-process (pyproject.toml: the fast tier runs -m "not slow")
+
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 if HAPROXY is None:
     if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure, not a skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
 import shutil
@@ -65,12 +66,14 @@ class FakeEngine:
         self.cancelled = threading.Event()  # set when a generator is closed before its end
         self.ranks_ready = [True, True]
         self.fail_unary = False
+        self.memory = None  # the memory plan in the health report (None: not planned yet)
 
     def health(self) -> dict:
         if self.fail_unary:
             raise RuntimeError("boom")
-        return {"ready": all(self.ranks_ready),
-                "ranks": [{"rank": i, "ready": r, "device": "cpu"} for i, r in enumerate(self.ranks_ready)]}
+        report = {"ready": all(self.ranks_ready),
+                  "ranks": [{"rank": i, "ready": r, "device": "cpu"} for i, r in enumerate(self.ranks_ready)]}
+        return report if self.memory is None else {**report, "memory": self.memory}
 
     def metrics(self) -> str:
         if self.fail_unary:
@@ -159,8 +162,8 @@ def make_config(socket_path: str, *, api_key: bool = False, port: int = 8000, wo
     # The key's env var is checked where the app is created (create_app / the gunicorn worker).
     return load_config_json(check_env=False, text=json.dumps({
         "model": f"/models/{MODEL}",
-        "server": {"ipc_socket": socket_path, "max_body_bytes": MAX_BODY, "timeout_s": 30, "port": port,
-                   "workers": workers, "threads": 8, "shutdown_grace_s": 1},
+        "server": {"ipc_socket": socket_path, "max_body_bytes": MAX_BODY, "timeout_s": 30, "step_timeout_s": 30,
+                   "port": port, "workers": workers, "shutdown_grace_s": 1},
         "limits": {"max_images_per_request": 2, "max_image_pixels": 1_000_000, "max_new_tokens": 64},
         "security": {"api_key_env": KEY_ENV if api_key else None,
                      "allowed_image_url_prefixes": ["https://images.example/"]},
@@ -465,6 +468,28 @@ def test_engine_down(sock_dir):
     resp = c.get("/metrics")  # the front's own part is still served
     assert resp.status_code == 200 and b"dsqv_front_requests_total" in resp.data
     assert b"dsqv_engine" not in resp.data
+
+
+def test_images_are_counted_against_the_planned_prompt_limit(engine, socket_path, tmp_path):
+    """limits.max_prompt_tokens null: the front takes the memory planner's figure from the engine's health once
+    it is there, and refuses images whose tokens alone are over it before decoding them (test_protocol has the
+    rule); the checkpoint's resize rule comes from its preprocessor_config.json."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 16, "merge_size": 2, "size": {"shortest_edge": 65536, "longest_edge": 16777216}}))
+    cfg = make_config(socket_path).model_dump(mode="json")
+    assert cfg["limits"]["max_prompt_tokens"] is None
+    app = create_app(load_config_json(json.dumps({**cfg, "model": str(tmp_path)}), check_env=False)).test_client()
+    flat = io.BytesIO()
+    Image.new("RGB", (1000, 1000), "teal").save(flat, "PNG")  # 963 tokens
+    request = chat(with_image(data_url(flat.getvalue()[:120])))  # cut off: never decoded if refused for length
+    assert_error(app.post("/v1/chat/completions", json=request), 400, "invalid_image")  # no figure yet: decoded
+    engine.memory = {"max_prompt_tokens": 500, "max_slots": 4}
+    err = assert_error(app.post("/v1/chat/completions", json=request), 400, "context_length_exceeded",
+                       "963 tokens as the model's image processor resizes them; this server accepts at most 500",
+                       param="messages")
+    assert err["type"] == "invalid_request_error" and not engine.requests
+    small = chat(with_image(data_url(png(64, 48))))
+    assert app.post("/v1/chat/completions", json=small).status_code == 200 and len(engine.requests) == 1
 
 
 def test_health(engine, client):
@@ -841,6 +866,44 @@ def test_gunicorn_client_disconnect_cancels(engine, servers):
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     assert engine.cancelled.wait(3.0)
+
+
+def raw_exchange(base: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Bytes to the server as they are (no client library would send them); its (status, headers, body)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("name, request_bytes, status, code, fragment", [
+    ("request line over limit_request_line", b"GET /v1/models?q=" + b"x" * 6000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+     414, "request_line_too_long", "request line (method, path and query string) is too long"),
+    ("a header over limit_request_field_size", b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 9000
+     + b"\r\n\r\n", 431, "request_headers_too_large", "request headers are too large"),
+    ("more headers than limit_request_fields", b"GET /v1/models HTTP/1.1\r\nHost: a\r\n"
+     + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431, "request_headers_too_large",
+     "request headers are too large"),
+    ("a malformed request line", b"NOT-HTTP\r\n\r\n", 400, "invalid_request", "Bad Request"),
+])
+def test_gunicorn_refusals_are_json(engine, servers, name, request_bytes, status, code, fragment):
+    """What gunicorn refuses before the app runs comes back in the OpenAI error shape, not as an HTML page."""
+    got, headers, body = raw_exchange(servers["auth"], request_bytes)
+    assert got == status, body
+    assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body)
+    assert headers["connection"] == "close" and headers["x-request-id"]
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["code"] == code and fragment in err["message"], err
+    assert not engine.requests
+    # the worker goes on serving
+    assert [m.id for m in oa(servers["auth"]).models.list()] == [MODEL]
 
 
 def test_gunicorn_metrics_multiprocess(engine, servers):

@@ -41,7 +41,7 @@ MAX_IMAGES = 3
 MAX_IMAGE_PIXELS = 1_000_000
 MAX_BODY = 300_000
 CONFIG = {
-    "server": {"max_body_bytes": MAX_BODY, "threads": 8},
+    "server": {"max_body_bytes": MAX_BODY},
     "limits": {"max_prompt_tokens": MAX_PROMPT_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
                "max_images_per_request": MAX_IMAGES, "max_image_pixels": MAX_IMAGE_PIXELS},
 }

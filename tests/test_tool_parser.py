@@ -69,9 +69,41 @@ def test_several_calls_with_content_before():
 
 
 def test_not_a_call_is_content():
-    for text in ("a <tool_call> b", "<tool_call>\nplain text", "x <tool_call", "<tool_call>\n<function"):
+    for text in ("a <tool_call> b", "<tool_call>\nplain text"):
         content, calls = whole(text)
         assert (content, calls) == (text, []), text
+
+
+def test_the_start_of_a_call_at_the_end_is_not_content():
+    """A call still arriving when the output ends (a partial tag, an unfinished header) is neither content
+    nor a call, the second call of an output too; cut by max_tokens or not."""
+    done = call("noop")
+    for text, content in (("x <tool_call", "x "), ("<tool_call>\n<function", ""), ("Hi <tool_c", "Hi "),
+                          (done + "\n<tool_call>\n<function=get_wea", ""), (done + "\n<tool", "")):
+        for cut in (False, True):
+            parser = ToolCallParser(TOOLS)
+            shown, _ = parser.feed(text)
+            rest, _ = parser.finish(cut)
+            assert shown + rest == content and "<tool" not in shown + rest, (text, cut)
+            assert [c["name"] for c in parser.calls] == (["noop"] if text.startswith(done) else []), (text, cut)
+
+
+def test_a_call_cut_by_max_tokens_keeps_its_arguments_as_generated():
+    """finish(cut=True): every cut of a call gives arguments that are the start of the whole call's (OpenAI's
+    `length`): the value being written as far as it went, a string unclosed, no closing brace made up."""
+    text = call("get_weather", city='Oslo "Nord"', days="12", metric="true")
+    full = '{"city": "Oslo \\"Nord\\"", "days": 12, "metric": true}'
+    assert whole(text)[1] == [("get_weather", json.loads(full))]
+    seen = set()
+    for n in range(text.index("<parameter="), len(text)):
+        parser = ToolCallParser(TOOLS)
+        content, deltas = parser.feed(text[:n])
+        rest, more = parser.finish(cut=True)
+        args = "".join(d["function"]["arguments"] for d in deltas + more)
+        assert content + rest == "" and full.startswith(args) and args == parser.calls[0]["arguments"], (n, args)
+        seen.add(args)
+    assert '{"city": "Oslo \\"No' in seen and '{"city": "Oslo \\"Nord\\"", "days": 1' in seen and full in seen
+    assert "{}" not in seen and "" in seen  # cut right after the header: no argument text yet
 
 
 def test_plain_text_has_no_calls():
@@ -114,24 +146,24 @@ def test_single_call_when_not_parallel():
 
 
 def test_a_call_inside_the_reasoning_is_not_a_call(tiny_ckpt):
-    """The engine's own path (TextStream → Engine.emit): a call written while thinking stays reasoning."""
+    """The engine's own path (TextStream → Output.emit): a call written while thinking stays reasoning."""
     import queue
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
 
-    from ds_qwen_vision.engine.engine import Engine
+    from ds_qwen_vision.engine.output import Output
     from ds_qwen_vision.engine.textstream import TextStream
 
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)
     inside, after = call("noop"), call("get_weather", city="Oslo")
     text = f"Maybe {inside} no.</think>\n\nOK {after}"
     seq = SimpleNamespace(stream=TextStream(tok, [], in_reasoning=True), tools=ToolCallParser(TOOLS),
-                          events=queue.Queue(), index=0, sampling=SimpleNamespace(logprobs=False))
+                          events=queue.Queue(), index=0, sampling=SimpleNamespace(logprobs=False), fault=None)
     ids = tok(text)["input_ids"]
     for token in ids:
-        Engine.emit(seq, *seq.stream.add(token), final=False)
-    Engine.emit(seq, *seq.stream.finish(), final=True)
+        Output.emit(seq, *seq.stream.add(token), final=False)
+    Output.emit(seq, *seq.stream.finish(), final=True)
     events = list(seq.events.queue)
     reasoning = "".join(e["reasoning_content"] for e in events)
     content = "".join(e["content"] for e in events)

@@ -9,6 +9,8 @@ from transformers import Qwen3_5ForConditionalGeneration
 from ds_qwen_vision.model import chat_inputs, load_processor
 from ranks import launch
 
+pytestmark = pytest.mark.slow  # multi-process (pyproject.toml: the fast tier runs -m "not slow")
+
 NEW_TOKENS = 24
 
 

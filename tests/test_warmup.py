@@ -16,9 +16,10 @@ from conftest import OneRank, make_image
 
 from ds_qwen_vision.config import CacheConfig, LimitsConfig, load_config_json
 from ds_qwen_vision.engine import Engine
+from ds_qwen_vision.engine.warmup import warm_up
 from ds_qwen_vision.model import load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner
-from ds_qwen_vision.runner.warmup import GAP_MARGIN, gap_bound_reachable, prefill_budget, warm_up
+from ds_qwen_vision.runner.warmup import GAP_MARGIN, gap_bound_reachable, prefill_budget
 
 
 def request(text: str, images: list[bytes] = (), max_tokens: int = 6, temperature: float = 0.0) -> dict:
@@ -144,20 +145,25 @@ def test_prefill_budget_keeps_the_gap_within_max_gap_steps():
     assert prefill_budget(0.020, step, 3.0, cap=256, sizes=[16, 32, 64, 128, 256], alone_s=prefill) == (256, 200)
 
 
+def scheduler_of(engine, limits, cache=None):
+    """A fresh engine's scheduler (and intake) over the warmed runner: driven directly, no loop."""
+    e = Engine(engine.runner, OneRank(), engine.processor, limits, cache=cache)
+    return e.scheduler, e.intake
+
+
 def test_whole_chunks_when_no_stream_decodes(warmed):
     """The gap budget protects decoding streams; with none, a new prompt is prefilled in whole chunks."""
     engine, _ = warmed
-    limits = engine.limits.model_copy(update={"prefill_chunk_tokens": 64})
-    e = Engine(engine.runner, OneRank(), engine.processor, limits)
-    e.prefill_budget, e.prefill_overhead = 16, 0
-    first = e.prepare(request("one two three four five six seven eight nine ten"))
+    s, intake = scheduler_of(engine, engine.limits.model_copy(update={"prefill_chunk_tokens": 64}))
+    s.prefill_budget, s.prefill_overhead = 16, 0
+    first = intake.prepare(request("one two three four five six seven eight nine ten"))
     assert 16 < len(first.input_ids) <= 64
-    e.waiting.put(first)
-    plan = e.plan()
+    s.add(first.group)
+    plan = s.schedule()
     assert [(p.start, p.end) for p in plan.prefill] == [(0, len(first.input_ids))] and not plan.decode
-    second = e.prepare(request("eleven twelve thirteen fourteen fifteen sixteen seventeen"))
-    e.waiting.put(second)
-    plan = e.plan()
+    second = intake.prepare(request("eleven twelve thirteen fourteen fifteen sixteen seventeen"))
+    s.add(second.group)
+    plan = s.schedule()
     assert plan.decode  # the first prompt's stream decodes now: the second gets the gap budget
     assert [(p.start, p.end) for p in plan.prefill] == [(0, 16)]
 
@@ -165,18 +171,17 @@ def test_whole_chunks_when_no_stream_decodes(warmed):
 def test_the_scheduler_charges_each_prompt_its_overhead(warmed):
     """Two short prompts would fit the token budget together, but not with the second one's fixed cost."""
     engine, _ = warmed
-    e = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
-    e.prefill_budget, e.prefill_overhead = 64, 200
+    s, intake = scheduler_of(engine, engine.limits)
+    s.prefill_budget, s.prefill_overhead = 64, 200
     for text in ("one two", "three four"):
-        seq = e.prepare(request(text))
-        e.waiting.put(seq)
-    plan = e.plan()
-    assert len(plan.prefill) == 1 and len(e.running) == 1  # the second waits for the next step
-    e2 = Engine(engine.runner, OneRank(), engine.processor, engine.limits)
-    e2.prefill_budget = 64
+        s.add(intake.prepare(request(text)).group)
+    plan = s.schedule()
+    assert len(plan.prefill) == 1 and len(s.running) == 1  # the second waits for the next step
+    s2, intake2 = scheduler_of(engine, engine.limits)
+    s2.prefill_budget = 64
     for text in ("one two", "three four"):
-        e2.waiting.put(e2.prepare(request(text)))
-    assert len(e2.plan().prefill) == 2
+        s2.add(intake2.prepare(request(text)).group)
+    assert len(s2.schedule().prefill) == 2
 
 
 def test_a_snapshot_split_waits_for_room_for_its_second_forward(warmed):
@@ -186,21 +191,21 @@ def test_a_snapshot_split_waits_for_room_for_its_second_forward(warmed):
     cache = CacheConfig(prefix_bytes=1 << 30, image_bytes=0)
     text = "one two three four five six seven eight nine ten"
     for overhead, steps in ((200, 2), (0, 1)):
-        e = Engine(engine.runner, OneRank(), engine.processor, engine.limits, cache=cache)
-        seq = e.prepare(request(text))
+        s, intake = scheduler_of(engine, engine.limits, cache)
+        seq = intake.prepare(request(text))
         n, b = len(seq.input_ids), seq.prefix.boundary
         assert 0 < b < n <= 64  # the snapshot before the generation prompt, inside the only chunk
-        e.prefill_budget, e.prefill_overhead = 64, overhead
-        e.waiting.put(seq)
-        plan = e.plan()
+        s.prefill_budget, s.prefill_overhead = 64, overhead
+        s.add(seq.group)
+        plan = s.schedule()
         chunks = [(p.start, p.end) for p in plan.prefill]
         assert plan.prefill[0].save is not None
         if steps == 2:  # 64 + 200 tokens' room: the chunk and one forward's cost, not a second one's
             assert chunks == [(0, b)] and seq.in_flight == 0
-            assert [(p.start, p.end) for p in e.plan().prefill] == [(b, n)] and seq.in_flight == 1
+            assert [(p.start, p.end) for p in s.schedule().prefill] == [(b, n)] and seq.in_flight == 1
         else:  # no fixed cost to charge (no max_gap_steps): both forwards in one step
             assert chunks == [(0, b), (b, n)] and seq.in_flight == 1
-        e.running.clear()
+        s.running.clear()
 
 
 @pytest.fixture
@@ -264,8 +269,8 @@ def test_with_prefill_graphs_a_gap_bound_chunk_is_a_replay(tiny_ckpt, mixed):
         warm_up(engine, lines.append)
         done = [line for line in lines if "warm-up done" in line][0]
         if gap is None:
-            assert engine.prefill_budget == limits.prefill_chunk_tokens, done
+            assert engine.scheduler.prefill_budget == limits.prefill_chunk_tokens, done
             continue
-        assert engine.prefill_budget <= 32 < limits.prefill_chunk_tokens
+        assert engine.scheduler.prefill_budget <= 32 < limits.prefill_chunk_tokens
         assert "prefill 16 tokens" in done and "32 tokens" in done and "128 tokens" not in done
         assert ("with the decode rows" in done) == mixed

@@ -60,10 +60,6 @@ class NgramIndex:
         return []
 
 
-def ngram_draft(tokens: list[int], k: int) -> list[int]:
-    return NgramIndex(tokens).draft(k)
-
-
 def accept_greedy(drafts: list[int], argmax: list[int]) -> list[int]:
     """argmax: the target's greedy token at each of the len(drafts) + 1 positions. Returns the tokens the
     sequence gets: the accepted drafts and the target's next token."""
@@ -122,8 +118,10 @@ class SeqSpec:
 
 
 class Speculator:
-    def __init__(self, method: str, k: int, registry):
-        self.method, self.k = method, k
+    def __init__(self, method: str, k: int, registry, rows: int | None = None):
+        # rows: the slots [0, rows) have verify buffers (runner/speculative.py); a sequence in a higher slot
+        # decodes one token a step (None: every slot verifies)
+        self.method, self.k, self.rows = method, k, rows
         self.m_drafts = Counter("dsqv_spec_draft_tokens", "Draft tokens verified", registry=registry)
         self.m_accepted = Counter("dsqv_spec_accepted_tokens", "Draft tokens accepted", registry=registry)
         self.m_pos_drafts = Counter("dsqv_spec_position_drafts", "Drafts verified at each draft position",
@@ -145,7 +143,7 @@ class Speculator:
             plan.accept.append((seq.slot, s.accept))
             s.accept = None
         room = seq.sampling.max_tokens - seq.generated - 1  # drafts past max_tokens could never be used
-        if not s.drafting or room < 1:
+        if not s.drafting or room < 1 or (self.rows is not None and seq.slot >= self.rows):
             plan.decode.append((seq.slot, seq.next_token))
             return
         if self.method == "ngram":
@@ -158,13 +156,14 @@ class Speculator:
         else:
             plan.verify.append((seq.slot, [seq.next_token]))
 
-    @staticmethod
-    def merge(plan) -> None:
-        """One forward for all decoding rows: when some rows verify, the plain decode rows join the verify
-        (a verify row without drafts is a decode); without verify rows the step stays a plain decode."""
+    def merge(self, plan) -> None:
+        """One forward for the decoding rows where it can: when some rows verify, the plain decode rows with
+        verify buffers join the verify (a verify row without drafts is a decode); rows above them decode in
+        a forward of their own; without verify rows the step stays a plain decode."""
         if plan.verify and plan.decode:
-            plan.verify.extend((slot, [token]) for slot, token in plan.decode)
-            plan.decode = []
+            rows = self.rows if self.rows is not None else float("inf")
+            plan.verify.extend((slot, [token]) for slot, token in plan.decode if slot < rows)
+            plan.decode = [(slot, token) for slot, token in plan.decode if slot >= rows]
 
     def drafts(self, seq, verified: list[int]) -> list[int]:
         """The drafts of a verified row the sequence can use: none if it does not draft, none past max_tokens."""

@@ -27,8 +27,12 @@ tool-call deltas in OpenAI's streaming shape: first ``{index, id, type, function
 each parameter as its value completes (its type needs the whole value), and the closing brace, so
 that the fragments concatenate to a JSON object. The non-streamed answer is the concatenation of the
 same deltas, so the two agree by construction. Text that turns out not to be a call (``<tool_call>``
-followed by something else) is released as content; a call cut off by ``max_tokens`` is closed with
-the parameters complete so far, so its ``arguments`` still parse.
+followed by something else) is released as content; the start of a call still arriving when the output
+ends (a partial ``<tool_call>`` tag, an unfinished ``<function=`` header) is not content, and not a call.
+A call cut off by ``max_tokens`` (`finish(cut=True)`) keeps its ``arguments`` as generated, as OpenAI
+returns them with ``finish_reason: length``: the parameters so far and the one being written, its value
+as far as it went, unclosed (a string without its closing quote); never a made-up ``{}``. A call the
+model itself left unfinished (it ended the output) is closed with the parameters complete so far.
 
 Written by hand because it has to run on rank 0's detokenized stream, step by step; vLLM's and
 SGLang's ``qwen3_coder`` parsers are the references for the format.
@@ -116,6 +120,7 @@ class ToolCallParser:
         self.n_params = 0           # parameters emitted in the current call
         self.after_call = False     # whitespace right after a call is not content
         self.done = False           # parallel_tool_calls=false and the one call is complete
+        self.cut = False            # finish(cut=True): the output was cut by max_tokens
 
     # ---- the public part ------------------------------------------------------------------------
     def feed(self, text: str) -> tuple[str, list[dict]]:
@@ -123,8 +128,10 @@ class ToolCallParser:
         self.buf += text
         return self._run(final=False)
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """The sequence ended: release what was held back, close a call cut off midway."""
+    def finish(self, cut: bool = False) -> tuple[str, list[dict]]:
+        """The sequence ended: release what was held back; a call cut off midway is closed, or with `cut`
+        (max_tokens ended it) left as far as it was generated."""
+        self.cut = cut
         return self._run(final=True)
 
     # ---- the state machine ---------------------------------------------------------------------
@@ -149,8 +156,8 @@ class ToolCallParser:
                 return
         at = self.buf.find(CALL_OPEN)
         if at == -1:
-            keep = 0 if final else _partial_suffix(self.buf, CALL_OPEN)
-            out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            keep = _partial_suffix(self.buf, CALL_OPEN)  # at the end: the start of a call, never content
+            out, self.buf = self.buf[:len(self.buf) - keep], "" if final else self.buf[len(self.buf) - keep:]
             if out:
                 content.append(out)
                 self.after_call = False
@@ -165,8 +172,10 @@ class ToolCallParser:
             head = self.buf.lstrip()
             maybe = FUNCTION_OPEN.startswith(head) or (head.startswith(FUNCTION_OPEN) and
                                                        not re.search(r"[>\n]", head[len(FUNCTION_OPEN):]))
-            if maybe and not final:
-                return  # wait for the rest of the header
+            if maybe:  # the rest of the header is still to come; at the end, an unfinished call: dropped
+                if final:
+                    self.buf, self.state, self.after_call = "", TEXT, False
+                return
             # Not a call after all: what was held back is content.
             content.append(CALL_OPEN + self.buf)
             self.buf, self.state, self.after_call = "", TEXT, False
@@ -192,16 +201,18 @@ class ToolCallParser:
             ends = [(i, len(tag)) for tag in (PARAM_CLOSE,) for i in [rest.find(tag)] if i != -1]
             ends += [(i, 0) for tag in (PARAM_OPEN, FUNCTION_CLOSE) for i in [rest.find(tag)] if i != -1]
             if not ends:
-                if final:  # cut off inside a value: the call keeps what was complete
-                    self.buf = ""
-                    self._close_call(deltas)
-                    self.state = TEXT
+                if final:  # ended inside a value: cut, it is sent as far as it went; else the call keeps what was complete
+                    if self.cut:
+                        name = m.group(1).strip()
+                        self._add_fragment(deltas, self._opening(name) + self._partial(rest, name))
+                    else:
+                        self._close_call(deltas)
+                    self.buf, self.state = "", TEXT
                 return
             at, skip = min(ends)
             name = m.group(1).strip()
-            value = convert_value(rest[:at], self.schemas.get(self.calls[-1]["name"], {}).get(name))
-            self._add_fragment(deltas, ("{" if self.n_params == 0 else ", ") +
-                               json.dumps(name, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False))
+            value = convert_value(rest[:at], self._schema(name))
+            self._add_fragment(deltas, self._opening(name) + json.dumps(value, ensure_ascii=False))
             self.n_params += 1
             self.buf = rest[at + skip:]
             return
@@ -211,6 +222,9 @@ class ToolCallParser:
             return  # a tag still arriving
         if final and maybe_tag:
             self.buf = ""  # cut off inside the call: the start of a tag is part of it, not content
+        if final and self.cut and not self.buf:  # cut between two parameters: as generated, unclosed
+            self.state = TEXT
+            return
         # Anything else ends the call with what it has; the text is content again.
         self._close_call(deltas)
         self.state = TEXT
@@ -228,6 +242,19 @@ class ToolCallParser:
         self.state, self.after_call = TEXT, True
         if not self.parallel:
             self.done = True
+
+    def _schema(self, name: str) -> dict | None:
+        return self.schemas.get(self.calls[-1]["name"], {}).get(name)
+
+    def _opening(self, name: str) -> str:
+        return ("{" if self.n_params == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ": "
+
+    def _partial(self, raw: str, name: str) -> str:
+        """A value cut off by max_tokens, as JSON text so far: a string unclosed, anything else raw (the
+        start of its closing tag is not part of it)."""
+        tail = max(_partial_suffix(raw, tag) for tag in (PARAM_CLOSE, PARAM_OPEN, FUNCTION_CLOSE))
+        value = raw[:len(raw) - tail].strip()
+        return json.dumps(value, ensure_ascii=False)[:-1] if _is_string(self._schema(name)) else value
 
     def _close_call(self, deltas: list[dict]) -> None:
         self._add_fragment(deltas, "}" if self.n_params else "{}")

@@ -46,6 +46,8 @@ from collections import Counter
 
 import torch
 
+from ..model import agree
+
 MODES = ("off", "one_shot", "two_shot")
 # The symm_mem kernels dispatch bf16 and fp32 only (AT_DISPATCH_FLOAT_AND_BFLOAT16).
 DTYPES = (torch.bfloat16, torch.float32)
@@ -234,9 +236,7 @@ def _peer_buffer(device, group, world: int, mode: str, max_bytes: int) -> torch.
                 why = "the buffer came with a multicast address; refused"
         except Exception as e:  # noqa: BLE001 -- any failure keeps NCCL
             why = f"symmetric memory unavailable: {e!r}"
-    ok = torch.tensor([why is None], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=group)
-    if not ok.item():
+    if not agree(why is None, device, group):
         log(f"off, NCCL keeps every all-reduce ({why or 'another rank could not set it up'})")
         return None
     _buffers[key] = buffer
@@ -253,9 +253,7 @@ def _self_check(hook: PeerAllReduce, device, group) -> bool:
         want = (torch.arange(n, device=device) % 7 * hook.world + sum(range(hook.world))).to(dtype)
         hook.reduce_(x)
         good &= bool(torch.equal(x, want))
-    ok = torch.tensor([good], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=group)
-    if ok.item():
+    if agree(good, device, group):
         log(f"{hook.mode} for messages up to {hook.max_bytes} bytes at tp={hook.world} "
             f"(torch {torch.__version__}, CUDA backend, no multicast); NCCL for the rest")
         return True

@@ -10,9 +10,12 @@ split into
 
   * the prefix and image caches (`cache.prefix_bytes`, `cache.image_bytes`, as configured);
   * per sequence slot: its Gated DeltaNet state (conv + recurrent, float32 as the checkpoint's
-    mamba_ssm_dtype), with speculative decoding the state after each verified position (k + 1 more), and
-    the slot's small buffers. `limits.max_concurrent` caps the slots; left out, the slots' fixed state
-    takes at most a quarter of the budget (at most MAX_SLOTS);
+    mamba_ssm_dtype) and its small buffers. `limits.max_concurrent` caps the slots; left out, the slots'
+    fixed state takes at most a quarter of the budget (at most MAX_SLOTS);
+  * with speculative decoding, verify rows: the GDN state after each of the k + 1 verified positions
+    (rollback without recompute), 4 x 72 MiB a row for the 27B at tp=2 with k = 3. The slots [0, rows)
+    verify drafts, the others decode one token a step; at most another quarter of the budget, at least one
+    row (on one 32 GB card's twin a slot for every verify row would have left one sequence);
   * KV blocks with the rest: one pool per attention layer (and the MTP head's), shared by every sequence
     through block tables (runner/slot_state.py), so that one long conversation or many short ones use
     the same memory as they come.
@@ -55,6 +58,8 @@ class MemoryPlan:
     activation_bytes: int   # the profiled forwards' peak beyond the weights
     per_token_bytes: int
     per_slot_bytes: int
+    spec_rows: int = 0      # speculative verify rows: slots [0, spec_rows) verify drafts
+    per_row_bytes: int = 0  # bytes per verify row
 
     def summary(self) -> str:
         return (f"KV capacity: {self.kv_tokens:,} tokens ({self.num_blocks - 1:,} blocks of {self.block_size}), up "
@@ -62,7 +67,9 @@ class MemoryPlan:
                 f"{self.max_prompt_tokens:,}); cache budget {self.budget_bytes / GIB:.2f} GiB of "
                 f"{self.available_bytes / GIB:.2f} GiB available after the weights and "
                 f"{self.activation_bytes / GIB:.2f} GiB of activations; {self.per_token_bytes / 1024:.1f} KiB per "
-                f"token, {self.per_slot_bytes / (1 << 20):.1f} MiB per sequence slot")
+                f"token, {self.per_slot_bytes / (1 << 20):.1f} MiB per sequence slot"
+                + (f"; speculative drafts verified for up to {self.spec_rows} of them at once "
+                   f"({self.per_row_bytes / (1 << 20):.1f} MiB a verify row)" if self.spec_rows else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,17 +85,26 @@ def per_token_bytes(model, dtype: torch.dtype, mtp: bool) -> int:
     return sum(2 * attn.k_proj.weight.shape[0] * size for attn in layers)
 
 
-def per_slot_bytes(model, dtype: torch.dtype, spec_tokens: int) -> int:
-    """Fixed bytes per sequence slot on this rank: the GDN conv + recurrent state (float32), the state after
-    each of T = k + 1 verified positions with speculative decoding, the MTP head's pending hidden states, the
-    penalties' per-slot counts (engine/sampling.PenaltyState), the block table's row."""
+def gdn_state_bytes(model, dtype: torch.dtype) -> int:
+    """One sequence's Gated DeltaNet state on this rank: conv windows (model dtype) and recurrent state (float32)."""
     gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
     size = torch.tensor([], dtype=dtype).element_size()
-    state = sum(g.conv1d.weight.shape[0] * g.conv_kernel_size * size
-                + g.num_v_heads * g.head_k_dim * g.head_v_dim * 4 for g in gdn)
-    t = spec_tokens + 1 if spec_tokens else 0
-    text = model.config.text_config
-    return state * (1 + t) + t * text.hidden_size * size + text.vocab_size * 5
+    return sum(g.conv1d.weight.shape[0] * g.conv_kernel_size * size
+               + g.num_v_heads * g.head_k_dim * g.head_v_dim * 4 for g in gdn)
+
+
+def per_slot_bytes(model, dtype: torch.dtype) -> int:
+    """Fixed bytes per sequence slot on this rank: its GDN state and the penalties' per-slot counts
+    (engine/sampling.PenaltyState)."""
+    return gdn_state_bytes(model, dtype) + model.config.text_config.vocab_size * 5
+
+
+def verify_row_bytes(model, dtype: torch.dtype, spec_tokens: int) -> int:
+    """Bytes per speculative verify row: the GDN state after each of T = k + 1 verified positions (rollback
+    without recompute) and the MTP head's pending hidden states."""
+    t = spec_tokens + 1
+    size = torch.tensor([], dtype=dtype).element_size()
+    return t * gdn_state_bytes(model, dtype) + t * model.config.text_config.hidden_size * size
 
 
 def _peak(device, fn) -> int:
@@ -177,7 +193,8 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
     """What `available` bytes (the ranks' minimum) hold: slots, KV blocks and the limits that follow."""
     text = model.config.text_config
     token_bytes = per_token_bytes(model, dtype, mtp)
-    slot_bytes = per_slot_bytes(model, dtype, spec_tokens)
+    slot_bytes = per_slot_bytes(model, dtype)
+    row_bytes = verify_row_bytes(model, dtype, spec_tokens) if spec_tokens else 0
     block = memory.block_size
     slack = spec_tokens + 1  # a verify writes k positions past the length; one step computed past the end
     budget = int(available * (memory.gpu_fraction if budget_share is None else budget_share))
@@ -188,11 +205,16 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
         slots = min(limits.max_concurrent, MAX_SLOTS)
     else:
         slots = max(1, min(MAX_SLOTS, int(SLOT_SHARE * budget) // slot_bytes))
-    # fewer slots where the KV left would not hold one request of the limits (or, left out, a useful one)
+    # speculative verify rows (the slots [0, rows) verify drafts, the rest decode one token a step): another
+    # share of the budget, at least one
+    rows = max(1, min(slots, int(SLOT_SHARE * budget) // row_bytes)) if row_bytes else 0
+    # fewer slots (and rows) where the KV left would not hold one request of the limits (or, left out, a
+    # useful one)
     need_one = (want or min(longest, 4 * limits.max_new_tokens)) + slack
-    while slots > 1 and (budget - slots * slot_bytes) // token_bytes < need_one:
+    while slots > 1 and (budget - slots * slot_bytes - rows * row_bytes) // token_bytes < need_one:
         slots -= 1
-    kv_bytes = budget - slots * slot_bytes
+        rows = min(rows, slots)
+    kv_bytes = budget - slots * slot_bytes - rows * row_bytes
     num_blocks = max(0, kv_bytes // (token_bytes * block))  # the null block is one of them
     kv_tokens = (num_blocks - 1) * block
     if num_blocks < 2 or kv_tokens < need_one:
@@ -200,7 +222,8 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
             f"the KV cache would hold {max(kv_tokens, 0):,} tokens ({max(budget, 0) / GIB:.2f} GiB for caches of "
             f"{available / GIB:.2f} GiB available after the weights and {activation / GIB:.2f} GiB of activations, "
             f"less cache.prefix_bytes + cache.image_bytes = {(cache.prefix_bytes + cache.image_bytes) / GIB:.2f} GiB "
-            f"and {slots} sequence slot(s) of {slot_bytes / (1 << 20):.1f} MiB), but one request of "
+            f"and {slots} sequence slot(s) of {slot_bytes / (1 << 20):.1f} MiB"
+            + (f" and {rows} verify row(s) of {row_bytes / (1 << 20):.1f} MiB" if rows else "") + "), but one request of "
             f"limits.max_prompt_tokens + limits.max_new_tokens needs {need_one:,}: lower those limits or the cache "
             f"budgets, or give the deployment more memory (memory.gpu_fraction, more GPUs)")
     max_len = min(kv_tokens - slack, longest)
@@ -208,7 +231,7 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
         max_len = min(max_len, want)
     prompt = limits.max_prompt_tokens or max(1, max_len - limits.max_new_tokens)
     return MemoryPlan(slots, num_blocks, block, prompt, max_len, image_pixels, kv_tokens, budget, available,
-                      activation, token_bytes, slot_bytes)
+                      activation, token_bytes, slot_bytes, rows, row_bytes)
 
 
 def _ranks_min(value: int, device, world: int) -> int:

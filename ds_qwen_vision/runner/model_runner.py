@@ -19,6 +19,7 @@ itself overwrites before it ever attends to it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
@@ -28,7 +29,7 @@ from ..kernels import gdn as gdn_kernel
 from ..kernels.decode_attention import ATTENTION
 from ..kernels.layers import install_fused_forwards
 from ..kernels.norms import compile_norms
-from ..model import log, to_device
+from ..model import agree, log, to_device
 from ..plan import FROM_DEVICE, Prefill, StepPlan
 from ..tp_policy import tp_group
 from . import graphs
@@ -56,6 +57,15 @@ def prepare_model(model, device: torch.device, fuse: bool | None = None) -> None
     model._dsqv_prepared = True
 
 
+@dataclass
+class PendingPrompt:
+    """A prompt being prefilled in chunks: what its chunks' inputs are made from."""
+    ids: torch.Tensor                # [1, n] on the device
+    positions: torch.Tensor          # [3, 1, n] M-RoPE positions on the device
+    image: torch.Tensor | None       # [image tokens, hidden]: the prompt's image embeddings, in order
+    image_row: torch.Tensor | None   # [n]: the image row each position takes (-1: a text token)
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
@@ -77,7 +87,7 @@ class ModelRunner:
         self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype, num_blocks, block_size)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunked prefill: embeds, positions
+        self.pending: dict[int, PendingPrompt] = {}  # chunked prefill: each prompt's ids, positions, images
         # Prefix reuse and image embeddings kept across requests; what they hold is the plan's say (rank 0).
         self.snapshots = SnapshotStore(self.state)
         vision = self.config.vision_config
@@ -115,25 +125,17 @@ class ModelRunner:
         if spec_method != "none":
             from .speculative import Speculation
 
-            self.spec = Speculation(self, spec_method, spec_k)
-        if self.cuda_graphs:
-            try:
-                self.capture()
-                if self.spec is not None:
-                    self.spec.capture()
-            except Exception as e:  # serve eagerly rather than not at all; every rank takes the same path
-                log(f"[rank {os.environ.get('RANK', '0')}] CUDA graph capture failed, decoding eagerly: {e!r}")
-                self.graphs.clear()
-                if self.spec is not None:
-                    self.spec.graphs.clear()
-                self.cuda_graphs = False
-        if self.cuda_graphs and self.prefill_graphs is not None:
-            try:
-                self.prefill_graphs.capture(self.pool)
-            except Exception as e:  # prefill eagerly rather than not at all; every rank takes the same path
-                log(f"[rank {os.environ.get('RANK', '0')}] prefill CUDA graph capture failed, prefilling "
-                    f"eagerly: {e!r}")
-                self.prefill_graphs = None
+            self.spec = Speculation(self, spec_method, spec_k, spec.get("rows"))
+        # A capture that fails means eager forwards rather than no service, on every rank alike (`captured`):
+        # a replay and an eager forward run other collectives.
+        if self.cuda_graphs and not self.captured("decode", self.capture, self.spec and self.spec.capture):
+            self.graphs.clear()
+            if self.spec is not None:
+                self.spec.graphs.clear()
+            self.cuda_graphs = False
+        if self.cuda_graphs and self.prefill_graphs is not None and \
+                not self.captured("prefill", lambda: self.prefill_graphs.capture(self.pool)):
+            self.prefill_graphs = None  # exact-length chunks, eagerly
 
     # ---- decode ---------------------------------------------------------------------------------------
     def decode_inputs(self, b: int):
@@ -151,13 +153,30 @@ class ModelRunner:
                           past_key_values=view, use_cache=True, logits_to_keep=1,
                           attention_mask={"full_attention": mask, "linear_attention": None}).logits
 
+    def captured(self, what: str, *captures) -> bool:
+        """Run `captures` (callables; None skipped): whether they worked on every rank (model.agree).
+        graphs.capture_all agrees graph by graph, so the ranks stop capturing at the same graph; this
+        agrees on the rest of each capture (its set-up, its synchronize) and on the outcome."""
+        error = None
+        try:
+            for capture in filter(None, captures):
+                capture()
+        except Exception as e:  # noqa: BLE001 -- this rank's vote is no
+            error = e
+        if agree(error is None, self.device):
+            return True
+        log(f"[rank {os.environ.get('RANK', '0')}] {what} CUDA graph capture failed, every rank runs those "
+            f"forwards eagerly: {error!r}")
+        return False
+
     @torch.inference_mode()
     def capture(self) -> None:
         """One CUDA graph per decode batch size; all graphs share one memory pool."""
         pool = self.pool = torch.cuda.graph_pool_handle()  # prefill graphs share it (prefill_graphs.py)
         self.step_in.zero_()  # warm-up and capture run with no row active: the state stays as it is
-        for b in reversed(self.batch_sizes):  # largest first: the pool is sized once
-            self.graphs[b] = graphs.capture(lambda b=b: self._decode_forward(b), pool, warm_runs=2)
+        # largest first: the pool is sized once
+        self.graphs = graphs.capture_all({b: lambda b=b: self._decode_forward(b) for b in reversed(self.batch_sizes)},
+                                         pool, self.device, warm_runs=2)
         torch.cuda.synchronize()
         log(f"[rank {os.environ.get('RANK', '0')}] captured decode CUDA graphs for batch sizes {self.batch_sizes}")
 
@@ -231,15 +250,16 @@ class ModelRunner:
                 self.length[item.slot] = self.snapshots.restore(item.restore, item.slot)
         elif item.slot not in self.pending or item.start != self.length[item.slot]:
             raise ValueError(f"slot {item.slot}: prefill chunk at {item.start} does not continue the prompt")
-        embeds, positions = self.pending[item.slot]
+        # the chunk's embeddings alone: a whole prompt's would hold 10 KiB a token (27B) until its last chunk
+        embeds = self.chunk_embeds(item.slot, item.start, end)
+        positions = self.pending[item.slot].positions[:, :, item.start:end]
         decoded = {}
         if decode:  # with the decode rows, one forward (runner/prefill_graphs.py, mixed_forward)
             rows = self.max_slots
             self.shapes.add(("prefill-graph-mixed", self.prefill_graphs.mixed_bucket(end - item.start)))
             # the chunk's slot is a row too, inactive: its write at `start` is the chunk's to overwrite
             self.stage_decode(decode, rows)
-            out = self.prefill_graphs.run(item.slot, item.start, embeds[:, item.start:end],
-                                          positions[:, :, item.start:end], mixed=True)
+            out = self.prefill_graphs.run(item.slot, item.start, embeds, positions, mixed=True)
             logits = out[:, :1]
             for slot, _ in decode:
                 self.length[slot] += 1
@@ -247,14 +267,14 @@ class ModelRunner:
             decoded = {slot: rows_out[slot] for slot, _ in decode}
         elif self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
             self.shapes |= self.chunk_classes(item.start, end - item.start)
-            logits = self.prefill_graphs.run(item.slot, item.start, embeds[:, item.start:end],
-                                             positions[:, :, item.start:end])
+            logits = self.prefill_graphs.run(item.slot, item.start, embeds, positions)
         else:
             self.shapes |= self.chunk_classes(item.start, end - item.start)
             logits = self._eager_prefill(item, end, embeds, positions)
         self.length[item.slot] = end
         if self.spec is not None:  # the MTP head's KV over this chunk
-            self.spec.after_prefill(item.slot, item.start, end, n_prompt, embeds, positions)
+            self.spec.after_prefill(item.slot, item.start, end, n_prompt,
+                                    lambda s, e: self.chunk_embeds(item.slot, s, e), self.pending[item.slot].positions)
         if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
             self.snapshots.save(item.save, item.slot, end)
         if item.snapshot_only:
@@ -283,7 +303,8 @@ class ModelRunner:
         return prefill_classes(start, n, self.gdn_heads)
 
     def _eager_prefill(self, item: Prefill, end: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The chunk through the model eagerly, its own shapes: logits [1, 1, vocab]."""
+        """The chunk (embeds [1, n, hidden], positions [3, 1, n]) through the model eagerly, its own shapes:
+        logits [1, 1, vocab]."""
         # A first chunk attends to its own keys (SDPA, causal); a continuing one reads the slot's blocks
         # (kernels/decode_attention.py: the decode kernel up to 8 tokens, else the chunk kernel).
         view = CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start)
@@ -293,31 +314,44 @@ class ModelRunner:
         # On one H200 (27B shapes, 2026-12-02) first logits for 512 tokens took 174.7 ms with the compiled
         # norms and 139.3 ms without, in the same run.
         with torch.compiler.set_stance("force_eager"):
-            out = self.model(inputs_embeds=embeds[:, item.start:end], position_ids=positions[:, :, item.start:end],
+            out = self.model(inputs_embeds=embeds, position_ids=positions,
                              past_key_values=view,
                              attention_mask={"full_attention": mask, "linear_attention": None},
                              use_cache=True, logits_to_keep=1)
         return out.logits
 
-    def prompt_inputs(self, item: Prefill, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with the vision tower's image embeddings merged in, and M-RoPE positions,
-        the way Qwen3_5Model.forward builds them, for the whole prompt."""
+    def prompt_inputs(self, item: Prefill, pixels: torch.Tensor | None) -> PendingPrompt:
+        """What the prompt's chunks are made of: its ids, the vision tower's image embeddings and which
+        position takes which of them, and M-RoPE positions, the way Qwen3_5Model.forward builds them."""
         inner = self.model.model
-        ids = to_device(torch.tensor([item.input_ids]), self.device)
-        embeds = inner.get_input_embeddings()(ids)
+        ids_host = torch.tensor([item.input_ids])
+        image = image_row = None
         if item.image_grid_thw:
             image = self.image_embeddings(item, pixels)
-            image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
-            embeds = embeds.masked_scatter(image_mask, image.to(embeds.dtype))
+            # image pad token i of the prompt takes image row i, in order (what masked_scatter does)
+            is_image = ids_host[0] == self.config.image_token_id
+            if int(is_image.sum()) != image.shape[0]:
+                raise ValueError(f"slot {item.slot}: {int(is_image.sum())} image tokens, {image.shape[0]} image rows")
+            image_row = to_device(torch.where(is_image, is_image.long().cumsum(0) - 1, -1), self.device)
         # M-RoPE positions on the host (they depend on the ids and grids only): reading the position delta
         # off the device would make the host wait for every step in flight.
-        ids_host = torch.tensor([item.input_ids])
         mm_types = (ids_host == self.config.image_token_id).int()
         grid_host = torch.tensor(item.image_grid_thw) if item.image_grid_thw else None
         positions, delta = inner.get_rope_index(ids_host, mm_types, image_grid_thw=grid_host)
         self.rope_delta[item.slot] = int(delta.view(-1)[0])
         self.length[item.slot] = 0
-        return embeds, to_device(positions, self.device)
+        return PendingPrompt(to_device(ids_host, self.device), to_device(positions, self.device), image, image_row)
+
+    def chunk_embeds(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """Embeddings of prompt positions [start, end) of slot's pending prompt ([1, n, hidden]): the tokens',
+        with the image embeddings at the image pad tokens (no host sync: a gather and a select)."""
+        p = self.pending[slot]
+        embeds = self.model.model.get_input_embeddings()(p.ids[:, start:end])
+        if p.image is None:
+            return embeds
+        rows = p.image_row[start:end]
+        image = p.image.index_select(0, rows.clamp(min=0)).to(embeds.dtype)
+        return torch.where((rows >= 0)[None, :, None], image[None], embeds)
 
     def image_embeddings(self, item: Prefill, pixels: torch.Tensor | None) -> torch.Tensor:
         """Every image's embeddings, in prompt order ([image tokens, hidden]): the vision tower's for the

@@ -166,16 +166,16 @@ class PrefillGraphs:
         step runs them one after another, and each one's outputs are read before the next runs."""
         runner = self.runner
         self.index.zero_()  # slot 0 from position 0, one real token; warm-up's reset zeroes what this writes
-        for t in reversed(self.buckets):
-            graph, (logits, hidden) = graphs.capture(lambda t=t: self.forward(t), pool)
-            self.graphs[t] = (graph, logits, hidden)
+        captured = graphs.capture_all({t: lambda t=t: self.forward(t) for t in reversed(self.buckets)}, pool,
+                                      runner.device)
+        self.graphs = {t: (graph, logits, hidden) for t, (graph, (logits, hidden)) in captured.items()}
         runner.step_in.zero_()  # the mixed graphs' decode rows: none active, so no row's state moves
         try:
-            for t in reversed(self.mixed):
-                self.mixed_graphs[t] = graphs.capture(lambda t=t: self.mixed_forward(t), pool)
-        except Exception as e:  # separate forwards rather than none; every rank takes the same path
+            self.mixed_graphs = graphs.capture_all({t: lambda t=t: self.mixed_forward(t) for t in reversed(self.mixed)},
+                                                   pool, runner.device)
+        except graphs.CaptureFailed as e:  # raised on every rank alike: separate forwards on every rank
             log(f"[rank {os.environ.get('RANK', '0')}] mixed prefill CUDA graph capture failed, prefill and "
-                f"decode run as separate forwards: {e!r}")
+                f"decode run as separate forwards: {e}")
             self.mixed, self.mixed_graphs = [], {}
         torch.cuda.synchronize()
         runner.state.conv_all[:, 0].zero_()

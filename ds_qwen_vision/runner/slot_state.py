@@ -55,9 +55,9 @@ class SlotState:
         # copy copies them too.
         self.extra_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def alloc_steps(self, t: int) -> None:
-        """Room for the GDN state after each of t verified positions, for every slot and layer."""
-        n, slots = self.conv_all.shape[:2]
+    def alloc_steps(self, t: int, slots: int) -> None:
+        """Room for the GDN state after each of t verified positions, for slots [0, slots) and every layer."""
+        n = self.conv_all.shape[0]
         self.conv_steps = torch.zeros((n, slots, t, *self.conv_shape), dtype=self.conv_all.dtype,
                                       device=self.conv_all.device)
         self.rec_steps = torch.zeros((n, slots, t, *self.rec_shape), dtype=torch.float32, device=self.rec_all.device)

@@ -34,14 +34,19 @@ METHODS = ("none", "mtp", "ngram")
 
 
 class Speculation:
-    def __init__(self, runner, method: str, k: int):
+    def __init__(self, runner, method: str, k: int, rows: int | None = None):
         if method not in METHODS[1:]:
             raise ValueError(f"speculative.method {method!r}: one of {', '.join(METHODS)}")
         if k < 1:
             raise ValueError(f"speculative.num_tokens is {k}; it must be at least 1")
         self.runner, self.method, self.k, self.t = runner, method, k, k + 1
-        model, device, slots = runner.model, runner.device, runner.max_slots
-        runner.state.alloc_steps(self.t)
+        # Verify rows: the slots [0, rows) may verify drafts; the others decode one token a step. The step
+        # buffers keep T GDN states a row (4 x 72 MiB per row for the 27B at tp=2 with k = 3), which is what
+        # bounds speculative concurrency on a small card (runner/memory.py decides; None: every slot).
+        slots = self.rows = min(rows or runner.max_slots, runner.max_slots)
+        self.batch_sizes = [b for b in runner.batch_sizes if b < slots] + [slots]
+        model, device = runner.model, runner.device
+        runner.state.alloc_steps(self.t, slots)
         self.lm = model.model.language_model
         # Inputs at fixed addresses, for the graphs: token, cache position, M-RoPE position [slots, T].
         self.verify_in = torch.zeros((3, slots, self.t), dtype=torch.long, device=device)
@@ -95,10 +100,10 @@ class Speculation:
                 self.pend_tokens[slot] = self.verified[slot][1:i + 1]
 
     # ---- prefill: the MTP head's KV over the prompt -----------------------------------------------
-    def after_prefill(self, slot: int, start: int, end: int, n_prompt: int, embeds: torch.Tensor,
-                      positions: torch.Tensor) -> None:
+    def after_prefill(self, slot: int, start: int, end: int, n_prompt: int, embeds, positions: torch.Tensor) -> None:
         """Pairs (h_i, token_{i+1}) for the prompt chunk [start, end) into the head's KV; the prompt's last
-        hidden state waits for the first sampled token (paired at the slot's first verify)."""
+        hidden state waits for the first sampled token (paired at the slot's first verify). `embeds(s, e)`:
+        the prompt's embeddings of positions [s, e); positions: the whole prompt's M-RoPE positions."""
         if self.mtp is None:
             return
         hidden = self.hidden  # [1, end - start, hidden], the chunk's final-norm output
@@ -106,10 +111,10 @@ class Speculation:
         if stop > start:
             view = CacheView(self.mtp_state, slice(slot, slot + 1), start=start)
             pos = positions[:, :, start:stop]
-            self.mtp(embeds[:, start + 1:stop + 1], hidden[:, :stop - start], self.lm.rotary_emb(hidden, pos),
+            self.mtp(embeds(start + 1, stop + 1), hidden[:, :stop - start], self.lm.rotary_emb(hidden, pos),
                      view.mask(stop - start), pos, view)
-        if end == n_prompt:
-            self.pend_hidden[slot, 0] = hidden[0, -1]
+        if end == n_prompt and slot < self.rows:  # (the head's KV is kept for every slot: a snapshot may be
+            self.pend_hidden[slot, 0] = hidden[0, -1]  # restored into a verify row)
             self.pend_n[slot] = 1
             self.pend_tokens[slot] = []
 
@@ -184,19 +189,21 @@ class Speculation:
             self.mtp_in.zero_()
             self.mtp_last.zero_()
             self.mtp_delta.zero_()
-        for b in reversed(self.runner.batch_sizes):
-            graph, (logits, hidden) = graphs.capture(lambda b=b: self._verify_forward(b), pool, warm_runs=2)
-            self.graphs[b] = (graph, logits, hidden)
+        captured = graphs.capture_all({b: lambda b=b: self._verify_forward(b) for b in reversed(self.batch_sizes)},
+                                      pool, self.runner.device, warm_runs=2)
+        self.graphs = {b: (graph, logits, hidden) for b, (graph, (logits, hidden)) in captured.items()}
         torch.cuda.synchronize()
         log(f"[rank {os.environ.get('RANK', '0')}] captured verify CUDA graphs (T={self.t}) for batch sizes "
-            f"{self.runner.batch_sizes}")
+            f"{self.batch_sizes}")
 
     @torch.inference_mode()
     def verify(self, items: list[tuple[int, list[int]]]) -> tuple[dict[int, torch.Tensor], dict[int, list[int]]]:
         """T tokens for each (slot, [fed token, host drafts...]) (padded to T; with MTP the drafts are
         made here). Returns per slot the logits [T, vocab] (float32) and the T tokens verified."""
         runner, t = self.runner, self.t
-        b = next(size for size in runner.batch_sizes if size > max(slot for slot, _ in items))
+        if max(slot for slot, _ in items) >= self.rows:
+            raise ValueError(f"slot {max(slot for slot, _ in items)} verifies; only slots below {self.rows} may")
+        b = next(size for size in self.batch_sizes if size > max(slot for slot, _ in items))
         step = torch.zeros((3, b, t), dtype=torch.long)
         length = torch.tensor(runner.length[:b])
         # Rows not verifying write KV where their own tokens will go (never attended before rewritten).

@@ -13,6 +13,7 @@ Imports no torch / transformers / deepspeed (a test checks): the workers stay sm
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -65,7 +66,8 @@ def _engine_down(e: EngineUnavailable, when: str) -> EngineDown:
 def _open_stream(client: EngineClient, chat: ChatRequest, client_gone=None) -> tuple[dict[str, Any], Events]:
     """Send the request and wait for its first event, so that a refusal (queue full, prompt too
     long, engine down) is still a plain HTTP error even for a streaming request."""
-    events = client.generate(chat.engine_request, client_gone=client_gone)
+    # the engine names it in its log and in a 500 of this request's own (X-Request-Id on every reply)
+    events = client.generate({**chat.engine_request, "request_id": g.get("request_id")}, client_gone=client_gone)
     try:
         first = next(events)
     except EngineUnavailable as e:
@@ -270,9 +272,26 @@ def create_app(config: DeployConfig, client: EngineClient | None = None) -> Flas
         resp.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
         return resp
 
+    planned: list[RequestLimits] = []  # `limits` with the memory planner's prompt limit, once the engine has one
+
+    def request_limits() -> RequestLimits:
+        """limits.max_prompt_tokens null is decided by the memory planner at start-up: its figure comes from the
+        engine's health (`memory`), asked until it is there, so that images can be counted against it early."""
+        if limits.max_prompt_tokens is not None or limits.image_tokens is None:
+            return limits
+        if not planned:
+            try:
+                figure = (client.health().get("memory") or {}).get("max_prompt_tokens")
+            except EngineUnavailable:
+                figure = None
+            if not isinstance(figure, int):
+                return limits  # not planned yet: the engine refuses requests until it is ready anyway
+            planned.append(dataclasses.replace(limits, max_prompt_tokens=figure))
+        return planned[0]
+
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        chat = parse_chat_request(_request_body(config.server.max_body_bytes), limits)
+        chat = parse_chat_request(_request_body(config.server.max_body_bytes), request_limits())
         meta = CompletionMeta.new(chat.model)
         if chat.stream:
             return Response(SseStream(client, chat, meta), mimetype="text/event-stream",

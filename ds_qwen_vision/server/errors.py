@@ -3,11 +3,15 @@
 Every failure a client can see leaves through `error_response`: validation errors raised by
 `protocol`, engine error events, an unreachable engine, and Flask's own HTTP errors (unknown
 route, wrong method, body over ``MAX_CONTENT_LENGTH``), so a client always gets
-``{"error": {"message", "type", "param", "code"}}`` and never an HTML page.
+``{"error": {"message", "type", "param", "code"}}`` and never an HTML page.  The refusals gunicorn
+writes itself, before the app runs (a request line or headers over its limits, a malformed
+request), leave through `raw_error_response` in the same shape (gunicorn_conf installs it).
 """
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -158,3 +162,27 @@ def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
     def _unexpected(e: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(InternalError("Internal server error."))
+
+
+# gunicorn's own refusals: status -> the OpenAI error code (gunicorn/workers/base.py `handle_error`).
+_GUNICORN_CODES = {400: "invalid_request", 403: "forbidden", 414: "request_line_too_long", 417: "expectation_failed",
+                   431: "request_headers_too_large", 501: "unsupported_transfer_coding"}
+
+
+def raw_error_response(status: int, reason: str, detail: str) -> bytes:
+    """A whole HTTP response (status line, headers, OpenAI error body) for a refusal gunicorn makes
+    before any app code runs; ``reason`` and ``detail`` are gunicorn's (e.g. "URI Too Long",
+    "Request Line is too large (8200 > 4094)"). The connection closes after it, as gunicorn's does."""
+    if status == 414:
+        message = (f"The request line (method, path and query string) is too long: {detail}. The API takes its "
+                   "parameters in the JSON body.")
+    elif status == 431:
+        message = f"The request headers are too large or too many: {detail}."
+    else:
+        message = f"{reason}: {detail}." if detail else f"{reason}."
+    err = ApiError(message, status=status, type="invalid_request_error" if status < 500 else "server_error",
+                   code=_GUNICORN_CODES.get(status))
+    body = json.dumps(err.body(), ensure_ascii=False).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-Id: {uuid.uuid4().hex}\r\n\r\n")
+    return head.encode("latin-1") + body

@@ -62,6 +62,21 @@ def on_starting(server) -> None:
         os.unlink(path)
 
 
+def post_worker_init(worker) -> None:
+    """gunicorn answers what it refuses before the app runs (a request line over limit_request_line: 414;
+    headers over limit_request_field_size or limit_request_fields: 431; a malformed request: 400) with an HTML
+    page from `gunicorn.util.write_error`, which no setting changes (benoitc/gunicorn#993). In each worker,
+    that function writes the OpenAI error shape instead (errors.raw_error_response), with gunicorn's status."""
+    from gunicorn import util
+
+    from ds_qwen_vision.server.errors import raw_error_response
+
+    def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
+        util.write_nonblock(sock, raw_error_response(status_int, reason, mesg))
+
+    util.write_error = write_error
+
+
 def child_exit(server, worker) -> None:
     from prometheus_client import multiprocess  # late: workers, not this import, need the folder
 

@@ -12,8 +12,10 @@ whose silent omission would change the result (functions, logit_bias): those
 are refused as unsupported.
 
 Images arrive as ``data:image/<fmt>;base64,<data>`` URLs.  Their bytes are checked without
-trusting them: the header is read first (format, size) so that a decompression bomb is refused
-before any pixel is decoded, and only then is the image decoded once to catch truncation.
+trusting them: every image's header is read first (format, size), so that a decompression bomb is
+refused, and a prompt whose images alone are over the prompt-token limit too (their token counts
+follow from their sizes: `image_tokens`), before any pixel is decoded; only then is each image
+decoded once to catch truncation.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from ds_qwen_vision.config import DeployConfig
 from ds_qwen_vision.server.errors import ApiError, BadRequest, ModelNotFound, PayloadTooLarge
+from ds_qwen_vision.server.image_tokens import MAX_ASPECT_RATIO, ImageTokens
 
 
 @dataclass(frozen=True)
@@ -47,16 +50,24 @@ class RequestLimits:
     max_image_pixels: int = 16_777_216
     allowed_image_url_prefixes: tuple[str, ...] = ()
     max_n: int = 4
+    # The prompt-token limit (None: not known here; the engine checks every prompt) and the checkpoint's
+    # image resize rule (None: unknown): with both, images alone over the limit are refused before decoding.
+    max_prompt_tokens: int | None = None
+    image_tokens: ImageTokens | None = None
 
     @classmethod
     def from_config(cls, cfg: DeployConfig) -> RequestLimits:
+        """The config's limits, and the resize rule from the checkpoint's preprocessor_config.json.
+        limits.max_prompt_tokens null stays None here: the memory planner decides it (app.py asks the engine)."""
         assert cfg.served_model_name is not None
         return cls(served_model_name=cfg.served_model_name,
                    max_new_tokens=cfg.limits.max_new_tokens,
                    max_images=cfg.limits.max_images_per_request,
                    max_image_pixels=cfg.limits.max_image_pixels,
                    allowed_image_url_prefixes=tuple(cfg.security.allowed_image_url_prefixes),
-                   max_n=cfg.limits.max_n)
+                   max_n=cfg.limits.max_n,
+                   max_prompt_tokens=cfg.limits.max_prompt_tokens,
+                   image_tokens=ImageTokens.from_checkpoint(cfg.model_dir()))
 
 
 def _limits(info: ValidationInfo) -> RequestLimits:
@@ -494,13 +505,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def check_image(data: bytes, max_pixels: int, param: str) -> None:
-    """Refuse bytes that are not a decodable image of at most ``max_pixels`` pixels.
-
-    The size comes from the header (lazy ``Image.open``), so a bomb is refused before its
-    pixels are decoded; then one ``load()`` decodes it, under Pillow's own bomb guard set to
-    the same limit, to catch truncated or corrupt data.
-    """
+def _open_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+    """The image, its header read (lazy ``Image.open``) and its size checked: nothing decoded yet."""
     # Same value for every request of this process, so setting the global is race-free.
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -514,14 +520,31 @@ def check_image(data: bytes, max_pixels: int, param: str) -> None:
     except (OSError, ValueError, SyntaxError) as e:
         raise BadRequest(f"The data at '{param}' is not an image in a supported format "
                          f"({', '.join(IMAGE_FORMATS)}): {e}.", param=param, code="invalid_image") from None
-    with img:
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise BadRequest(f"The image at '{param}' has no pixels ({width}x{height}).",
-                             param=param, code="invalid_image")
-        if width * height > max_pixels:
-            raise PayloadTooLarge(f"The image at '{param}' is {width}x{height} = {width * height} pixels; "
-                                  f"this server accepts at most {max_pixels}.", param=param, code="image_too_large")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise BadRequest(f"The image at '{param}' has no pixels ({width}x{height}).", param=param, code="invalid_image")
+    if width * height > max_pixels:
+        img.close()
+        raise PayloadTooLarge(f"The image at '{param}' is {width}x{height} = {width * height} pixels; "
+                              f"this server accepts at most {max_pixels}.", param=param, code="image_too_large")
+    return img
+
+
+def image_size(data: bytes, max_pixels: int, param: str) -> tuple[int, int]:
+    """(width, height) from the header, refusing what is not an image or is over ``max_pixels``."""
+    with _open_image(data, max_pixels, param) as img:
+        return img.size
+
+
+def check_image(data: bytes, max_pixels: int, param: str) -> None:
+    """Refuse bytes that are not a decodable image of at most ``max_pixels`` pixels.
+
+    The size comes from the header, so a bomb is refused before its pixels are decoded; then one
+    ``load()`` decodes it, under Pillow's own bomb guard set to the same limit, to catch truncated
+    or corrupt data.
+    """
+    with _open_image(data, max_pixels, param) as img:
         try:
             img.load()
         except Image.DecompressionBombError:
@@ -557,6 +580,7 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
         raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model")
     messages = []
+    images: list[tuple[str, bytes, tuple[int, int]]] = []  # (param, bytes, (width, height) from the header)
     for i, msg in enumerate(req.messages):
         parts: list[dict[str, str]] = []
         for j, part in enumerate(msg.content or []):
@@ -564,7 +588,9 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
                 parts.append({"type": "text", "text": part.text})
             else:
                 assert isinstance(part, ImagePart)
-                check_image(part.image_url.data, limits.max_image_pixels, f"messages[{i}].content[{j}].image_url")
+                param = f"messages[{i}].content[{j}].image_url"
+                images.append((param, part.image_url.data, image_size(part.image_url.data, limits.max_image_pixels,
+                                                                      param)))
                 parts.append({"type": "image", "data_b64": part.image_url.data_b64})
         # The chat template knows "system" only; OpenAI's "developer" is the same thing.
         message: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": parts}
@@ -574,6 +600,9 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
         if msg.tool_call_id is not None:
             message["tool_call_id"] = msg.tool_call_id
         messages.append(message)
+    _check_image_tokens(images, limits)
+    for param, data, _ in images:  # decoded only now, each once
+        check_image(data, limits.max_image_pixels, param)
     engine_request = {
         "messages": messages,
         "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
@@ -603,6 +632,27 @@ def parse_chat_request(body: bytes, limits: RequestLimits) -> ChatRequest:
         engine_request["response_format"] = req.response_format.model_dump(exclude_none=True, by_alias=True)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatRequest(engine_request, req.model, bool(req.stream), include_usage)
+
+
+def _check_image_tokens(images: list[tuple[str, bytes, tuple[int, int]]], limits: RequestLimits) -> None:
+    """Refuse, from the images' sizes alone, a prompt that cannot fit: images the processor would refuse
+    (too elongated), or images whose tokens alone are over the prompt-token limit (the text comes on top;
+    the engine counts the whole prompt)."""
+    rule = limits.image_tokens
+    if rule is None or not images:
+        return
+    for param, _, (width, height) in images:
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise BadRequest(f"The image at '{param}' is {width}x{height}: its aspect ratio is over the model's image "
+                             f"processor's limit of {MAX_ASPECT_RATIO}:1.", param=param, code="invalid_image")
+    if limits.max_prompt_tokens is None:
+        return
+    counts = [rule.tokens(width, height) for _, _, (width, height) in images]
+    if sum(counts) > limits.max_prompt_tokens:
+        each = "" if len(counts) == 1 else f" ({' + '.join(map(str, counts))})"
+        raise BadRequest(f"The images in 'messages' alone are {sum(counts)} tokens{each} as the model's image "
+                         f"processor resizes them; this server accepts at most {limits.max_prompt_tokens} prompt "
+                         "tokens. Send smaller or fewer images.", param="messages", code="context_length_exceeded")
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

@@ -7,7 +7,7 @@ second kernel), with several K tiles in flight. `benchmarks/kernels_h200.py` tim
 every decode projection shape (2026-12-01, H200, docs/benchmarks.md): on the fused weights cuBLAS
 already reads at the copy-bandwidth floor and this kernel is within 0-5% of it (lm_head: 7%), inside
 run-to-run spread, so serving keeps cuBLAS (torch.nn.functional.linear, also the CPU reference) and
-this stays the measured alternative.
+this stays the measured alternative, here beside its benchmark (nothing serves it).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ ENV_CONFIG_PATH = "DSQV_CONFIG"
 # sockaddr_un.sun_path is 108 bytes including the trailing NUL.
 _MAX_SOCKET_PATH_BYTES = 107
 # The most sequences generated together: the memory planner's cap when limits.max_concurrent is null
-# (runner/memory.py MAX_SLOTS, the decode graphs' largest batch; a test keeps the two equal).
+# (runner/memory.py; the decode graphs' largest batch and the plan header's width).
 MAX_CONCURRENT = 64
 # Request threads of each gunicorn worker beyond those the engine's sequences and queue can hold, so that
 # /health, /metrics and /v1/models still answer while every place holds a waiting client.

@@ -74,20 +74,26 @@ def init_distributed(device: str) -> tuple[int, int]:
     return rank, world
 
 
-def agree(ok: bool, device: torch.device | str = "cpu", group=None) -> bool:
-    """Whether `ok` holds on every rank of `group` (a MIN all-reduce of a flag; `ok` itself without a group).
-
-    Every per-rank choice that changes a step's collectives goes through here before it is used -- a CUDA
-    graph captured or not, the peer all-reduce: a rank replaying a padded prefill graph while its peer runs
-    exact-length chunks eagerly all-reduces other sizes, and both hang. `device`: where the group's backend
-    takes tensors (CUDA for NCCL)."""
+def ranks_min(value: int, device: torch.device | str = "cpu", group=None) -> int:
+    """The smallest of every rank's `value` in `group` (`value` itself without a group): what the ranks
+    size or choose alike -- the memory planner's budgets, a fallback (`agree`). `device`: where the group's
+    backend takes tensors (CUDA for NCCL)."""
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_world_size(group) == 1:
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+def agree(ok: bool, device: torch.device | str = "cpu", group=None) -> bool:
+    """Whether `ok` holds on every rank of `group` (a MIN of a flag over the ranks).
+
+    Every per-rank choice that changes a step's collectives goes through here before it is used -- a CUDA
+    graph captured or not, the peer all-reduce: a rank replaying a padded prefill graph while its peer runs
+    exact-length chunks eagerly all-reduces other sizes, and both hang."""
+    return ranks_min(int(ok), device, group) == 1
 
 
 class _KernelAdvice(logging.Filter):

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     startup.phase = "planning memory"
     try:
         memory = plan_memory(SimpleNamespace(model=model, device=device, dtype=DTYPES[config.dtype]), limits,
-                             config.memory, config.cache, spec_k, spec.method == "mtp", world)
+                             config.memory, config.cache, spec_k, spec.method == "mtp")
     except PlanError as e:
         log(f"[rank {rank}] config error: {e}")
         return 2

@@ -253,13 +253,6 @@ def test_threads_default_to_what_the_limits_hold(tmp_path):
     assert load_config(write(tmp_path, edge), {}).server.threads == 13
 
 
-def test_planner_cap_is_the_runner_s():
-    from ds_qwen_vision.config import MAX_CONCURRENT
-    from ds_qwen_vision.runner.memory import MAX_SLOTS
-
-    assert MAX_CONCURRENT == MAX_SLOTS
-
-
 def test_test_configs_are_consistent():
     """The configs the tests start servers with pass the cross-field rules too."""
     from conftest import HARDENED_CONFIG

@@ -214,7 +214,7 @@ def test_planner_arithmetic(tiny_ckpt, spec_tokens):
     budget, cache = 64 << 20, CacheConfig(prefix_bytes=4 << 20, image_bytes=2 << 20)
     limits = LimitsConfig(max_new_tokens=256)
     plan = plan_memory(like, limits, MemoryConfig(cpu_cache_bytes=budget, block_size=32), cache, spec_tokens,
-                       spec_tokens > 0, 1)
+                       spec_tokens > 0)
     assert (plan.per_token_bytes, plan.per_slot_bytes, plan.per_row_bytes) == (per_token, per_slot, per_row)
     left = budget - (6 << 20)
     slots = min(64, left // 4 // per_slot)
@@ -226,14 +226,14 @@ def test_planner_arithmetic(tiny_ckpt, spec_tokens):
     assert plan.max_prompt_tokens == plan.max_len - 256
     # fixed limits: the prompt limit as configured, the length from it
     fixed = plan_memory(like, LimitsConfig(max_prompt_tokens=1000, max_new_tokens=256, max_concurrent=3),
-                        MemoryConfig(cpu_cache_bytes=budget, block_size=32), cache, spec_tokens, spec_tokens > 0, 1)
+                        MemoryConfig(cpu_cache_bytes=budget, block_size=32), cache, spec_tokens, spec_tokens > 0)
     assert (fixed.max_slots, fixed.max_prompt_tokens, fixed.max_len) == (3, 1000, 1256)
     assert fixed.num_blocks == (left - 3 * per_slot - fixed.spec_rows * per_row) // (per_token * 32)
     # a deployment that cannot hold one request of its own limits refuses to start, with the numbers
     with pytest.raises(PlanError, match="needs 1,2"):
         plan_memory(like, LimitsConfig(max_prompt_tokens=1000, max_new_tokens=256),
                     MemoryConfig(cpu_cache_bytes=(6 << 20) + 3 * per_slot + per_row, block_size=32), cache, spec_tokens,
-                    spec_tokens > 0, 1)
+                    spec_tokens > 0)
 
 
 def test_speculation_with_fewer_verify_rows_than_slots(tiny_ckpt, ref):

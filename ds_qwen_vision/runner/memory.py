@@ -11,7 +11,7 @@ split into
   * the prefix and image caches (`cache.prefix_bytes`, `cache.image_bytes`, as configured);
   * per sequence slot: its Gated DeltaNet state (conv + recurrent, float32 as the checkpoint's
     mamba_ssm_dtype) and its small buffers. `limits.max_concurrent` caps the slots; left out, the slots'
-    fixed state takes at most a quarter of the budget (at most MAX_SLOTS);
+    fixed state takes at most a quarter of the budget (at most MAX_CONCURRENT);
   * with speculative decoding, verify rows: the GDN state after each of the k + 1 verified positions
     (rollback without recompute), 4 x 72 MiB a row for the 27B at tp=2 with k = 3. The slots [0, rows)
     verify drafts, the others decode one token a step; at most another quarter of the budget, at least one
@@ -30,11 +30,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as tdist
 
-from ..model import log
+from ..config import MAX_CONCURRENT
+from ..model import log, ranks_min
 
-MAX_SLOTS = 64  # the decode graphs' largest batch (ModelRunner.batch_sizes) and the plan header's width
 SLOT_SHARE = 0.25  # of the budget, for the slots' fixed state when limits.max_concurrent is left out
 GIB = 1 << 30
 IMAGE_FLOOR = 4 << 20  # pixels: images are not capped below 2048 x 2048 to make room for the caches
@@ -154,7 +153,7 @@ def profile_image(runner_like, pixels: int) -> int | None:
         return None
 
 
-def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool, world: int) -> MemoryPlan:
+def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool) -> MemoryPlan:
     """The plan (module docstring). `runner_like`: model, device, dtype (the runner before its caches)."""
     model, device = runner_like.model, runner_like.device
     chunk = min(limits.prefill_chunk_tokens, limits.max_prompt_tokens or limits.prefill_chunk_tokens)
@@ -167,14 +166,14 @@ def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool,
     # An image whose vision tower needs more than a prefill chunk takes that memory from the caches for good
     # (its attention spans all of one image's patches): images are capped until it does not, down to 4 MP
     # (2048 x 2048, 4,096 image tokens), and the log says so. The ranks agree on the cap.
-    while pixels is not None and pixels >= 2 * IMAGE_FLOOR and _ranks_min(
-            int(image_peak is not None and image_peak <= chunk_peak), device, world) == 0:
+    while pixels is not None and pixels >= 2 * IMAGE_FLOOR and ranks_min(
+            int(image_peak is not None and image_peak <= chunk_peak), device) == 0:
         log(f"[rank {_rank()}] memory planner: the vision tower on an image of {pixels:,} pixels needs "
             f"{'more than the device has' if image_peak is None else f'{image_peak / GIB:.2f} GiB'}, more than a "
             f"prefill chunk's {chunk_peak / GIB:.2f} GiB; limits.max_image_pixels capped at {pixels // 2:,}")
         pixels //= 2
         image_peak = profile_image(runner_like, pixels)
-    if _ranks_min(int(image_peak is not None), device, world) == 0:
+    if ranks_min(int(image_peak is not None), device) == 0:
         raise PlanError(f"the vision tower runs out of memory on an image of {pixels:,} pixels beside the weights")
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
@@ -182,7 +181,7 @@ def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool,
     # The prefill graphs keep a pool of their own for their largest chunk's activations, beside what eager
     # forwards (longer chunks, the vision tower) take from the caching allocator.
     activation = chunk_peak + max(chunk_peak, image_peak)
-    available = _ranks_min(free + unused - activation, device, world)
+    available = ranks_min(free + unused - activation, device)
     plan = split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp, available, activation,
                         pixels if pixels is not None else limits.max_image_pixels)
     return plan
@@ -202,9 +201,9 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
     longest = text.max_position_embeddings
     want = (limits.max_prompt_tokens + limits.max_new_tokens) if limits.max_prompt_tokens else None
     if limits.max_concurrent is not None:
-        slots = min(limits.max_concurrent, MAX_SLOTS)
+        slots = min(limits.max_concurrent, MAX_CONCURRENT)
     else:
-        slots = max(1, min(MAX_SLOTS, int(SLOT_SHARE * budget) // slot_bytes))
+        slots = max(1, min(MAX_CONCURRENT, int(SLOT_SHARE * budget) // slot_bytes))
     # speculative verify rows (the slots [0, rows) verify drafts, the rest decode one token a step): another
     # share of the budget, at least one
     rows = max(1, min(slots, int(SLOT_SHARE * budget) // row_bytes)) if row_bytes else 0
@@ -232,15 +231,6 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
     prompt = limits.max_prompt_tokens or max(1, max_len - limits.max_new_tokens)
     return MemoryPlan(slots, num_blocks, block, prompt, max_len, image_pixels, kv_tokens, budget, available,
                       activation, token_bytes, slot_bytes, rows, row_bytes)
-
-
-def _ranks_min(value: int, device, world: int) -> int:
-    """The smallest of every rank's value: the ranks size their caches alike."""
-    if world == 1 or not tdist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def _rank() -> str:

@@ -22,7 +22,9 @@
 
 Each config is ds_config/qwen3.6-27b-2gpu.json as shipped, changed only where one GPU must (model, tp_size 1,
 server.port, security.api_key_env null, a generous server.step_timeout_s; on CPU device cpu and dtype float32):
-(a) `mtp` as shipped, (b) `none`: the same with speculative.method "none". For each: launch.sh, start-up to
+(a) `mtp` as shipped, (b) `none`: the same with speculative.method "none", (c) `options`: `none` with both
+inexact cache options (memory.kv_cache_dtype "fp8_e4m3", memory.gdn_state_dtype "bfloat16"), whose W1 and W2
+take --options-long-tokens and --options-chats (issue 24: 128k and 24). For each: launch.sh, start-up to
 /health 200, the memory planner's plan (/health's engine.memory and its log line), then
 - W1: one prompt of --long-tokens, --long-new tokens (`ignore_eos`), streamed: time to first token, decode ms/token;
 - W2: --chats concurrent chats of --chat-tokens prompt + --chat-new tokens: per-request TTFT and TPOT
@@ -59,7 +61,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_served import WORDS, Served, checkpoint, free_port  # noqa: E402
 
 SHIPPED = REPO / "ds_config/qwen3.6-27b-2gpu.json"
-CONFIGS = ("mtp", "none")
+CONFIGS = ("mtp", "none", "options")
+OPTIONS = {"speculative.method": "none", "memory.kv_cache_dtype": "fp8_e4m3", "memory.gdn_state_dtype": "bfloat16"}
 
 
 def label(args) -> str:
@@ -310,6 +313,8 @@ class TwinServer(Served):
                    "security.api_key_env": None, "server.step_timeout_s": args.step_timeout}
         if tag == "none":
             changes["speculative.method"] = "none"
+        if tag == "options":
+            changes.update(OPTIONS)
         if args.device != cfg["device"]:
             changes["device"] = args.device
         if args.dtype != cfg["dtype"]:
@@ -353,6 +358,9 @@ class TwinServer(Served):
 
 
 def run_config(args, texts: Texts, workdir: Path, tag: str, t_all: float) -> dict:
+    if tag == "options":  # the sizes the options are to reach
+        args = argparse.Namespace(**{**vars(args), "long_tokens": args.options_long_tokens,
+                                     "chats": args.options_chats})
     server = TwinServer(args, workdir, tag)
     out: dict = {"changes_from_shipped": server.changes, "limits": server.config.get("limits"),
                  "speculative": server.config.get("speculative")}
@@ -506,7 +514,10 @@ def main() -> None:
     p.add_argument("--ballast", type=Path, default=REPO.parent / "shared/device/ballast.py")
     p.add_argument("--leave-gib", type=float, default=34.0, help="free GPU memory the ballast leaves")
     p.add_argument("--no-ballast", action="store_true")
-    p.add_argument("--configs", default="mtp,none", help="which configs run: mtp (as shipped), none (no speculation)")
+    p.add_argument("--configs", default="mtp,none",
+                   help="which configs run: mtp (as shipped), none (no speculation), options (none + FP8 KV + bf16 state)")
+    p.add_argument("--options-long-tokens", type=int, default=128_000, help="W1's prompt tokens with `options`")
+    p.add_argument("--options-chats", type=int, default=24, help="W2's concurrent chats with `options`")
     p.add_argument("--loop-configs", default="none", help="the configs that also run W3 (the agent loop)")
     p.add_argument("--workloads", default="w1,w2,w3")
     p.add_argument("--long-tokens", type=int, default=96_000, help="W1's prompt tokens")
@@ -567,7 +578,8 @@ def main() -> None:
                              "weights": "random", "path": str(args.model)},
               "shipped_config": {"path": str(SHIPPED.relative_to(REPO)), "as_read": json.loads(SHIPPED.read_text())},
               "sizes": {k: getattr(args, k) for k in ("long_tokens", "long_new", "chats", "chat_tokens", "chat_new",
-                                                      "turns", "loop_tokens", "loop_new", "think_s")},
+                                                      "turns", "loop_tokens", "loop_new", "think_s", "options_long_tokens",
+                                                      "options_chats")},
               "configs": {}}
     path = args.out / f"{args.stem}.json"
     ballast = Ballast(args)

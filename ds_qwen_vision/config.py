@@ -170,6 +170,12 @@ class MemoryConfig(_Section):
     cpu_cache_bytes: int = Field(4 << 30, gt=0)
     # Tokens per KV block: a sequence's KV is allocated in these units.
     block_size: int = Field(64, ge=16, le=1024)
+    # Options that trade exactness for room (README, "Memory"): "fp8_e4m3" stores keys and values as float8
+    # e4m3 with a float32 scale per vector (vLLM's --kv-cache-dtype fp8), about half the bytes a token;
+    # "bfloat16" keeps the Gated DeltaNet recurrent state in bf16, half a sequence's fixed state. The
+    # defaults are exact: KV in the model's dtype, the state in float32 (the checkpoint's mamba_ssm_dtype).
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = "auto"
+    gdn_state_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @field_validator("block_size")
     @classmethod

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
                          speculative={"method": spec.method, "num_tokens": spec.num_tokens, "rows": memory.spec_rows},
                          prefill_graph_tokens=limits.prefill_chunk_tokens if device.type == "cuda" else 0,
                          mixed_prefill=limits.mixed_prefill, num_blocks=memory.num_blocks,
-                         block_size=memory.block_size)
+                         block_size=memory.block_size, kv_fp8=memory.kv_cache_dtype == "fp8_e4m3",
+                         state_dtype=DTYPES[memory.gdn_state_dtype])
     runner.memory_plan = memory.as_dict()
     channel = ControlChannel(memory.max_slots)
     log(f"[rank {rank}] {model_dir} loaded at tp={world} on {config.device}/{config.dtype} "

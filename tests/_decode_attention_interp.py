@@ -8,8 +8,8 @@ import torch
 
 from ds_qwen_vision.kernels.chunk_attention import chunk_attention
 from ds_qwen_vision.kernels import chunk_attention as chunk_module
-from ds_qwen_vision.kernels.decode_attention import (MixedMask, PagedKV, reference_attention, split_kv_attention,
-                                                     static_cache_attention)
+from ds_qwen_vision.kernels.decode_attention import (Fp8Pool, MixedMask, PagedKV, quantize_fp8, reference_attention,
+                                                     split_kv_attention, static_cache_attention)
 
 
 def definition(q, k, v, qpos, scale):
@@ -94,6 +94,23 @@ def main():
     # a mixed forward (one sequence's chunk, then one token per decode row) through the attention interface,
     # the kernels taken as on CUDA: the chunk by its length (split-KV at 4 tokens, chunk kernel at 12), the
     # decode rows' strided queries by the split-KV kernel, all from one pool
+    # FP8 pools (memory.kv_cache_dtype fp8_e4m3): every path against the definition on the stored values
+    # (e4m3 x scale), decode / verify and a prefill chunk
+    for b, hq, hkv, t, d, length, block_size in [(3, 6, 2, 1, 32, 512, 16), (2, 8, 2, 4, 64, 256, 32),
+                                                  (2, 4, 1, 20, 16, 128, 32)]:
+        q = torch.randn(b, t, hq, d).transpose(1, 2)
+        k, v = (torch.randn(b, hkv, length, d) * torch.rand(b, hkv, length, 1) * 8 for _ in "kv")
+        k, v = (data.double() * scale[..., None] for data, scale in (quantize_fp8(k), quantize_fp8(v)))
+        lengths = torch.randint(t, length, (b,))
+        qpos = lengths[:, None] - t + torch.arange(t)
+        key_pool, value_pool, table = paged(k.float(), v.float(), lengths, block_size)
+        key_pool, value_pool = (Fp8Pool(*quantize_fp8(p)) for p in (key_pool, value_pool))
+        kv = PagedKV(table, qpos, block_size)
+        ref = definition(q, k, v, qpos, d ** -0.5)
+        tag = f"fp8 b={b} hq={hq} hkv={hkv} t={t} d={d} L={length} P={block_size}"
+        kernel = split_kv_attention if t <= 8 else chunk_attention
+        worst = check(f"{kernel.__name__} {tag}", kernel(q, key_pool, value_pool, kv, d ** -0.5), ref, worst)
+        worst = check(f"reference {tag}", reference_attention(q, key_pool, value_pool, kv, d ** -0.5), ref, worst)
     chunk_module.applies = lambda query: True
     for t, block_size in [(4, 16), (12, 32)]:
         rows, hq, hkv, d, length = 3, 4, 2, 32, 256

@@ -37,25 +37,34 @@ def chunk_attention(query, key_pool, value_pool, paged, scaling):
     """query [b, Hq, T, D] (may be strided); key_pool/value_pool [num_blocks, Hkv, P, D]; paged a
     decode_attention.PagedKV (table [b, blocks] int32, qpos [b, T] int64, read on the device only).
     Returns [b, T, Hq, D]."""
+    from .decode_attention import pool_args
+
     b, n_heads, t, dim = query.shape
     kv_heads = key_pool.shape[1]
     table, qpos = paged.table, paged.qpos
+    (k, ks), (v, vs) = pool_args(key_pool), pool_args(value_pool)
     out = torch.empty((b, t, n_heads, dim), dtype=query.dtype, device=query.device)
     _forward[(triton.cdiv(t, BLOCK_M), b * n_heads)](
-        query, key_pool, value_pool, table, qpos, out, scaling, t,
-        *query.stride(), *key_pool.stride(), *value_pool.stride(), table.stride(0), *qpos.stride(), *out.stride(),
-        HEADS=n_heads, GROUP=n_heads // kv_heads, D=dim, P=paged.block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        FP32=query.dtype == torch.float32, num_warps=8 if dim >= 128 else 4, num_stages=2)
+        query, k, v, ks, vs, table, qpos, out, scaling, t,
+        *query.stride(), *k.stride(), *v.stride(), *ks.stride()[:3], table.stride(0), *qpos.stride(),
+        *out.stride(), HEADS=n_heads, GROUP=n_heads // kv_heads, D=dim, P=paged.block_size, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, FP32=query.dtype == torch.float32, FP8=ks is not k,
+        num_warps=8 if dim >= 128 else 4, num_stages=2)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def attend_tile(q, k_ptrs, v_ptrs, n_ok, keep, m_i, l_i, acc, scaling, FP32: tl.constexpr):
+    def attend_tile(q, k_ptrs, v_ptrs, n_ok, keep, m_i, l_i, acc, scaling, FP32: tl.constexpr,
+                    ks_ptrs, vs_ptrs, FP8: tl.constexpr):
         """One key tile of flash attention's online softmax (also the decode kernel's, decode_attention.py):
         scores and softmax in float32, row sums from the float32 probabilities, P @ V from P in the value
-        dtype (as the reference). Returns the updated running max, row sums and accumulator."""
+        dtype (as the reference). FP8 pools: each key / value dequantized (e4m3 x its scale, ks_ptrs /
+        vs_ptrs [BLOCK_N]) to the query's dtype first. Returns the updated running max, row sums and
+        accumulator."""
         k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        if FP8:
+            k = (k.to(tl.float32) * tl.load(ks_ptrs, mask=n_ok, other=0.0)[:, None]).to(q.dtype)
         if FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -66,6 +75,8 @@ if triton is not None:
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        if FP8:
+            v = (v.to(tl.float32) * tl.load(vs_ptrs, mask=n_ok, other=0.0)[:, None]).to(q.dtype)
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -77,11 +88,11 @@ if triton is not None:
     # an eager continuing chunk of any length (prefill graphs off) reuses the variant warm-up compiled
     # instead of compiling after ready.
     @triton.jit(do_not_specialize=["T", "stb", "spb"])
-    def _forward(q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, scaling, T,
-                 sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, stb, spb, spt,
+    def _forward(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, qpos_ptr, out_ptr, scaling, T,
+                 sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, ssb, ssh, ssl, stb, spb, spt,
                  sob, sot, soh, sod,
                  HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, FP8: tl.constexpr):
         row_head = tl.program_id(1)
         row = row_head // HEADS
         head = row_head % HEADS
@@ -102,9 +113,11 @@ if triton is not None:
             # position p is at offset p % P of pool block table[row, p // P] (int64: a pool may pass 2^31 elements)
             blk = tl.load(table_ptr + row * stb + rn // P, mask=n_ok, other=0).to(tl.int64)
             off = (rn % P)[:, None]
+            s_off = blk * ssb + kvh * ssh + (rn % P) * ssl  # the FP8 scales of these positions
             m_i, l_i, acc = attend_tile(q, k_ptr + blk[:, None] * skb + kvh * skh + off * skl + rd[None, :] * skd,
                                         v_ptr + blk[:, None] * svb + kvh * svh + off * svl + rd[None, :] * svd,
-                                        n_ok, rn[None, :] <= qpos[:, None], m_i, l_i, acc, scaling, FP32)
+                                        n_ok, rn[None, :] <= qpos[:, None], m_i, l_i, acc, scaling, FP32,
+                                        ks_ptr + s_off, vs_ptr + s_off, FP8)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key (past T): zeros
         tl.store(out_ptr + row * sob + rm[:, None] * sot + head * soh + rd[None, :] * sod,
                  o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])

@@ -22,6 +22,10 @@ Three paths computing the same function:
 A first prefill chunk (no mask: its keys are its own) takes PyTorch's SDPA, causal.
 Scores and softmax in float32, probabilities cast to the value dtype before P @ V, as SDPA's kernels
 and the reference do.
+
+A pool may be an `Fp8Pool` (memory.kv_cache_dtype "fp8_e4m3"): every path dequantizes each key and value it
+reads (e4m3 x its own scale) to the query's dtype before the same arithmetic, so the only difference from the
+exact cache is the rounding of what was stored.
 """
 from __future__ import annotations
 
@@ -59,11 +63,40 @@ class MixedMask:
     t: int
 
 
-def gather_kv(pool, table, block_size):
-    """pool [num_blocks, Hkv, P, D]; table [b, blocks] -> each row's blocks in order, [b, Hkv, blocks * P, D]
-    (a copy, contiguous)."""
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+
+
+@dataclass
+class Fp8Pool:
+    """A KV pool stored in float8 e4m3 (memory.kv_cache_dtype "fp8_e4m3"; vLLM's --kv-cache-dtype fp8): data
+    [num_blocks, Hkv, P, D] and one float32 scale per stored vector, scale [num_blocks, Hkv, P] = the vector's
+    largest magnitude / 448, so each key and value (one token, one head) keeps its own range. vLLM keeps one
+    scale per layer (1.0 unless calibrated); a scale per vector costs 4 bytes beside the D bytes of data and
+    needs no calibration."""
+    data: torch.Tensor   # float8_e4m3fn
+    scale: torch.Tensor  # float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 data [..., D], float32 scale [...]) with x ~= data * scale[..., None]."""
+    scale = x.abs().amax(-1).float().clamp(min=1e-30) / FP8_MAX
+    return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def gather_kv(pool, table, block_size, dtype=None):
+    """pool [num_blocks, Hkv, P, D] (or an Fp8Pool, dequantized to `dtype`); table [b, blocks] -> each row's
+    blocks in order, [b, Hkv, blocks * P, D] (a copy, contiguous)."""
     b, blocks = table.shape
-    rows = pool[table.long()]  # [b, blocks, Hkv, P, D]
+    idx = table.long()
+    if isinstance(pool, Fp8Pool):
+        data = pool.data.view(torch.uint8)[idx].view(torch.float8_e4m3fn)  # [b, blocks, Hkv, P, D]
+        rows = (data.float() * pool.scale[idx][..., None]).to(dtype or torch.float32)
+    else:
+        rows = pool[idx]  # [b, blocks, Hkv, P, D]
     return rows.transpose(1, 2).reshape(b, pool.shape[1], blocks * block_size, pool.shape[-1])
 
 
@@ -73,8 +106,8 @@ def reference_attention(query, key_pool, value_pool, paged: PagedKV, scaling):
     table = paged.table
     if not query.is_cuda:  # only the blocks up to the batch's last visible key (CUDA: no host sync, graphs)
         table = table[:, :int(paged.qpos.max()) // paged.block_size + 1]
-    key = gather_kv(key_pool, table, paged.block_size)  # [b, Hkv, L, D]
-    value = gather_kv(value_pool, table, paged.block_size)
+    key = gather_kv(key_pool, table, paged.block_size, query.dtype)  # [b, Hkv, L, D]
+    value = gather_kv(value_pool, table, paged.block_size, query.dtype)
     kv_heads, length = key.shape[1], key.shape[2]
     group = n_heads // kv_heads
     visible = torch.arange(length, device=query.device) <= paged.qpos[:, :, None]  # [b, T, L]
@@ -143,27 +176,37 @@ def split_kv_attention(query, key_pool, value_pool, paged: PagedKV, scaling, spl
         capacity = paged.table.shape[1] * paged.block_size  # only binds for a cache of < PROGRAMS tiles
         splits = max(1, min(triton.cdiv(capacity, BLOCK_N), triton.cdiv(PROGRAMS, b * kv_heads)))
     table, qpos = paged.table, paged.qpos
+    (k, ks), (v, vs) = pool_args(key_pool), pool_args(value_pool)
     part = torch.empty((b, kv_heads, splits, m, dim), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, kv_heads, splits, m), dtype=torch.float32, device=query.device)
     out = torch.empty((b, t, n_heads, dim), dtype=query.dtype, device=query.device)
     _partial[(b * kv_heads, splits)](
-        query, key_pool, value_pool, table, qpos, part, lse, scaling,
-        *query.stride(), *key_pool.stride(), *value_pool.stride(), table.stride(0), *qpos.stride(),
+        query, k, v, ks, vs, table, qpos, part, lse, scaling,
+        *query.stride(), *k.stride(), *v.stride(), *ks.stride()[:3], table.stride(0), *qpos.stride(),
         KV_HEADS=kv_heads, GROUP=group, T=t, M=m, D=dim, P=paged.block_size, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        SPLITS=splits, FP32=query.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8)
+        SPLITS=splits, FP32=query.dtype == torch.float32, FP8=ks is not k, num_warps=4 if block_m <= 16 else 8)
     _merge[(b * kv_heads, m)](
         part, lse, out, *out.stride(), KV_HEADS=kv_heads, GROUP=group, T=t, M=m, D=dim,
         SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), SPLIT_BLOCK=16, num_warps=4)
     return out
 
 
+def pool_args(pool):
+    """A pool as the kernels take it, (data, scales): an Fp8Pool's (its scales contiguous: the kernels take
+    one set of scale strides for keys and values); any other pool as (pool, pool), the second unread."""
+    if isinstance(pool, Fp8Pool):
+        assert pool.scale.stride() == pool.scale.contiguous().stride()
+        return pool.data, pool.scale
+    return pool, pool
+
+
 if triton is not None:
     @triton.jit(do_not_specialize=["stb"])
-    def _partial(q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, part_ptr, lse_ptr, scaling,
-                 sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, stb, spb, spt,
+    def _partial(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, qpos_ptr, part_ptr, lse_ptr, scaling,
+                 sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, ssb, ssh, ssl, stb, spb, spt,
                  KV_HEADS: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, M: tl.constexpr,
                  D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLITS: tl.constexpr, FP32: tl.constexpr):
+                 SPLITS: tl.constexpr, FP32: tl.constexpr, FP8: tl.constexpr):
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         row = row_head // KV_HEADS
@@ -190,10 +233,11 @@ if triton is not None:
             # position p is at offset p % P of pool block table[row, p // P] (int64: a pool may pass 2^31 elements)
             blk = tl.load(table_ptr + row * stb + rn // P, mask=n_ok, other=0).to(tl.int64)
             off = (rn % P)[:, None]
+            s_off = blk * ssb + kvh * ssh + (rn % P) * ssl  # the FP8 scales of these positions
             m_i, l_i, acc = chunk_attention.attend_tile(
                 q, k_ptr + blk[:, None] * skb + kvh * skh + off * skl + rd[None, :] * skd,
                 v_ptr + blk[:, None] * svb + kvh * svh + off * svl + rd[None, :] * svd,
-                n_ok, rn[None, :] <= qpos[:, None], m_i, l_i, acc, scaling, FP32)
+                n_ok, rn[None, :] <= qpos[:, None], m_i, l_i, acc, scaling, FP32, ks_ptr + s_off, vs_ptr + s_off, FP8)
         base = (row_head * SPLITS + split) * M
         has = l_i > 0
         tl.store(lse_ptr + base + rm, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")),

@@ -88,7 +88,7 @@ def _keep(state, states, active, steps) -> None:
     elif active is None:
         state.copy_(states[:, -1])
     else:
-        torch.where(active.view(-1, *[1] * (state.dim() - 1)), states[:, -1], state, out=state)
+        torch.where(active.view(-1, *[1] * (state.dim() - 1)), states[:, -1].to(state.dtype), state, out=state)
 
 
 # ---- the reference (torch) path ------------------------------------------------------------------------
@@ -231,7 +231,7 @@ if triton is not None:
         rv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
         vm = rv < DV
         s_off = row * ssb + h * DK * DV + rk[:, None] * DV + rv[None, :]
-        s = tl.load(state_ptr + s_off, mask=vm[None, :], other=0.0)
+        s = tl.load(state_ptr + s_off, mask=vm[None, :], other=0.0).to(tl.float32)  # bf16 state: float32 here
         decay = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
         for t in tl.static_range(T):
@@ -250,10 +250,10 @@ if triton is not None:
             o = tl.sum(s * q[:, None], 0)
             tl.store(out_ptr + ((row * T + t) * HV + h) * DV + rv, o.to(out_ptr.dtype.element_ty), mask=vm)
             if STEPS:
-                tl.store(steps_ptr + row * stb + t * stt + h * DK * DV + rk[:, None] * DV + rv[None, :], s,
-                         mask=vm[None, :])
+                tl.store(steps_ptr + row * stb + t * stt + h * DK * DV + rk[:, None] * DV + rv[None, :],
+                         s.to(steps_ptr.dtype.element_ty), mask=vm[None, :])
         if not STEPS:
             keep = (rk < DK)[:, None] & vm[None, :]
             if HAS_ACTIVE:
                 keep = keep & (tl.load(act_ptr + row + 0 * rv) != 0)[None, :]
-            tl.store(state_ptr + s_off, s, mask=keep)
+            tl.store(state_ptr + s_off, s.to(state_ptr.dtype.element_ty), mask=keep)

@@ -10,7 +10,7 @@ split into
 
   * the prefix and image caches (`cache.prefix_bytes`, `cache.image_bytes`, as configured);
   * per sequence slot: its Gated DeltaNet state (conv + recurrent, float32 as the checkpoint's
-    mamba_ssm_dtype) and its small buffers. `limits.max_concurrent` caps the slots; left out, the slots'
+    mamba_ssm_dtype, or memory.gdn_state_dtype) and its small buffers. `limits.max_concurrent` caps the slots; left out, the slots'
     fixed state takes at most a quarter of the budget (at most MAX_CONCURRENT);
   * with speculative decoding, verify rows: the GDN state after each of the k + 1 verified positions
     (rollback without recompute), 4 x 72 MiB a row for the 27B at tp=2 with k = 3. The slots [0, rows)
@@ -59,6 +59,8 @@ class MemoryPlan:
     per_slot_bytes: int
     spec_rows: int = 0      # speculative verify rows: slots [0, spec_rows) verify drafts
     per_row_bytes: int = 0  # bytes per verify row
+    kv_cache_dtype: str = "auto"      # memory.kv_cache_dtype
+    gdn_state_dtype: str = "float32"  # memory.gdn_state_dtype
 
     def summary(self) -> str:
         return (f"KV capacity: {self.kv_tokens:,} tokens ({self.num_blocks - 1:,} blocks of {self.block_size}), up "
@@ -68,42 +70,49 @@ class MemoryPlan:
                 f"{self.activation_bytes / GIB:.2f} GiB of activations; {self.per_token_bytes / 1024:.1f} KiB per "
                 f"token, {self.per_slot_bytes / (1 << 20):.1f} MiB per sequence slot"
                 + (f"; speculative drafts verified for up to {self.spec_rows} of them at once "
-                   f"({self.per_row_bytes / (1 << 20):.1f} MiB a verify row)" if self.spec_rows else ""))
+                   f"({self.per_row_bytes / (1 << 20):.1f} MiB a verify row)" if self.spec_rows else "")
+                + (f"; KV {self.kv_cache_dtype}" if self.kv_cache_dtype != "auto" else "")
+                + (f"; GDN state {self.gdn_state_dtype}" if self.gdn_state_dtype != "float32" else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def per_token_bytes(model, dtype: torch.dtype, mtp: bool) -> int:
+def per_token_bytes(model, dtype: torch.dtype, mtp: bool, kv_fp8: bool = False) -> int:
     """KV bytes one token takes on this rank: K and V of every full-attention layer (this rank's heads),
-    and of the MTP head's layers with speculative MTP."""
+    and of the MTP head's layers with speculative MTP; FP8: one byte a value and a float32 scale a vector
+    (kernels/decode_attention.Fp8Pool)."""
     layers = [layer.self_attn for layer in model.model.language_model.layers if not hasattr(layer, "linear_attn")]
     if mtp and getattr(model, "mtp", None) is not None:
         layers += [layer.self_attn for layer in model.mtp.layers]
     size = torch.tensor([], dtype=dtype).element_size()
+    if kv_fp8:
+        return sum(2 * attn.k_proj.weight.shape[0] + 2 * 4 * attn.k_proj.weight.shape[0] // attn.head_dim
+                   for attn in layers)
     return sum(2 * attn.k_proj.weight.shape[0] * size for attn in layers)
 
 
-def gdn_state_bytes(model, dtype: torch.dtype) -> int:
-    """One sequence's Gated DeltaNet state on this rank: conv windows (model dtype) and recurrent state (float32)."""
+def gdn_state_bytes(model, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
+    """One sequence's Gated DeltaNet state on this rank: conv windows (model dtype) and recurrent state
+    (memory.gdn_state_dtype: float32 by default)."""
     gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
-    size = torch.tensor([], dtype=dtype).element_size()
+    size, rec = (torch.tensor([], dtype=d).element_size() for d in (dtype, state_dtype))
     return sum(g.conv1d.weight.shape[0] * g.conv_kernel_size * size
-               + g.num_v_heads * g.head_k_dim * g.head_v_dim * 4 for g in gdn)
+               + g.num_v_heads * g.head_k_dim * g.head_v_dim * rec for g in gdn)
 
 
-def per_slot_bytes(model, dtype: torch.dtype) -> int:
+def per_slot_bytes(model, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
     """Fixed bytes per sequence slot on this rank: its GDN state and the penalties' per-slot counts
     (engine/sampling.PenaltyState)."""
-    return gdn_state_bytes(model, dtype) + model.config.text_config.vocab_size * 5
+    return gdn_state_bytes(model, dtype, state_dtype) + model.config.text_config.vocab_size * 5
 
 
-def verify_row_bytes(model, dtype: torch.dtype, spec_tokens: int) -> int:
+def verify_row_bytes(model, dtype: torch.dtype, spec_tokens: int, state_dtype: torch.dtype = torch.float32) -> int:
     """Bytes per speculative verify row: the GDN state after each of T = k + 1 verified positions (rollback
     without recompute) and the MTP head's pending hidden states."""
     t = spec_tokens + 1
     size = torch.tensor([], dtype=dtype).element_size()
-    return t * gdn_state_bytes(model, dtype) + t * model.config.text_config.hidden_size * size
+    return t * gdn_state_bytes(model, dtype, state_dtype) + t * model.config.text_config.hidden_size * size
 
 
 def _peak(device, fn) -> int:
@@ -191,9 +200,10 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
                  activation: int, image_pixels: int, budget_share: float | None = None) -> MemoryPlan:
     """What `available` bytes (the ranks' minimum) hold: slots, KV blocks and the limits that follow."""
     text = model.config.text_config
-    token_bytes = per_token_bytes(model, dtype, mtp)
-    slot_bytes = per_slot_bytes(model, dtype)
-    row_bytes = verify_row_bytes(model, dtype, spec_tokens) if spec_tokens else 0
+    state_dtype = getattr(torch, memory.gdn_state_dtype)
+    token_bytes = per_token_bytes(model, dtype, mtp, memory.kv_cache_dtype == "fp8_e4m3")
+    slot_bytes = per_slot_bytes(model, dtype, state_dtype)
+    row_bytes = verify_row_bytes(model, dtype, spec_tokens, state_dtype) if spec_tokens else 0
     block = memory.block_size
     slack = spec_tokens + 1  # a verify writes k positions past the length; one step computed past the end
     budget = int(available * (memory.gpu_fraction if budget_share is None else budget_share))
@@ -230,7 +240,8 @@ def split_budget(model, dtype, limits, memory, cache, spec_tokens: int, mtp: boo
         max_len = min(max_len, want)
     prompt = limits.max_prompt_tokens or max(1, max_len - limits.max_new_tokens)
     return MemoryPlan(slots, num_blocks, block, prompt, max_len, image_pixels, kv_tokens, budget, available,
-                      activation, token_bytes, slot_bytes, rows, row_bytes)
+                      activation, token_bytes, slot_bytes, rows, row_bytes, memory.kv_cache_dtype,
+                      memory.gdn_state_dtype)
 
 
 def _rank() -> str:

@@ -70,7 +70,8 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
                  speculative: dict | None = None, prefill_graph_tokens: int | None = None,
-                 mixed_prefill: bool = False, num_blocks: int | None = None, block_size: int = 64):
+                 mixed_prefill: bool = False, num_blocks: int | None = None, block_size: int = 64,
+                 kv_fp8: bool = False, state_dtype: torch.dtype = torch.float32):
         self.model = model
         self.device = device
         self.max_slots = max_slots
@@ -84,7 +85,9 @@ class ModelRunner:
         # A verify writes T = k + 1 positions from a slot's length: k positions of slack past max_len.
         self.kv_len = max_len + (spec_k if spec_method != "none" else 0)
         # num_blocks: the planner's (runner/memory.py); None: as many as max_slots sequences of max_len need
-        self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype, num_blocks, block_size)
+        # kv_fp8 / state_dtype: memory.kv_cache_dtype / gdn_state_dtype (the exact cache by default)
+        self.state = SlotState(model, max_slots, self.kv_len, device, self.dtype, num_blocks, block_size, kv_fp8,
+                               state_dtype)
         self.length = [0] * max_slots      # tokens in each slot's cache
         self.rope_delta = [0] * max_slots  # M-RoPE position minus text position (images shift it)
         self.pending: dict[int, PendingPrompt] = {}  # chunked prefill: each prompt's ids, positions, images

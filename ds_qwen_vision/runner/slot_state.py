@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.decode_attention import PagedKV
+from ..kernels.decode_attention import Fp8Pool, PagedKV, quantize_fp8
 from ..model import to_device
 
 
@@ -16,11 +16,18 @@ class SlotState:
     holds the same table. Block 0 is the null block: never given to a sequence, it is where an unmapped
     position points, so padding and idle rows write there harmlessly.
     Gated DeltaNet: the conv + recurrent state of each slot (row r = slot r), a fixed size per sequence.
+
+    The exact cache is the default: KV in the model's dtype and the recurrent state in float32 (the
+    checkpoint's mamba_ssm_dtype, the recurrence kernels' own). `kv_fp8` stores KV as float8 e4m3 with a
+    scale per vector (kernels/decode_attention.Fp8Pool) and `state_dtype` bfloat16 halves the recurrent
+    state: options that double what the memory holds, at an accuracy cost docs/benchmarks.md measures.
     """
 
     def __init__(self, model, max_slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int | None = None, block_size: int = 64):
+                 num_blocks: int | None = None, block_size: int = 64, kv_fp8: bool = False,
+                 state_dtype: torch.dtype = torch.float32):
         self.block_size = block_size
+        self.kv_fp8 = kv_fp8
         self.blocks_per_seq = -(-max_len // block_size)
         if num_blocks is None:  # every slot can hold max_len (what a static cache held), plus the null block
             num_blocks = max_slots * self.blocks_per_seq + 1
@@ -36,15 +43,14 @@ class SlotState:
                 gdn = layer.linear_attn  # head counts are this rank's (tp_policy.shard_gated_deltanet)
                 self.gdn_layers.append(i)
             else:
-                self.kv[i] = kv_pool(layer.self_attn, num_blocks, block_size, device, dtype)
+                self.kv[i] = kv_pool(layer.self_attn, num_blocks, block_size, device, dtype, kv_fp8)
         # The GDN states of all layers in one tensor each ([layers, slots, ...], per-layer views in
         # conv / recurrent), so that selecting a speculative step's accepted state is one copy per kind.
         n = len(self.gdn_layers)
         self.conv_shape = (gdn.conv1d.weight.shape[0], gdn.conv_kernel_size) if gdn is not None else (0, 0)
-        # float32 like the recurrence kernels' own state (FLA's and transformers' reference)
         self.rec_shape = (gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim) if gdn is not None else (0, 0, 0)
         self.conv_all = torch.zeros((n, max_slots, *self.conv_shape), dtype=dtype, device=device)
-        self.rec_all = torch.zeros((n, max_slots, *self.rec_shape), dtype=torch.float32, device=device)
+        self.rec_all = torch.zeros((n, max_slots, *self.rec_shape), dtype=state_dtype, device=device)
         for j, i in enumerate(self.gdn_layers):
             self.conv[i], self.recurrent[i] = self.conv_all[j], self.rec_all[j]
         self.gdn_index = {i: j for j, i in enumerate(self.gdn_layers)}
@@ -60,7 +66,8 @@ class SlotState:
         n = self.conv_all.shape[0]
         self.conv_steps = torch.zeros((n, slots, t, *self.conv_shape), dtype=self.conv_all.dtype,
                                       device=self.conv_all.device)
-        self.rec_steps = torch.zeros((n, slots, t, *self.rec_shape), dtype=torch.float32, device=self.rec_all.device)
+        self.rec_steps = torch.zeros((n, slots, t, *self.rec_shape), dtype=self.rec_all.dtype,
+                                     device=self.rec_all.device)
 
     def select_steps(self, slots: torch.Tensor, index: torch.Tensor) -> None:
         """Rollback without recompute: slot slots[i] takes the state after its verified position index[i]."""
@@ -87,33 +94,46 @@ class SlotState:
         the new sequence writes the rest of it)."""
         src = to_device(torch.tensor([s for s, _ in pairs]), self.table.device)
         dst = to_device(torch.tensor([d for _, d in pairs]), self.table.device)
-        for k, v in (*self.kv.values(), *self.extra_kv.values()):
-            k[dst] = k[src]
-            v[dst] = v[src]
+        for t in self.kv_tensors():
+            t[dst] = t[src]
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of every pool, block-major (an FP8 pool's data as bytes, and its scales)."""
+        pools = [p for kv in (*self.kv.values(), *self.extra_kv.values()) for p in kv]
+        return [t for p in pools for t in ((p.data.view(torch.uint8), p.scale) if isinstance(p, Fp8Pool) else (p,))]
 
     def kv_bytes_per_block(self) -> int:
-        return sum(2 * k[0].numel() * k.element_size() for k, _ in (*self.kv.values(), *self.extra_kv.values()))
+        return sum(t[0].numel() * t.element_size() for t in self.kv_tensors())
 
     def nbytes(self) -> int:
-        tensors = [t for kv in (*self.kv.values(), *self.extra_kv.values()) for t in kv]
-        tensors += [self.conv_all, self.rec_all, self.table]
+        tensors = self.kv_tensors() + [self.conv_all, self.rec_all, self.table]
         tensors += [t for t in (self.conv_steps, self.rec_steps) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def kv_pool(attn, num_blocks: int, block_size: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One attention layer's key and value blocks, [blocks, this rank's kv heads, block_size, head dim]."""
+def kv_pool(attn, num_blocks: int, block_size: int, device, dtype, fp8: bool = False) -> tuple:
+    """One attention layer's key and value blocks, [blocks, this rank's kv heads, block_size, head dim]
+    (fp8: kernels/decode_attention.Fp8Pool each)."""
     shape = (num_blocks, attn.k_proj.weight.shape[0] // attn.head_dim, block_size, attn.head_dim)
+    if fp8:
+        return tuple(Fp8Pool(torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
+                             torch.zeros(shape[:-1], dtype=torch.float32, device=device)) for _ in "kv")
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
-def write_kv(pools: tuple[torch.Tensor, torch.Tensor], block_size: int, table: torch.Tensor,
+def write_kv(pools: tuple, block_size: int, table: torch.Tensor,
              positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """key / value [b, heads, T, dim] at positions [b, T] of rows whose block tables are table [b, blocks]."""
     blocks = table.gather(1, positions // block_size).long()  # [b, T]
     offsets = positions % block_size
-    pools[0][blocks, :, offsets] = key.transpose(1, 2)  # the indexed result is [b, T, heads, dim]
-    pools[1][blocks, :, offsets] = value.transpose(1, 2)
+    for pool, x in zip(pools, (key, value)):
+        x = x.transpose(1, 2)  # the indexed result is [b, T, heads, dim]
+        if isinstance(pool, Fp8Pool):
+            data, scale = quantize_fp8(x)
+            pool.data.view(torch.uint8)[blocks, :, offsets] = data.view(torch.uint8)
+            pool.scale[blocks, :, offsets] = scale
+        else:
+            pool[blocks, :, offsets] = x
 
 
 def paged(state, table: torch.Tensor, qpos: torch.Tensor) -> PagedKV:
@@ -237,7 +257,8 @@ class PrefillView:
 
     def gdn_update(self, layer_idx, conv_state, rec_state):
         self.state.conv[layer_idx].index_copy_(0, self.slot, conv_state.to(self.state.conv[layer_idx].dtype))
-        self.state.recurrent[layer_idx].index_copy_(0, self.slot, rec_state.float())
+        rec = self.state.recurrent[layer_idx]
+        rec.index_copy_(0, self.slot, rec_state.to(rec.dtype))
 
 
 class MixedView:

@@ -66,7 +66,7 @@ class Speculation:
             for layer in self.mtp.layers:
                 attn = layer.self_attn
                 self.mtp_state.kv[attn.layer_idx] = kv_pool(attn, state.num_blocks, state.block_size, device,
-                                                            runner.dtype)
+                                                            runner.dtype, state.kv_fp8)
             state.extra_kv = self.mtp_state.kv
             hidden = model.config.text_config.hidden_size
             # Per slot: the main model's hidden states not yet paired into the head's KV, and their tokens.

@@ -1,0 +1,150 @@
+"""Paged KV against the static cache it replaced: the same step timings on two source trees, one GPU, one call.
+
+    # a tree is a copy of the repository (git archive); this script is run from each, so that it imports that
+    # tree's ds_qwen_vision (eca83e7, the parent of the paged KV, had one static KV region per slot)
+    python3 TREE/benchmarks/bench_paged.py --label static --out OUT/static.json
+    python3 TREE2/benchmarks/bench_paged.py --label paged --out OUT/paged.json
+    python3 benchmarks/bench_paged.py --collect OUT/static.json OUT/paged.json --command "..."
+
+The 27B's widths with `--layers` of its 64 layers (32: the memory twin of issue 24), random bf16 weights made on
+the device, tp=1, timed through ModelRunner (what every rank runs): time to first token of an 8,192-token prompt
+(one forward, and in 2,048-token chunks as the engine plans it), and the decode step at 1 and 16 rows with 512
+and 8,192 tokens of context. The runner is built without an engine, so each slot reads its fixed share of the
+block pool (SlotState.static_blocks): the tables are ordered, not shuffled as in serving. Medians over repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's package
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 1200, (n,), generator=g).tolist()
+
+
+@torch.no_grad()
+def run(args) -> dict:
+    from ds_qwen_vision.checkpoint import PRESETS, make_config
+    from ds_qwen_vision.model import build_sharded, init_distributed
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
+    init_distributed(args.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    spec = copy.deepcopy(PRESETS[args.preset])
+    spec["text"]["num_hidden_layers"] = args.layers
+    PRESETS["27b-bench-paged"] = spec
+    model = build_sharded(make_config("27b-bench-paged", mtp=False), 1, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():  # as bench_27b.randomize: never zeros, GDN decays in range
+        if name.endswith("A_log"):
+            p.uniform_(1.0, 16.0, generator=gen).log_()
+        elif p.dim() == 1:
+            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
+        else:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    rows, long, short, chunk = 16, args.context, min(512, args.context // 2), args.chunk
+    runner = ModelRunner(model, device, max_slots=rows, max_len=long + args.steps + 64)
+    out = {"label": args.label, "layers": args.layers, 
+           "gpu": torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu"}
+
+    def prefill(slot, prompt, chunked):
+        if not chunked:
+            return runner.run(StepPlan(prefill=[Prefill(slot, prompt)]))
+        for start in range(0, len(prompt), chunk):
+            logits = runner.run(StepPlan(prefill=[Prefill(slot, prompt, start=start,
+                                                          end=min(len(prompt), start + chunk))]))
+        return logits
+
+    def decode(n_rows, steps):
+        tokens = {s: 1000 + s for s in range(n_rows)}
+        times = []
+        for _ in range(steps):
+            sync()
+            t = time.perf_counter()
+            logits = runner.run(StepPlan(decode=sorted(tokens.items())))
+            picks = torch.stack([logits[s] for s in sorted(tokens)]).argmax(-1).tolist()  # the host reads them
+            times.append(time.perf_counter() - t)
+            tokens = dict(zip(sorted(tokens), picks))
+        return 1e3 * statistics.median(times[4:])
+
+    prompt = ids(long, 1)
+    for chunked in (False, True):  # warm-up: kernels, autotuning
+        prefill(0, prompt, chunked)
+    out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))
+    out["ttft_8k_chunked_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, True), args.repeats))
+    for ctx in (short, long):
+        for s in range(rows):
+            prefill(s, ids(ctx, 100 + s), chunked=True)
+        decode(1, 8)
+        out[f"decode_1row_{ctx}_ms"] = decode(1, args.steps)
+        decode(rows, 8)
+        out[f"decode_16rows_{ctx}_ms"] = decode(rows, args.steps)
+        print(json.dumps(out), flush=True)
+    return out
+
+
+def collect(args) -> None:
+    runs = [json.loads(p.read_text()) for p in args.collect]
+    base = runs[0]
+    table = {k: {r["label"]: r[k] for r in runs} | {"ratio": runs[-1][k] / base[k]}
+             for k in base if k.endswith("_ms")}
+    res = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "card": base["gpu"], "command": args.command,
+           "code": args.code, "label": f"random bf16 weights, 27B widths, {base['layers']} of 64 layers, tp=1",
+           "runs": runs, "ratio_last_to_first": table}
+    print(json.dumps(res, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", default="paged")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--layers", type=int, default=32, help="text layers (a multiple of 4)")
+    p.add_argument("--preset", default="27b", help="widths (tiny: a CPU smoke run)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
+    p.add_argument("--steps", type=int, default=48, help="decode steps timed per case (the first 4 dropped)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--collect", nargs="+", type=Path, help="this script's JSONs, the baseline first")
+    p.add_argument("--command", default="")
+    p.add_argument("--code", default="")
+    args = p.parse_args()
+    if args.collect:
+        return collect(args)
+    out = run(args)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

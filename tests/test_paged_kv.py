@@ -71,6 +71,7 @@ def test_a_small_pool_serves_exact_answers(tiny_ckpt, ref):
         held = {b for blocks in h.engine.prefix_cache.blocks.values() for b in blocks}
         assert pool.used == len(held)  # what is still held is the snapshots' alone: nothing leaked
         assert m["dsqv_kv_blocks_used"] == pool.used and m["dsqv_waiting_for_memory"] == 0
+        assert (m["dsqv_kv_capacity_tokens"], m["dsqv_max_sequences"]) == (16 * 16, 3)  # what the pool holds
         assert m["dsqv_memory_waits_total"] >= 1  # the pool did run short: a sequence waited for blocks
         assert h.engine.idle()
     finally:

@@ -24,6 +24,11 @@ class EngineMetrics:
         self.blocks_used = Gauge("dsqv_kv_blocks_used", "KV cache blocks held (sequences and prefix snapshots)",
                                  registry=r)
         self.blocks_free = Gauge("dsqv_kv_blocks_free", "KV cache blocks free", registry=r)
+        # what the memory planner chose (runner/memory.py), constant after start-up
+        self.kv_capacity = Gauge("dsqv_kv_capacity_tokens", "Tokens of KV all sequences together can hold",
+                                 registry=r)
+        self.max_sequences = Gauge("dsqv_max_sequences", "Sequences generated at once at most (GDN state rows)",
+                                   registry=r)
         self.waiting_memory = Gauge("dsqv_waiting_for_memory", "Sequences waiting for free KV blocks", registry=r)
         self.memory_waits = Counter("dsqv_memory_waits", "Times a sequence waited in line for free KV blocks",
                                     registry=r)

@@ -76,8 +76,10 @@ class Scheduler:
         # charged per prompt after the first.
         self.prefill_budget = chunk_tokens
         self.prefill_overhead = 0
+        self.m.max_sequences.set(max_slots)
         if blocks is not None:
             self.m.blocks_free.set(blocks.capacity)
+            self.m.kv_capacity.set(blocks.capacity * blocks.block_size)
 
     # ---- the queue (IPC threads) ---------------------------------------------------------------------
     def add(self, group: list[Sequence]) -> str | None:

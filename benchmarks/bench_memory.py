@@ -399,6 +399,7 @@ def run_config(args, texts: Texts, workdir: Path, tag: str, t_all: float) -> dic
         try:
             ranks = health(server.port)["engine"]["ranks"]
             out["compiles_after_ready"] = [r.get("compiles_after_ready") for r in ranks]
+            out["first_compiles_after_ready"] = [r.get("first_compiles_after_ready") for r in ranks]
             out["graphs_compiled_after_ready"] = [r.get("graphs_compiled_after_ready") for r in ranks]
         except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
             out["health_after_error"] = f"{type(e).__name__}: {e}"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OPTIONS = {"exact": (False, torch.float32), "fp8_kv": (True, torch.float32), "bf16_state": (False, torch.bfloat16),
            "fp8_kv+bf16_state": (True, torch.bfloat16)}
@@ -34,6 +35,7 @@ OPTIONS = {"exact": (False, torch.float32), "fp8_kv": (True, torch.float32), "bf
 
 @torch.no_grad()
 def run(args) -> dict:
+    from bench_27b import randomize
     from ds_qwen_vision.checkpoint import PRESETS, make_config
     from ds_qwen_vision.model import build_sharded, init_distributed
     from ds_qwen_vision.plan import Prefill, StepPlan
@@ -47,14 +49,7 @@ def run(args) -> dict:
     spec["text"]["num_hidden_layers"] = args.layers
     PRESETS["bench-cache-options"] = spec
     model = build_sharded(make_config("bench-cache-options", mtp=False), 1, dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():  # as bench_27b.randomize
-        if name.endswith("A_log"):
-            p.uniform_(1.0, 16.0, generator=gen).log_()
-        elif p.dim() == 1:
-            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
-        else:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    randomize(model, seed=0)
     max_len = args.prompt + args.new + 8
     runners = {name: ModelRunner(model, device, max_slots=1, max_len=max_len, cuda_graphs=False,
                                  prefill_graph_tokens=0, kv_fp8=fp8, state_dtype=state)

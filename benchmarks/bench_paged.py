@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's package
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # and its bench_27b
 
 
 def sync() -> None:
@@ -50,6 +51,7 @@ def ids(n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def run(args) -> dict:
+    from bench_27b import randomize
     from ds_qwen_vision.checkpoint import PRESETS, make_config
     from ds_qwen_vision.model import build_sharded, init_distributed
     from ds_qwen_vision.plan import Prefill, StepPlan
@@ -62,14 +64,7 @@ def run(args) -> dict:
     spec["text"]["num_hidden_layers"] = args.layers
     PRESETS["27b-bench-paged"] = spec
     model = build_sharded(make_config("27b-bench-paged", mtp=False), 1, dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():  # as bench_27b.randomize: never zeros, GDN decays in range
-        if name.endswith("A_log"):
-            p.uniform_(1.0, 16.0, generator=gen).log_()
-        elif p.dim() == 1:
-            p.normal_(1.0 if ".linear_attn.norm." in name else 0.0, 0.1, generator=gen)
-        else:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    randomize(model, seed=0)
     rows, long, short, chunk = 16, args.context, min(512, args.context // 2), args.chunk
     runner = ModelRunner(model, device, max_slots=rows, max_len=long + args.steps + 64)
     out = {"label": args.label, "layers": args.layers, 

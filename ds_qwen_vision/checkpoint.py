@@ -825,6 +825,79 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, dtype=torch.f
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+
+def fp8_not_converted(config) -> list[str]:
+    """modules_to_not_convert named in full, as Qwen's FP8 config.json does: the vision tower, lm_head,
+    embed_tokens, every norm, the GDN layers' conv1d / in_proj_a / in_proj_b (and A_log, dt_bias), the attention
+    q_norm / k_norm, mtp.fc and the MTP norms."""
+    text = config.text_config if hasattr(config, "text_config") else config
+    names = ["model.visual", "lm_head", "model.language_model.embed_tokens", "model.language_model.norm"]
+    layers = [(f"model.language_model.layers.{i}", kind) for i, kind in enumerate(text.layer_types)]
+    layers += [(f"mtp.layers.{i}", "full_attention") for i in range(getattr(text, "mtp_num_hidden_layers", 0) or 0)]
+    for prefix, kind in layers:
+        names += [f"{prefix}.input_layernorm", f"{prefix}.post_attention_layernorm"]
+        if kind == "linear_attention":
+            names += [f"{prefix}.linear_attn.{m}" for m in ("A_log", "conv1d", "dt_bias", "in_proj_a", "in_proj_b",
+                                                              "norm")]
+        else:
+            names += [f"{prefix}.self_attn.q_norm", f"{prefix}.self_attn.k_norm"]
+    if getattr(text, "mtp_num_hidden_layers", 0):
+        names += ["mtp.fc", "mtp.norm", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden"]
+    return names
+
+
+def quantize_fp8_checkpoint(src, out_dir, block: tuple[int, int] = (128, 128),
+                            not_convert: list[str] | None = None) -> Path:
+    """A copy of checkpoint `src` in Qwen's block-wise FP8 format (ds_qwen_vision/fp8.py): every language-model
+    linear weight outside `not_convert` (default: fp8_not_converted) as float8 e4m3 with a float32 scale per
+    block of `block` (its largest magnitude / 448, Qwen's and DeepSeek's recipe), `quantization_config` in
+    config.json. Everything else as it is in `src`."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    src, out_dir = Path(src), Path(out_dir)
+    config = AutoConfig.from_pretrained(src)
+    not_convert = fp8_not_converted(config) if not_convert is None else not_convert
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", MARKER_FILE):
+            shutil.copy(f, out_dir / f.name)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for name in sorted(set(index["weight_map"].values())):
+        tensors = load_file(src / name)
+        out = {}
+        for key, t in tensors.items():
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and t.dim() == 2 and key.startswith(("model.language_model.", "mtp.")) \
+                    and should_convert_module(module, not_convert):
+                out[key], out[module + ".weight_scale_inv"] = quantize_blockwise(t, block)
+            else:
+                out[key] = t
+        save_file(out, out_dir / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in out})
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": index.get("metadata", {}), "weight_map": weight_map})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block), "modules_to_not_convert": not_convert}
+    _write_json(out_dir / "config.json", cfg)
+    return out_dir
+
+
+def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (e4m3 [out, in], float32 scale_inv [ceil(out/b0), ceil(in/b1)]), w ~= q x scale_inv per block
+    (a last partial block along either dimension has a scale of its own)."""
+    rows, cols = w.shape
+    r, c = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.zeros(r * block[0], c * block[1], dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(r, block[0], c, block[1])
+    scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)  # [r, c]
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(r * block[0], c * block[1])
+    return q[:rows, :cols].contiguous(), scale
+
+
 def demo_dir() -> Path:
     """Where launch.sh builds (once) and serves the embedded demo checkpoint (the front reads its
     preprocessor_config.json there too: config.demo_checkpoint_dir)."""

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .tp_policy import gdn_segments, is_language_model, rule_for, shard_ranges
+from .fp8 import FP8, scale_cut, scale_shape
+from .tp_policy import full_weight_shape, gdn_segments, is_language_model, rule_for, shard_ranges
 
 # The multi-token-prediction head of real Qwen3.6 checkpoints: loaded into `model.mtp` (ds_qwen_vision/mtp.py)
 # when speculative decoding uses it, skipped otherwise (as transformers does: _keys_to_ignore_on_load_unexpected).
@@ -204,8 +205,25 @@ def load_shards(model, model_dir: str | Path, tp: int, rank: int, show_progress:
                         problems.append(f"unexpected tensor {key} in {path.name}")
                     continue
                 full_shape = f.shape(key)
+                stored_fp8 = f.tensors[key]["dtype"].startswith("F8")
                 for name in wanted[key]:
                     param = params[name]
+                    if stored_fp8 != (param.dtype == FP8):  # never cast an FP8 weight without its scale
+                        problems.append(f"tensor {key} is stored as {f.tensors[key]['dtype']}, but this model "
+                                        f"(its quantization_config) expects {param.dtype}")
+                        continue
+                    if name.endswith(".weight_scale_inv"):  # an FP8 weight's block scales (fp8.py)
+                        block = model.get_submodule(name.rsplit(".", 1)[0]).fp8_block
+                        weight_name = name.removesuffix("_scale_inv")
+                        expected = list(scale_shape(full_weight_shape(model, weight_name), block))
+                        if list(full_shape) != expected:
+                            problems.append(f"tensor {key} has shape {list(full_shape)}; this model expects "
+                                            f"{expected} (blocks of {list(block)})")
+                            continue
+                        f.read_into(key, param.data, *scale_cut(model, weight_name, tp, rank, block))
+                        loaded.add(name)
+                        bar.update(1)
+                        continue
                     rule = rule_for(name) if is_language_model(name) else None
                     dim = rule.dim if rule is not None else None
                     expected = list(param.shape)

@@ -113,6 +113,7 @@ def quiet_kernel_advice(device: str, rank: int) -> None:
 
 def build_sharded(config, tp: int, dtype: torch.dtype, mtp: bool = False):
     """This rank's shard of the model, allocated on the device but not yet filled (buffers are)."""
+    from .fp8 import Fp8Format, convert as convert_fp8
     from .loading import build_on_meta, init_buffers
     from .tp_policy import apply_tensor_parallel
 
@@ -120,6 +121,9 @@ def build_sharded(config, tp: int, dtype: torch.dtype, mtp: bool = False):
         raise SystemExit(f"model_type {config.model_type!r}: ds-qwen-vision serves qwen3_5 "
                          f"(Qwen3_5ForConditionalGeneration) checkpoints")
     model = apply_tensor_parallel(build_on_meta(config, dtype, mtp), tp, dtype).module
+    fmt = Fp8Format.from_config(config)
+    if fmt is not None:  # Qwen's FP8 checkpoints: those linears' shards become FP8 (fp8.py)
+        convert_fp8(model, fmt, tp)
     init_buffers(model)
     return model
 

@@ -345,7 +345,7 @@ def verify_shards(model, tp: int) -> None:
         if rule is None:
             errors.append(f"{name}: no shard rule")
             continue
-        full = _full_shape(model, name)
+        full = full_weight_shape(model, name)
         expect = list(full)
         if rule.dim is not None:
             expect[rule.dim] //= tp
@@ -355,7 +355,7 @@ def verify_shards(model, tp: int) -> None:
         raise RuntimeError("tensor-parallel shards do not follow SHARD_TABLE:\n  " + "\n  ".join(errors))
 
 
-def _full_shape(model, name: str) -> tuple[int, ...]:
+def full_weight_shape(model, name: str) -> tuple[int, ...]:
     """The unsharded shape of a language-model parameter, from the config alone."""
     c = model.config.text_config
     kd, _, vd = gdn_segments(c)

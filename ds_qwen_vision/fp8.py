@@ -1,0 +1,195 @@
+"""Qwen's block-wise FP8 checkpoints (Qwen3.6-27B-FP8): the format, and the linears that keep their weights in it.
+
+The format, as the checkpoint's config.json says it (`quantization_config`): `quant_method` "fp8", `fmt` "e4m3",
+`activation_scheme` "dynamic", `weight_block_size` [128, 128], `modules_to_not_convert` (the vision tower,
+lm_head, embed_tokens, norms, the GDN layers' conv1d / in_proj_a / in_proj_b, mtp.fc, ...). A converted
+linear stores `weight` as float8_e4m3fn [out, in] and `weight_scale_inv` float32 [ceil(out / b0),
+ceil(in / b1)]: the real weight is weight x scale_inv, block by block. Which linears are converted is
+transformers' rule (`should_convert_module` over `modules_to_not_convert`), checked against the files at load
+(loading.py): a converted linear whose file holds no scale, or an unconverted one that has one, is a
+CheckpointError -- a loader that reads an FP8 weight as bf16 without its scale serves garbage.
+
+Sharding: a converted linear keeps its shard rule (tp_policy.SHARD_TABLE) and its DeepSpeed layer; its scale is
+cut along the same dimension in block units (`scale_ranges`), which needs every rank's cut to fall on a block
+boundary: `check_blocks` refuses a tp where one does not, at start. After DeepSpeed has allocated the shards,
+`convert` swaps each such layer's weight for an FP8 one of the same shape, adds its scale and gives the layer
+the class below that computes with them (the column- and row-parallel layers keep their collectives).
+
+Compute: the reference path dequantizes the weight block-wise (float32, then the activation's dtype) and
+multiplies as the layer did. It is what CPU ranks run and, until an FP8 GEMM is wired in, what GPUs run too:
+the weights take half the memory, but a step reads them and writes a dequantized copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    block: tuple[int, int]            # weight_block_size: [rows, columns] of one scale
+    not_convert: tuple[str, ...]      # modules_to_not_convert
+
+    @classmethod
+    def from_config(cls, config) -> Fp8Format | None:
+        """The checkpoint's FP8 format, or None for a checkpoint without one (left untouched)."""
+        q = getattr(config, "quantization_config", None)
+        if q is None:
+            return None
+        q = q if isinstance(q, dict) else q.to_dict()
+        method = str(q.get("quant_method", "")).lower()
+        if method != "fp8":
+            raise ValueError(f"quantization_config.quant_method {method!r}: ds-qwen-vision serves bf16 checkpoints "
+                             f"and Qwen's block-wise FP8 ones (quant_method fp8)")
+        problems = []
+        if q.get("fmt", "e4m3") != "e4m3":
+            problems.append(f"fmt {q.get('fmt')!r} (e4m3 only)")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            problems.append(f"activation_scheme {q.get('activation_scheme')!r} (dynamic only)")
+        block = q.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            problems.append(f"weight_block_size {block!r} (two positive integers: per-tensor scales are not served)")
+        if problems:
+            raise ValueError("quantization_config: " + "; ".join(problems))
+        return cls(tuple(block), tuple(q.get("modules_to_not_convert") or ()))
+
+    def converts(self, module_name: str) -> bool:
+        """Whether the language-model linear `module_name` (checkpoint naming) is stored in FP8: transformers'
+        rule over modules_to_not_convert (a prefix up to a module boundary, a regex, or a suffix)."""
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return should_convert_module(module_name, list(self.not_convert))
+
+
+def scale_shape(shape, block) -> tuple[int, int]:
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def scale_ranges(ranges: list[tuple[int, int]], size: int, block: int, name: str) -> list[tuple[int, int]]:
+    """The scale rows (or columns) that go with the weight's `ranges` along a dimension of `size` cut in
+    blocks of `block`: each range must start on a block boundary and end on one (or at the end)."""
+    out = []
+    for a, b in ranges:
+        if a % block or (b % block and b != size):
+            raise ValueError(f"{name}: the tensor-parallel cut [{a}, {b}) of {size} falls inside a "
+                             f"{block}-wide FP8 scale block; choose a tp whose cuts fall on block boundaries")
+        out.append((a // block, -(-b // block)))
+    return out
+
+
+def scale_cut(model, weight_name: str, tp: int, rank: int, block: tuple[int, int]):
+    """(dim, ranges) of the scale of `weight_name` that `rank` keeps: the weight's shard rule in block units
+    (tp_policy.SHARD_TABLE; segmented cuts per segment). dim None: the whole scale."""
+    from .tp_policy import full_weight_shape, gdn_segments, rule_for, shard_ranges
+
+    rule = rule_for(weight_name)
+    if rule is None or rule.dim is None or tp == 1:
+        return None, None
+    size = full_weight_shape(model, weight_name)[rule.dim]
+    segments = gdn_segments(model.config.text_config) if rule.segmented else None
+    return rule.dim, scale_ranges(shard_ranges(size, tp, rank, segments), size, block[rule.dim], weight_name)
+
+
+def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """weight [out, in] e4m3 x its block scales [ceil(out/b0), ceil(in/b1)] -> [out, in] in dtype (in float32 first)."""
+    rows, cols = weight.shape
+    scale = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (weight.float() * scale).to(dtype)
+
+
+def fp8_matmul(module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T with the layer's FP8 weight (the reference path: dequantized, then the layer's own matmul)."""
+    w = dequantize(module.weight, module.weight_scale_inv, module.fp8_block, x.dtype)
+    return torch.matmul(x, w.transpose(-1, -2))
+
+
+class Fp8Linear(nn.Linear):
+    """An unsharded linear (tp=1) with an FP8 weight."""
+
+    def forward(self, x):
+        out = fp8_matmul(self, x)
+        return out + self.bias if self.bias is not None else out
+
+
+def _deepspeed_classes() -> dict[type, type]:
+    """DeepSpeed's column- and row-parallel layers -> their FP8 forms (their collectives kept)."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, RowParallel
+
+    class Fp8LinearLayer(LinearLayer):
+        """Column-parallel: this rank's output features; its input is replicated (nothing to gather)."""
+
+        def forward(self, x):
+            out = fp8_matmul(self, x)
+            return out + self.bias if self.bias is not None else out
+
+    class Fp8LinearAllreduce(LinearAllreduce):
+        """Row-parallel: this rank's input features, the partial outputs all-reduced (as LinearAllreduce)."""
+
+        def forward(self, x):
+            out = RowParallel.apply(self.mp_group, fp8_matmul(self, x), True)
+            return out + self.bias if self.bias is not None else out
+
+    return {nn.Linear: Fp8Linear, LinearLayer: Fp8LinearLayer, LinearAllreduce: Fp8LinearAllreduce}
+
+
+def converted_linears(model, fmt: Fp8Format) -> dict[str, nn.Module]:
+    """The language model's (and MTP head's) linears the format stores in FP8, by checkpoint module name."""
+    from .tp_policy import is_language_model
+
+    out = {}
+    for name, module in model.named_modules():
+        if is_language_model(name + ".") and isinstance(module, (nn.Linear, *_linear_bases())) \
+                and not name.startswith("lm_head") and fmt.converts(name):
+            out[name] = module
+    return out
+
+
+def _linear_bases() -> tuple[type, ...]:
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    return (LinearAllreduce, LinearLayer)
+
+
+@torch.no_grad()
+def convert(model, fmt: Fp8Format, tp: int) -> list[str]:
+    """Give every converted linear of a sharded model (tp_policy.apply_tensor_parallel done) an FP8 weight of its
+    shard's shape and the scale that goes with it, and the class that computes with them. The values are
+    the loader's to fill. A fused projection group with a converted member is unfused (its members run one by
+    one, each with its own weight). Returns the converted module names."""
+    from .tp_policy import FUSED_SPLITS, FUSED_WEIGHT, FUSED_PROJECTIONS, decoder_layers
+
+    classes = _deepspeed_classes()
+    names = converted_linears(model, fmt)
+    for name in names:  # every rank's cut on block boundaries, before anything is allocated in FP8
+        for rank in range(tp):
+            scale_cut(model, name + ".weight", tp, rank, fmt.block)
+    converted = set(map(id, names.values()))
+    for layer in decoder_layers(model):
+        for kind, members in FUSED_PROJECTIONS.items():
+            parent = getattr(layer, kind, None)
+            if parent is None or getattr(parent, FUSED_WEIGHT, None) is None:
+                continue
+            if any(id(getattr(parent, m)) in converted for m in members):
+                for m in members:  # each member its own storage again (the unconverted ones keep their values)
+                    lin = getattr(parent, m)
+                    lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+                delattr(parent, FUSED_WEIGHT)
+                delattr(parent, FUSED_SPLITS)
+    for name, module in names.items():
+        cls = next((fp8 for base, fp8 in classes.items() if type(module) is base), None)
+        if cls is None:
+            raise TypeError(f"{name}: an FP8 weight in a {type(module).__name__}, which has no FP8 form here")
+        w = module.weight
+        module.weight = nn.Parameter(torch.empty(w.shape, dtype=FP8, device=w.device), requires_grad=False)
+        module.weight_scale_inv = nn.Parameter(
+            torch.empty(scale_shape(w.shape, fmt.block), dtype=torch.float32, device=w.device), requires_grad=False)
+        module.fp8_block = fmt.block
+        module.__class__ = cls
+    if any(p.is_cuda for p in model.parameters()):
+        torch.cuda.empty_cache()  # the bf16 shards DeepSpeed allocated for these layers
+    return sorted(names)

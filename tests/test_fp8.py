@@ -1,0 +1,193 @@
+"""Qwen's block-wise FP8 checkpoints (ds_qwen_vision/fp8.py): loaded at tp=1 and tp=2 through the product's path,
+against transformers running the same checkpoint with its weights dequantized here, independently (float32).
+
+Checkpoints: the tiny bf16-format one quantized block-wise as Qwen's files are (checkpoint.quantize_fp8_checkpoint,
+modules_to_not_convert named in full): blocks of 64 (every tp=2 cut of the tiny widths falls on a block
+boundary), and blocks of 128 with an MLP of 320 (a partial last block; its tp=2 cut of 160 falls inside a
+block, which is refused).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, Qwen3_5ForConditionalGeneration
+
+from ds_qwen_vision.checkpoint import PRESETS, build_checkpoint, quantize_fp8_checkpoint
+from ds_qwen_vision.fp8 import FP8, Fp8Format, scale_cut
+from ds_qwen_vision.loading import CheckpointError, checkpoint_files
+from ds_qwen_vision.model import chat_inputs, load_model, load_processor
+from ranks import launch
+
+TOL = 1e-5
+LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
+           "down_proj"}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dequantized_state(ckpt) -> dict[str, torch.Tensor]:
+    """Every tensor of an FP8 checkpoint in float32, each FP8 weight multiplied by its scale block by block
+    (written here as the format defines it, not with the product's code)."""
+    tensors = {}
+    for path in checkpoint_files(ckpt):
+        tensors.update(load_file(path))
+    block = json.loads((ckpt / "config.json").read_text())["quantization_config"]["weight_block_size"]
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(".weight_scale_inv"):
+            continue
+        t = t.float()
+        scale = tensors.get(key.removesuffix(".weight") + ".weight_scale_inv")
+        if scale is not None:
+            for i in range(scale.shape[0]):
+                for j in range(scale.shape[1]):
+                    t[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] *= scale[i, j]
+        out[key] = t
+    return out
+
+
+def reference(ckpt, tmp):
+    """transformers on the dequantized weights: a float32 checkpoint without quantization_config."""
+    ref_dir = tmp / f"{ckpt.name}-dequantized"
+    if not ref_dir.exists():
+        shutil.copytree(ckpt, ref_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+        cfg = json.loads((ref_dir / "config.json").read_text())
+        del cfg["quantization_config"]
+        (ref_dir / "config.json").write_text(json.dumps(cfg))
+        state = dequantized_state(ckpt)
+        save_file(state, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    return model, ref_dir
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpts(tiny_ckpt, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fp8")
+    PRESETS.setdefault("tiny-mlp320", copy.deepcopy(PRESETS["tiny"]))["text"]["intermediate_size"] = 320
+    wide = build_checkpoint(tmp / "tiny-mlp320", preset="tiny-mlp320", seed=1)
+    return {64: quantize_fp8_checkpoint(tiny_ckpt, tmp / "tiny-fp8-64", block=(64, 64)),
+            128: quantize_fp8_checkpoint(wide, tmp / "tiny-mlp320-fp8-128", block=(128, 128)), "tmp": tmp}
+
+
+def case(image_files):
+    return {"name": "image+text", "images": image_files[:1],
+            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]}
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_tp1_equals_transformers_on_the_dequantized_weights(fp8_ckpts, image_files, block):
+    """Every converted linear (and only those) holds e4m3 and its scales, gives the dequantized weight's output,
+    and the whole model's logits and greedy tokens are transformers' on the dequantized checkpoint."""
+    ckpt = fp8_ckpts[block]
+    ours = load_model(str(ckpt), 1, "cpu", torch.float32, show_progress=False, mtp=True)
+    ref, _ = reference(ckpt, fp8_ckpts["tmp"])
+    state = dequantized_state(ckpt)
+    converted = {n for n, p in ours.named_parameters() if p.dtype == FP8}
+    assert {n.split(".")[-2] for n in converted} == LINEARS
+    assert any(n.startswith("mtp.layers.0.") for n in converted)  # the MTP head's linears too, with their scales
+    for name in converted:  # every converted module against its dequantized weight
+        w, x = state[name], torch.randn(3, 5, state[name].shape[1])
+        assert rel(ours.get_submodule(name.removesuffix(".weight"))(x), x @ w.T) <= TOL, name
+    processor = load_processor(str(ckpt))
+    c = case(image_files)
+    inputs = chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]])
+    with torch.inference_mode():
+        assert rel(ours(**inputs).logits, ref(**inputs).logits) <= TOL
+        mine = ours.generate(**inputs, max_new_tokens=8, do_sample=False)
+        want = ref.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(mine, want)
+
+
+def test_tp2_equals_transformers_on_the_dequantized_weights(fp8_ckpts, image_files, tmp_path):
+    """Two DeepSpeed CPU ranks: each rank's FP8 shard and its scales cut in block units, the row-parallel
+    layers' partial outputs all-reduced: logits and greedy tokens as single-process transformers on the
+    dequantized checkpoint."""
+    ckpt = fp8_ckpts[64]
+    c = case(image_files)
+    spec = {"model": str(ckpt), "new_tokens": 6, "out": str(tmp_path), "cases": [c]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launch(2, [str(Path(__file__).parent / "tp_worker.py"), str(tmp_path / "spec.json")])
+    ref, _ = reference(ckpt, fp8_ckpts["tmp"])
+    inputs = chat_inputs(load_processor(str(ckpt)), c["messages"], [open(p, "rb").read() for p in c["images"]])
+    with torch.inference_mode():
+        want = ref(**inputs).logits
+        tokens = ref.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert rel(result["cases"][0]["logits"], want) <= TOL
+        assert torch.equal(result["cases"][0]["tokens"], tokens)
+
+
+def test_a_tp_that_cuts_a_block_is_refused(fp8_ckpts):
+    """The MLP of 320 in blocks of 128: tp=2 would cut at 160, inside a scale block."""
+    model = load_model(str(fp8_ckpts[128]), 1, "cpu", torch.float32, show_progress=False)
+    name = "model.language_model.layers.0.mlp.gate_proj.weight"
+    assert scale_cut(model, name, 1, 0, (128, 128)) == (None, None)
+    with pytest.raises(ValueError, match="falls inside a 128-wide FP8 scale block"):
+        scale_cut(model, name, 2, 0, (128, 128))
+    # the blocks of 64 split the tiny widths at tp=2: the GDN projection per segment, in block units
+    small = load_model(str(fp8_ckpts[64]), 1, "cpu", torch.float32, show_progress=False)
+    assert scale_cut(small, "model.language_model.layers.0.linear_attn.in_proj_qkv.weight", 2, 1, (64, 64)) == \
+        (0, [(1, 2), (3, 4), (7, 10)])  # rows [64,128) [192,256) [448,640)
+
+
+def test_format_and_loader_traps(fp8_ckpts, tmp_path):
+    """What the config must say, and what the files must hold: a scale left out, or a converted weight whose
+    module the config keeps in bf16, is an error naming the tensor (never an FP8 weight read without its scale)."""
+    config = AutoConfig.from_pretrained(fp8_ckpts[64])
+    fmt = Fp8Format.from_config(config)
+    assert fmt.block == (64, 64) and not fmt.converts("model.language_model.layers.0.linear_attn.in_proj_a")
+    assert fmt.converts("model.language_model.layers.0.linear_attn.in_proj_qkv")
+    for bad, match in (({"quant_method": "awq"}, "quant_method"),
+                       ({"quant_method": "fp8", "weight_block_size": None}, "weight_block_size"),
+                       ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"},
+                        "activation_scheme")):
+        config.quantization_config = bad
+        with pytest.raises(ValueError, match=match):
+            Fp8Format.from_config(config)
+    # a scale left out of the files
+    broken = shutil.copytree(fp8_ckpts[64], tmp_path / "no-scale")
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    key = "model.language_model.layers.1.mlp.down_proj.weight_scale_inv"
+    shard = broken / index["weight_map"].pop(key)
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="missing tensors: .*down_proj.weight_scale_inv"):
+        load_model(str(broken), 1, "cpu", torch.float32, show_progress=False)
+    # the config keeps a converted module in bf16: its FP8 weight is never cast without its scale
+    lying = shutil.copytree(fp8_ckpts[64], tmp_path / "lying")
+    cfg = json.loads((lying / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"].append("model.language_model.layers.0.mlp.gate_proj")
+    (lying / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="layers.0.mlp.gate_proj.weight is stored as F8_E4M3"):
+        load_model(str(lying), 1, "cpu", torch.float32, show_progress=False)
+
+
+def test_served_from_an_fp8_checkpoint(fp8_ckpts):
+    """Through the engine (chunked prefill, decode graphs' CPU path, prefix reuse): transformers' greedy answers
+    on the dequantized checkpoint."""
+    from test_prefix_cache import IMG_A, Harness, Reference, assistant, img, user
+
+    from ds_qwen_vision.config import CacheConfig
+
+    _, ref_dir = reference(fp8_ckpts[64], fp8_ckpts["tmp"])
+    ref = Reference(str(ref_dir))
+    h = Harness(str(fp8_ckpts[64]), ref.processor, CacheConfig(prefix_bytes=1 << 30, image_bytes=1 << 28), chunk=32)
+    try:
+        turn1 = [user(img(IMG_A), "What is in this picture?")]
+        turn2 = turn1 + [assistant("Noise."), user("Say it again.")]
+        assert h.ask(turn1)[0] == ref.answer(turn1)
+        text, usage = h.ask(turn2)
+        assert text == ref.answer(turn2) and usage["prompt_tokens_details"]["cached_tokens"] > 0
+    finally:
+        h.stop()

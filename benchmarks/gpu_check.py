@@ -9,6 +9,8 @@
     deepspeed --num_gpus 2 benchmarks/gpu_check.py runner --dir D --out OUT/runner.pt
     python benchmarks/gpu_check.py compare OUT/ref.pt OUT/runner.pt
     # the same with the decode all-reduces over peer memory (--allreduce one_shot|two_shot)
+    # Qwen's block-wise FP8 format (fp8.py): `build --fp8` also writes D-fp8 (D quantized, blocks of 128) and
+    # D-fp8-ref (its weights dequantized here, bf16, no quantization_config) for `ref`; `runner --dir D-fp8`
 
 Passes when the 32 greedy tokens are identical, or where they first differ each side's token is
 within the other's top-5 (bf16 sums in another order may flip a near-tie).
@@ -84,6 +86,39 @@ def serve(model, processor, device, rank: int, peer_memory: str = "off", mixed_p
     return [out[slot] for slot in jobs]
 
 
+def build_fp8(src: Path) -> Path:
+    """src quantized block-wise (checkpoint.quantize_fp8_checkpoint, 128 x 128) as SRC-fp8, and SRC-fp8-ref: the
+    same weights dequantized block by block (each e4m3 value x its block's scale in float32, then bf16)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ds_qwen_vision.checkpoint import quantize_fp8_checkpoint
+
+    fp8 = quantize_fp8_checkpoint(src, src.with_name(src.name + "-fp8"))
+    ref = src.with_name(src.name + "-fp8-ref")
+    shutil.rmtree(ref, ignore_errors=True)
+    shutil.copytree(fp8, ref, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    cfg = json.loads((ref / "config.json").read_text())
+    block = cfg.pop("quantization_config")["weight_block_size"]
+    (ref / "config.json").write_text(json.dumps(cfg))
+    state = {}
+    for f in fp8.glob("*.safetensors"):
+        state.update(load_file(f))
+    out = {}
+    for key, t in state.items():
+        scale = state.get(key.removesuffix(".weight") + ".weight_scale_inv")
+        if key.endswith("_scale_inv"):
+            continue
+        if scale is not None:
+            full = scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(block[1], 1)[:, :t.shape[1]]
+            t = t.float() * full
+        out[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
+    save_file(out, ref / "model.safetensors", metadata={"format": "pt"})
+    return fp8
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("role", choices=["build", "ref", "tp", "runner", "compare"])
@@ -94,11 +129,14 @@ def main() -> None:
                    help="runner: allreduce.peer_memory (kernels/allreduce.py)")
     p.add_argument("--mixed-prefill", action="store_true",
                    help="runner: the text prompt's decode rides in the image prompt's 16-token chunks' forwards")
+    p.add_argument("--fp8", action="store_true", help="build: the FP8 copy and its dequantized reference too")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "build":
         from ds_qwen_vision.checkpoint import build_checkpoint
         print(build_checkpoint(a.dir, preset="loadtest", seed=0, dtype=torch.bfloat16))
+        if a.fp8:
+            print(build_fp8(a.dir))
     elif a.role == "ref":
         from transformers import Qwen3_5ForConditionalGeneration
         model = Qwen3_5ForConditionalGeneration.from_pretrained(a.dir, dtype=torch.bfloat16).cuda().eval()

@@ -15,9 +15,14 @@ boundary: `check_blocks` refuses a tp where one does not, at start. After DeepSp
 `convert` swaps each such layer's weight for an FP8 one of the same shape, adds its scale and gives the layer
 the class below that computes with them (the column- and row-parallel layers keep their collectives).
 
-Compute: the reference path dequantizes the weight block-wise (float32, then the activation's dtype) and
-multiplies as the layer did. It is what CPU ranks run and, until an FP8 GEMM is wired in, what GPUs run too:
-the weights take half the memory, but a step reads them and writes a dequantized copy.
+Compute, two paths:
+* the reference: the weight dequantized block-wise (float32, then the activation's dtype) and multiplied as
+  the layer did. CPU ranks run it, and GPUs for a layer the GEMM below does not take.
+* the GEMM (CUDA, blocks of 128 x 128): PyTorch's own block-scaled FP8 matmul (torch.nn.functional.scaled_mm,
+  cuBLASLt), the weight's 128 x 128 scales as stored, the activation quantized per token and 128 columns
+  (Qwen's `activation_scheme: dynamic`, DeepSeek's recipe). Whether this device runs it is decided once, at
+  start-up, by a probe against the reference path (`probe_gemm`); the ranks agree, a device or torch build
+  without it keeps the reference path and the log says so.
 """
 from __future__ import annotations
 
@@ -103,9 +108,66 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
 
 
 def fp8_matmul(module, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T with the layer's FP8 weight (the reference path: dequantized, then the layer's own matmul)."""
+    """x @ W^T with the layer's FP8 weight: the block-scaled GEMM where the probe chose it, else the reference."""
+    if module.fp8_gemm:
+        return scaled_gemm(x, module.weight, module.weight_scale_inv)
     w = dequantize(module.weight, module.weight_scale_inv, module.fp8_block, x.dtype)
     return torch.matmul(x, w.transpose(-1, -2))
+
+
+GEMM_BLOCK = 128  # scaled_mm's block-wise recipes: 1 x 128 activations, 128 x 128 weights
+
+
+def quantize_activation(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]), one scale per token and 128 columns."""
+    m, k = x2d.shape
+    groups = x2d.float().view(m, k // GEMM_BLOCK, GEMM_BLOCK)
+    scale = (groups.abs().amax(-1) / 448.0).clamp(min=1e-12)
+    return (groups / scale[..., None]).to(FP8).view(m, k), scale
+
+
+def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight^T through torch.nn.functional.scaled_mm. cuBLASLt wants the activation scales
+    token-major and the token count a multiple of 4 (zero rows are added and dropped), and mat_b column-major
+    (the weight's transpose view is)."""
+    import torch.nn.functional as F
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    if m % 4:
+        x2d = F.pad(x2d, (0, 0, 0, -m % 4))
+    a, a_scale = quantize_activation(x2d)
+    out = F.scaled_mm(a, weight.t(), a_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                      scale_inv.t(), F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
+    return out[:m].view(*lead, weight.shape[0])
+
+
+def gemm_fits(module) -> bool:
+    """Shapes the block-scaled GEMM takes: 128 x 128 blocks, whole blocks, K blocks a multiple of 4."""
+    n, k = module.weight.shape
+    return module.fp8_block == (GEMM_BLOCK, GEMM_BLOCK) and n % GEMM_BLOCK == 0 and k % (4 * GEMM_BLOCK) == 0
+
+
+@torch.no_grad()
+def probe_gemm(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where the block-scaled GEMM runs on this device and matches the reference path on the same
+    quantized operands (within bf16 rounding); else why not."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(384, 512, device=device, generator=g)
+    x = torch.randn(6, 512, device=device, generator=g).to(dtype)
+    scale = w.view(3, 128, 4, 128).abs().amax(dim=(1, 3)) / 448.0
+    wq = (w.view(3, 128, 4, 128) / scale[:, None, :, None]).view(384, 512).to(FP8)
+    try:
+        got = scaled_gemm(x, wq, scale).float()
+    except Exception as e:  # noqa: BLE001 -- an op this torch build or device lacks: the reference path serves
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    a, a_scale = quantize_activation(x)
+    want = (a.float() * a_scale.repeat_interleave(GEMM_BLOCK, 1)) @ dequantize(wq, scale, (128, 128), torch.float32).T
+    err = float((got - want).norm() / want.norm())
+    return None if err < 2e-2 else f"relative error {err:.3g} against the reference"
 
 
 class Fp8Linear(nn.Linear):
@@ -189,7 +251,28 @@ def convert(model, fmt: Fp8Format, tp: int) -> list[str]:
         module.weight_scale_inv = nn.Parameter(
             torch.empty(scale_shape(w.shape, fmt.block), dtype=torch.float32, device=w.device), requires_grad=False)
         module.fp8_block = fmt.block
+        module.fp8_gemm = False  # use_gemm decides, once the device is known
         module.__class__ = cls
     if any(p.is_cuda for p in model.parameters()):
         torch.cuda.empty_cache()  # the bf16 shards DeepSpeed allocated for these layers
+    use_gemm(model, names)
     return sorted(names)
+
+
+def use_gemm(model, names: dict[str, nn.Module]) -> None:
+    """The block-scaled GEMM for every converted layer whose shape it takes, where the probe passes on every
+    rank (the same arithmetic on all ranks; the choice changes no collective)."""
+    from .model import agree, log
+
+    if not names:
+        return
+    weight = next(iter(names.values())).weight
+    device = weight.device
+    why = probe_gemm(device, next(p for p in model.parameters() if p.dtype != FP8 and p.is_floating_point()).dtype)
+    ok = agree(why is None, device)
+    fits = [m for m in names.values() if gemm_fits(m)]
+    for m in fits:
+        m.fp8_gemm = ok
+    if device.type == "cuda":
+        log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM"
+            + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize"))

@@ -101,17 +101,32 @@ class Texts:
         return self.user(n_tokens - self.overhead, seed)
 
 
+def results_header(args, script: str, label: str) -> tuple[str, dict]:
+    """A results file's name prefix (DATE-CARD) and its first keys: what ran, where, on which commit and checkpoint."""
+    date = datetime.datetime.now(datetime.timezone.utc)
+    card = gpu_query("name") if args.device == "cuda" else "cpu"
+    short = (card or "unknown").replace("NVIDIA ", "").split(" ")[0]
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return f"{date:%Y-%m-%d}-{short}", {
+        "label": label, "date": date.isoformat(timespec="seconds"), "card": card,
+        "command": " ".join(["python", script, *sys.argv[1:]]),
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
+        "checkpoint": {"preset": args.preset, "layers": args.layers or "all", "dtype": args.dtype,
+                       "weights": "random", "path": str(args.model)}}
+
+
 # ---- the HTTP client ------------------------------------------------------------------------------------
 
 
 def chat(port: int, model: str, messages: list[dict], max_tokens: int, timeout: float) -> dict:
-    """One streamed chat completion (`ignore_eos`, greedy): status, times since the request (first and last
-    content chunk, end of stream), the reply's text, usage and any error body. Never raises."""
+    """One streamed chat completion (`ignore_eos`, greedy): status, times since the request was sent (every
+    content chunk's in `times`, first and last, end of stream: `t0` is taken before the connection, as
+    SGLang's bench_serving does), the reply's text, usage and any error body. Never raises."""
     body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
                        "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True},
                        "chat_template_kwargs": {"enable_thinking": False}})
     out = {"status": None, "t0": time.perf_counter(), "first_s": None, "last_s": None, "end_s": None,
-           "chunks": 0, "text": "", "usage": None, "error": None}
+           "chunks": 0, "times": [], "text": "", "usage": None, "error": None}
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -134,6 +149,7 @@ def chat(port: int, model: str, messages: list[dict], max_tokens: int, timeout: 
                         now = time.perf_counter() - out["t0"]
                         out["first_s"] = out["first_s"] if out["first_s"] is not None else now
                         out["last_s"] = now
+                        out["times"].append(now)
                         out["chunks"] += 1
                         out["text"] += delta.get("content") or ""
         c.close()
@@ -564,20 +580,12 @@ def main() -> None:
     args.keep.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    date = datetime.datetime.now(datetime.timezone.utc)
-    card = gpu_query("name") if args.device == "cuda" else "cpu"
-    short = (card or "unknown").replace("NVIDIA ", "").split(" ")[0]
-    args.stem = f"{date:%Y-%m-%d}-{short}-twin-memory" + ("" if sorted(args.configs) == sorted(CONFIGS)
-                                                          else "-" + "-".join(args.configs))
+    prefix, result = results_header(args, "benchmarks/bench_memory.py", label(args))
+    args.stem = f"{prefix}-twin-memory" + ("" if sorted(args.configs) == sorted(CONFIGS)
+                                           else "-" + "-".join(args.configs))
     t_twin = time.perf_counter()
     texts = Texts(args.model)
-    status = git("status", "--porcelain", "--untracked-files=no")
-    result = {"label": label(args), "date": date.isoformat(timespec="seconds"), "card": card,
-              "command": " ".join(["python", "benchmarks/bench_memory.py", *sys.argv[1:]]),
-              "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
-              "checkpoint": {"preset": args.preset, "layers": args.layers or "all", "dtype": args.dtype,
-                             "weights": "random", "path": str(args.model)},
-              "shipped_config": {"path": str(SHIPPED.relative_to(REPO)), "as_read": json.loads(SHIPPED.read_text())},
+    result |= {"shipped_config": {"path": str(SHIPPED.relative_to(REPO)), "as_read": json.loads(SHIPPED.read_text())},
               "sizes": {k: getattr(args, k) for k in ("long_tokens", "long_new", "chats", "chat_tokens", "chat_new",
                                                       "turns", "loop_tokens", "loop_new", "think_s", "options_long_tokens",
                                                       "options_chats")},

@@ -34,6 +34,12 @@ def main(spec_path: str) -> None:
                          mixed_prefill=True)
     result["mixed"] = drive(runner, jobs, spec["new_tokens"], chunk=6)
     result["mixed_shapes"] = sorted({c[0] for c in runner.shapes})
+    # the inexact cache options (FP8 KV, the head's pool too; bf16 GDN and verify states): MTP speculation
+    # against the plain decode on the same options, both ranks alike
+    for name, spec_cfg in (("options_plain", None), ("options_mtp", {"method": "mtp", "num_tokens": 3})):
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256, speculative=spec_cfg, kv_fp8=True,
+                             state_dtype=torch.bfloat16)
+        result[name] = drive(runner, jobs, spec["new_tokens"], chunk=6)
     mtp_params = {n: list(p.shape) for n, p in model.named_parameters() if n.startswith("mtp.")}
     result["mtp_params"] = mtp_params
     torch.save(result, f"{spec['out']}/rank{rank}.pt")

@@ -312,7 +312,8 @@ def test_checkpoint_without_mtp_serves_plain_and_refuses_mtp(tmp_path, setup):
 def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp_path):
     """Real DeepSpeed ranks at tp=2: the MTP head sharded by the table, drafts identical on both ranks (the
     verify would desync otherwise), greedy tokens with mtp and ngram equal to transformers' generate; and
-    without speculation, with mixed prefill + decode steps, the same tokens."""
+    without speculation, with mixed prefill + decode steps, the same tokens; with the inexact cache options,
+    mtp gives the plain decode's tokens."""
     import json
     from pathlib import Path
 
@@ -342,6 +343,9 @@ def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp
         assert r["ngram_stats"]["accepted"] > 0 and r["mtp_stats"]["drafts"] > 0
         # the same ranks without speculation, prefill chunks riding in the decode rows' forward
         assert r["mixed"] == expected and "prefill-graph-mixed" in r["mixed_shapes"]
+        # FP8 KV and bf16 states at tp=2: speculation stays exact to the plain decode on the same cache
+        assert r["options_mtp"] == r["options_plain"] and all(r["options_plain"])
+    assert ranks[0]["options_mtp"] == ranks[1]["options_mtp"]
     c = reference.config.text_config
     q = ranks[0]["mtp_params"]["mtp.layers.0.self_attn.q_proj.weight"]
     assert q[0] == 2 * c.num_attention_heads * c.head_dim // 2  # whole heads per rank

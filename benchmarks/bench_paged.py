@@ -49,13 +49,11 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(100, 1200, (n,), generator=g).tolist()
 
 
-@torch.no_grad()
-def run(args) -> dict:
+def build(args):
+    """The 27B's widths with --layers layers (--preset), random weights made on the device, tp=1: (model, device)."""
     from bench_27b import randomize
     from ds_qwen_vision.checkpoint import PRESETS, make_config
     from ds_qwen_vision.model import build_sharded, init_distributed
-    from ds_qwen_vision.plan import Prefill, StepPlan
-    from ds_qwen_vision.runner import ModelRunner
 
     init_distributed(args.device)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -65,10 +63,20 @@ def run(args) -> dict:
     PRESETS["27b-bench-paged"] = spec
     model = build_sharded(make_config("27b-bench-paged", mtp=False), 1, dtype)
     randomize(model, seed=0)
+    return model, device
+
+
+@torch.no_grad()
+def measure(model, device, args) -> dict:
+    """TTFT of an --context prompt (one forward; --chunk chunks) and the decode step at 1 and 16 rows with 512 and
+    --context tokens of context, through a ModelRunner of 16 slots (medians)."""
+    from ds_qwen_vision.plan import Prefill, StepPlan
+    from ds_qwen_vision.runner import ModelRunner
+
     rows, long, short, chunk = 16, args.context, min(512, args.context // 2), args.chunk
     runner = ModelRunner(model, device, max_slots=rows, max_len=long + args.steps + 64)
-    out = {"label": args.label, "layers": args.layers, 
-           "gpu": torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu"}
+    out = {"label": args.label, "layers": args.layers,
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
     def prefill(slot, prompt, chunked):
         if not chunked:
@@ -95,6 +103,7 @@ def run(args) -> dict:
         prefill(0, prompt, chunked)
     out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))
     out["ttft_8k_chunked_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, True), args.repeats))
+    out["first_logits"] = prefill(0, prompt, True)[0].float().cpu()  # for a comparison across runs (not saved)
     for ctx in (short, long):
         for s in range(rows):
             prefill(s, ids(ctx, 100 + s), chunked=True)
@@ -102,7 +111,17 @@ def run(args) -> dict:
         out[f"decode_1row_{ctx}_ms"] = decode(1, args.steps)
         decode(rows, 8)
         out[f"decode_16rows_{ctx}_ms"] = decode(rows, args.steps)
-        print(json.dumps(out), flush=True)
+        print(json.dumps({k: v for k, v in out.items() if k != "first_logits"}), flush=True)
+    del runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run(args) -> dict:
+    model, device = build(args)
+    out = measure(model, device, args)
+    out.pop("first_logits")
     return out
 
 

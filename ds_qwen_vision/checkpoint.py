@@ -890,7 +890,7 @@ def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     (a last partial block along either dimension has a scale of its own)."""
     rows, cols = w.shape
     r, c = -(-rows // block[0]), -(-cols // block[1])
-    padded = torch.zeros(r * block[0], c * block[1], dtype=torch.float32)
+    padded = torch.zeros(r * block[0], c * block[1], dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = w.float()
     tiles = padded.view(r, block[0], c, block[1])
     scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)  # [r, c]

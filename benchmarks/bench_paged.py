@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -112,7 +113,8 @@ def measure(model, device, args) -> dict:
         decode(rows, 8)
         out[f"decode_16rows_{ctx}_ms"] = decode(rows, args.steps)
         print(json.dumps({k: v for k, v in out.items() if k != "first_logits"}), flush=True)
-    del runner
+    runner = None  # its caches and graphs go now (hooks and graphs hold it in cycles), before the next runner
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -14,6 +14,8 @@ Measured in the same call, after a 512-token prompt (tiny: 64), one stream:
   greedy continuation and each draft is right with the profile's probability (0%; 88/77/66% at positions
   1/2/3; 100%), k = 3, the engine's acceptance (and its stop-drafting rule) applied;
 - ngram prompt lookup on a repetitive workload (a paragraph repeated 4 times), with its measured acceptance;
+- MTP at the same forced profiles: the head drafts and its step is timed as served, each verify's acceptance
+  decided by the profile (forced_outcome: the accepted drafts are the head's own, so the run stays consistent);
 - MTP at k = 3 end to end (its acceptance on random weights is meaningless: labelled);
 - transformers' generate with its static cache + torch.compile on the same card (skip with --no-baseline).
 Acceptance-dependent figures from random weights are labelled `random weights` in the results. Writes
@@ -86,14 +88,27 @@ class Oracle:
         return out
 
 
-def generate(runner, prompt: list[int], n: int, index=None, device=None):
-    """One stream the way the engine runs it (plan -> run -> acceptance); returns (tokens, seconds, stats)."""
+def forced_outcome(drafts: list[int], row: torch.Tensor, profile, rng: random.Random) -> list[int]:
+    """A verify's outcome at a forced profile, for drafts the runner made itself (MTP): the first a drafts are
+    accepted, each with the profile's probability given the earlier ones, then the target's token at position a.
+    The tokens stay consistent with the forward (the state after position a is the one for drafts[:a]), so
+    the steps that follow are the served ones; the text is not greedy (random weights: it means nothing)."""
+    a = 0
+    while a < len(drafts) and rng.random() < profile[min(a, len(profile) - 1)]:
+        a += 1
+    return drafts[:a] + [int(torch.argmax(row[a]))]
+
+
+def generate(runner, prompt: list[int], n: int, index=None, device=None, force=None):
+    """One stream the way the engine runs it (plan -> run -> acceptance); returns (tokens, seconds, stats).
+    force: a profile (PROFILES) that decides each verify's acceptance instead of the target's argmax (MTP)."""
     from prometheus_client import CollectorRegistry
 
     from ds_qwen_vision.engine.sampling import Sampling
     from ds_qwen_vision.engine.speculative import Speculator
     from ds_qwen_vision.plan import Prefill, StepPlan
 
+    rng = random.Random(0)
     seq = type("Seq", (), {})()
     seq.slot, seq.input_ids, seq.sampling, seq.generator = 0, prompt, Sampling(max_tokens=n, temperature=0), None
     seq.generated, seq.next_token = 0, None
@@ -120,7 +135,9 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None):
         tokens = None
         if plan.verify:
             drafts = spec.drafts(seq, runner.verified[0])
-            if drafts:
+            if drafts and force is not None:
+                tokens = spec.record(seq, forced_outcome(drafts, row, force, rng), drafts)
+            elif drafts:
                 tokens = spec.tokens(seq, row, drafts)
             else:
                 seq.spec.accept, row = 0, row[0]
@@ -410,6 +427,13 @@ def main() -> None:
                      "floor_ms": floor_ms})
         del r
         r = runner("mtp", 3)
+        for name, profile in PROFILES.items():  # the head drafts and is timed as served; acceptance forced
+            r.reset()
+            _, seconds, stats = generate(r, prompt, args.tokens, device=device, force=profile)
+            add({"run": f"mtp k=3, {name} (the head's drafts, acceptance from the profile)",
+                 "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
+                 "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
+        r.reset()
         out, seconds, stats = generate(r, prompt, args.tokens, device=device)
         stats["same_tokens_as_plain"] = same_prefix(out, continuation)
         add({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),

@@ -175,11 +175,16 @@ class Speculator:
     def tokens(self, seq, logits: torch.Tensor, drafts: list[int]) -> list[int]:
         """The tokens a verified row gives the sequence (accepted drafts, then the target's own);
         logits [T, vocab] of the row, drafts as drafts() gave them."""
-        s = seq.spec
         if seq.sampling.greedy or seq.generator is None:
             out = accept_greedy(drafts, logits[:len(drafts) + 1].argmax(-1).tolist())
         else:
             out = accept_sampled(drafts, target_probs(logits[:len(drafts) + 1], seq.sampling), seq.generator)
+        return self.record(seq, out, drafts)
+
+    def record(self, seq, out: list[int], drafts: list[int]) -> list[int]:
+        """The outcome of a verify (`out`: the accepted drafts, then the target's token) into the sequence's
+        state (the next plan's accept), its drafter, the counters and the stop-drafting rule. Returns out."""
+        s = seq.spec
         a = len(out) - 1
         s.accept = a
         if self.method == "ngram":

@@ -27,6 +27,7 @@ Compute, two paths:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -109,10 +110,15 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
 
 def fp8_matmul(module, x: torch.Tensor) -> torch.Tensor:
     """x @ W^T with the layer's FP8 weight: the block-scaled GEMM where the probe chose it, else the reference."""
-    if module.fp8_gemm:
-        return scaled_gemm(x, module.weight, module.weight_scale_inv)
-    w = dequantize(module.weight, module.weight_scale_inv, module.fp8_block, x.dtype)
-    return torch.matmul(x, w.transpose(-1, -2))
+    return matmul(x, module.weight, module.weight_scale_inv, module.fp8_block, module.fp8_gemm)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+           gemm: bool) -> torch.Tensor:
+    """x @ weight^T for an FP8 weight and its block scales (a layer's, or a fused group's)."""
+    if gemm:
+        return scaled_gemm(x, weight, scale_inv)
+    return torch.matmul(x, dequantize(weight, scale_inv, block, x.dtype).transpose(-1, -2))
 
 
 GEMM_BLOCK = 128  # scaled_mm's block-wise recipes: 1 x 128 activations, 128 x 128 weights
@@ -221,9 +227,11 @@ def _linear_bases() -> tuple[type, ...]:
 def convert(model, fmt: Fp8Format, tp: int) -> list[str]:
     """Give every converted linear of a sharded model (tp_policy.apply_tensor_parallel done) an FP8 weight of its
     shard's shape and the scale that goes with it, and the class that computes with them. The values are
-    the loader's to fill. A fused projection group with a converted member is unfused (its members run one by
-    one, each with its own weight). Returns the converted module names."""
-    from .tp_policy import FUSED_SPLITS, FUSED_WEIGHT, FUSED_PROJECTIONS, decoder_layers
+    the loader's to fill. A fused projection group (tp_policy.FUSED_PROJECTIONS) whose members are all
+    converted is fused again in FP8 (`fuse_fp8`: one GEMM, one activation quantization); one with unconverted
+    members too (the GDN's in_proj_b / in_proj_a stay bf16) runs its members one by one. Returns the converted
+    module names."""
+    from .tp_policy import FUSED_PROJECTIONS, FUSED_SPLITS, FUSED_WEIGHT, decoder_layers
 
     classes = _deepspeed_classes()
     names = converted_linears(model, fmt)
@@ -253,15 +261,46 @@ def convert(model, fmt: Fp8Format, tp: int) -> list[str]:
         module.fp8_block = fmt.block
         module.fp8_gemm = False  # use_gemm decides, once the device is known
         module.__class__ = cls
+    fused = []
+    for layer in decoder_layers(model):
+        for kind, members in FUSED_PROJECTIONS.items():
+            parent = getattr(layer, kind, None)
+            if parent is not None and all(id(getattr(parent, m)) in converted for m in members):
+                if fuse_fp8(parent, [getattr(parent, m) for m in members], fmt.block):
+                    fused.append(parent)
     if any(p.is_cuda for p in model.parameters()):
         torch.cuda.empty_cache()  # the bf16 shards DeepSpeed allocated for these layers
-    use_gemm(model, names)
+    use_gemm(model, names, fused)
     return sorted(names)
 
 
-def use_gemm(model, names: dict[str, nn.Module]) -> None:
-    """The block-scaled GEMM for every converted layer whose shape it takes, where the probe passes on every
-    rank (the same arithmetic on all ranks; the choice changes no collective)."""
+def fuse_fp8(parent, linears: list[nn.Module], block: tuple[int, int]) -> bool:
+    """One FP8 weight and one scale for `linears` (same input, each a whole number of scale blocks of rows):
+    each member's weight and scale become views of their rows, so the loader's reads land in the fused ones
+    (as tp_policy.fuse_projections does in bf16). False: a member's rows end inside a block (left alone)."""
+    from .tp_policy import FUSED_SCALE, FUSED_SPLITS, FUSED_WEIGHT
+
+    rows = [lin.weight.shape[0] for lin in linears]
+    if any(r % block[0] for r in rows) or len({lin.weight.shape[1] for lin in linears}) != 1:
+        return False
+    device, k = linears[0].weight.device, linears[0].weight.shape[1]
+    weight = torch.empty((sum(rows), k), dtype=FP8, device=device)
+    scale = torch.empty(scale_shape(weight.shape, block), dtype=torch.float32, device=device)
+    at = 0
+    for lin, r in zip(linears, rows):
+        lin.weight.data = weight[at:at + r]
+        lin.weight_scale_inv.data = scale[at // block[0]:(at + r) // block[0]]
+        at += r
+    setattr(parent, FUSED_WEIGHT, weight)
+    setattr(parent, FUSED_SPLITS, tuple(rows))
+    setattr(parent, FUSED_SCALE, scale)
+    parent.fp8_block, parent.fp8_gemm = block, False
+    return True
+
+
+def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) -> None:
+    """The block-scaled GEMM for every converted layer (and fused group) whose shape it takes, where the probe
+    passes on every rank (the same arithmetic on all ranks; the choice changes no collective)."""
     from .model import agree, log
 
     if not names:
@@ -273,6 +312,10 @@ def use_gemm(model, names: dict[str, nn.Module]) -> None:
     fits = [m for m in names.values() if gemm_fits(m)]
     for m in fits:
         m.fp8_gemm = ok
+    from .tp_policy import FUSED_WEIGHT
+    for parent in fused:
+        parent.fp8_gemm = ok and gemm_fits(SimpleNamespace(weight=getattr(parent, FUSED_WEIGHT),
+                                                           fp8_block=parent.fp8_block))
     if device.type == "cuda":
         log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM"
             + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize"))

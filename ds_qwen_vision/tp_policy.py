@@ -101,6 +101,7 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 FUSED_WEIGHT = "dsqv_fused_weight"  # on the mixer/MLP module: [sum of member rows, in_features], this rank's
 FUSED_SPLITS = "dsqv_fused_splits"  # rows of each member, in FUSED_PROJECTIONS order
+FUSED_SCALE = "dsqv_fused_scale"    # an FP8 fused weight's block scales (fp8.fuse_fp8); absent in bf16
 
 
 def rules_for(name: str) -> list[Shard]:

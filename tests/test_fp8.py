@@ -20,8 +20,10 @@ from transformers import AutoConfig, Qwen3_5ForConditionalGeneration
 
 from ds_qwen_vision.checkpoint import PRESETS, build_checkpoint, quantize_fp8_checkpoint
 from ds_qwen_vision.fp8 import FP8, Fp8Format, scale_cut
+from ds_qwen_vision.kernels.projections import fused_projection
 from ds_qwen_vision.loading import CheckpointError, checkpoint_files
 from ds_qwen_vision.model import chat_inputs, load_model, load_processor
+from ds_qwen_vision.tp_policy import FUSED_PROJECTIONS, fused_weight
 from ranks import launch
 
 TOL = 1e-5
@@ -96,6 +98,22 @@ def test_tp1_equals_transformers_on_the_dequantized_weights(fp8_ckpts, image_fil
     for name in converted:  # every converted module against its dequantized weight
         w, x = state[name], torch.randn(3, 5, state[name].shape[1])
         assert rel(ours.get_submodule(name.removesuffix(".weight"))(x), x @ w.T) <= TOL, name
+    # the decode step's fused projections: the attention's q|k|v and the MLP's gate|up are one FP8 weight and
+    # scale each, whose rows are the members' own (not the GDN group, with bf16 in_proj_b / in_proj_a, nor the
+    # MLP of 320 rows in blocks of 128: a member ending inside a block)
+    for layer in ours.model.language_model.layers:
+        for kind, members in FUSED_PROJECTIONS.items():
+            parent = getattr(layer, kind, None)
+            if parent is None:
+                continue
+            fused = fused_weight(parent)
+            whole = all(getattr(parent, m).weight.shape[0] % block == 0 for m in members)
+            assert (fused is None) == (kind == "linear_attn" or not whole), (kind, block)
+            if fused is not None:
+                assert fused.dtype == FP8
+                x = torch.randn(2, 1, fused.shape[1])
+                for got, m in zip(fused_projection(parent, x, members), members):
+                    assert rel(got, getattr(parent, m)(x)) <= TOL
     processor = load_processor(str(ckpt))
     c = case(image_files)
     inputs = chat_inputs(processor, c["messages"], [open(p, "rb").read() for p in c["images"]])

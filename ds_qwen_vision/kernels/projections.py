@@ -6,14 +6,15 @@ projections through these functions and never reads the projection modules itsel
 
 The fused weights are made at load (tp_policy.fuse_projections: each member's weight is a view of its
 rows of one storage, so this rank's fused weight is the concatenation of the shard table's cuts). A
-module without one (never fused) runs its members one by one: the reference path, same values.
+module without one (never fused) runs its members one by one: the reference path, same values. FP8 members
+(fp8.py) are fused in FP8: one block-scaled GEMM (or one dequantize) for the group.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..tp_policy import FUSED_SPLITS, fused_weight
+from ..tp_policy import FUSED_SCALE, FUSED_SPLITS, fused_weight
 
 
 def fused_projection(module, hidden: torch.Tensor, members: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -22,7 +23,14 @@ def fused_projection(module, hidden: torch.Tensor, members: tuple[str, ...]) -> 
     fused = fused_weight(module)
     if fused is None:
         return tuple(getattr(module, m)(hidden) for m in members)
-    return torch.split(F.linear(hidden, fused), getattr(module, FUSED_SPLITS), dim=-1)
+    scale = getattr(module, FUSED_SCALE, None)
+    if scale is None:
+        out = F.linear(hidden, fused)
+    else:  # FP8 members fused in FP8 (fp8.fuse_fp8)
+        from ..fp8 import matmul
+
+        out = matmul(hidden, fused, scale, module.fp8_block, module.fp8_gemm)
+    return torch.split(out, getattr(module, FUSED_SPLITS), dim=-1)
 
 
 def gdn_in_proj(gdn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ CheckpointError -- a loader that reads an FP8 weight as bf16 without its scale s
 
 Sharding: a converted linear keeps its shard rule (tp_policy.SHARD_TABLE) and its DeepSpeed layer; its scale is
 cut along the same dimension in block units (`scale_ranges`), which needs every rank's cut to fall on a block
-boundary: `check_blocks` refuses a tp where one does not, at start. After DeepSpeed has allocated the shards,
+boundary: `convert` refuses a tp where one does not, at start (`scale_cut` for every rank). After DeepSpeed has allocated the shards,
 `convert` swaps each such layer's weight for an FP8 one of the same shape, adds its scale and gives the layer
 the class below that computes with them (the column- and row-parallel layers keep their collectives).
 
@@ -245,9 +245,10 @@ def convert(model, fmt: Fp8Format, tp: int) -> list[str]:
             if parent is None or getattr(parent, FUSED_WEIGHT, None) is None:
                 continue
             if any(id(getattr(parent, m)) in converted for m in members):
-                for m in members:  # each member its own storage again (the unconverted ones keep their values)
-                    lin = getattr(parent, m)
-                    lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+                for m in members:  # an unconverted member its own storage again, with its values (a converted
+                    lin = getattr(parent, m)  # one gets a new FP8 weight below): the fused bf16 storage goes
+                    if id(lin) not in converted:
+                        lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
                 delattr(parent, FUSED_WEIGHT)
                 delattr(parent, FUSED_SPLITS)
     for name, module in names.items():

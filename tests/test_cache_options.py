@@ -110,6 +110,16 @@ def test_planner_counts_the_options(model):
     assert plans[True].max_slots > 1.5 * plans[False].max_slots
 
 
+def test_fp8_kv_on_a_gpu_without_e4m3_is_a_config_error(model, monkeypatch):
+    """An Ampere card (8.0) cannot read e4m3 in the attention kernels: the planner refuses at start (exit 2)."""
+    from ds_qwen_vision.runner.memory import PlanError
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    like = SimpleNamespace(model=model, device=torch.device("cuda"), dtype=torch.float32)
+    with pytest.raises(PlanError, match="fp8_e4m3 needs a GPU of compute capability 8.9 or newer"):
+        plan_memory(like, LimitsConfig(), MemoryConfig(kv_cache_dtype="fp8_e4m3"), CacheConfig(), 0, False)
+
+
 def test_served_with_the_options(tiny_ckpt, ref):
     """Both options through the engine: a conversation and its next turn restored from the prefix cache (shared
     FP8 blocks, the partial one copied with its scales; the bf16 GDN snapshot), three at once in a pool that

@@ -36,6 +36,7 @@ from ..model import log, ranks_min
 
 SLOT_SHARE = 0.25  # of the budget, for the slots' fixed state when limits.max_concurrent is left out
 GIB = 1 << 30
+FP8_CAPABILITY = (8, 9)  # float8 e4m3 in Triton kernels (memory.kv_cache_dtype fp8_e4m3)
 IMAGE_FLOOR = 4 << 20  # pixels: images are not capped below 2048 x 2048 to make room for the caches
 
 
@@ -170,6 +171,12 @@ def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool)
     if device.type != "cuda":
         return split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp,
                             memory.cpu_cache_bytes, 0, limits.max_image_pixels, budget_share=1.0)
+    if memory.kv_cache_dtype == "fp8_e4m3" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
+        # the attention kernels read e4m3 in Triton, which has it from Ada / Hopper on: say so at start, not as
+        # a compile error in warm-up
+        raise PlanError(f"memory.kv_cache_dtype fp8_e4m3 needs a GPU of compute capability "
+                        f"{'.'.join(map(str, FP8_CAPABILITY))} or newer (Ada, Hopper, Blackwell); this one is "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use \"auto\"")
     chunk_peak = profile_chunk(runner_like, chunk)
     image_peak = profile_image(runner_like, pixels) if pixels is not None else 0
     # An image whose vision tower needs more than a prefill chunk takes that memory from the caches for good

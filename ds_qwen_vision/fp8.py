@@ -46,7 +46,11 @@ class Fp8Format:
         q = getattr(config, "quantization_config", None)
         if q is None:
             return None
-        q = q if isinstance(q, dict) else q.to_dict()
+        return cls.from_dict(q if isinstance(q, dict) else q.to_dict())
+
+    @classmethod
+    def from_dict(cls, q: dict) -> Fp8Format:
+        """From config.json's `quantization_config`; ValueError naming what is not served."""
         method = str(q.get("quant_method", "")).lower()
         if method != "fp8":
             raise ValueError(f"quantization_config.quant_method {method!r}: ds-qwen-vision serves bf16 checkpoints "
@@ -69,6 +73,34 @@ class Fp8Format:
         from transformers.quantizers.quantizers_utils import should_convert_module
 
         return should_convert_module(module_name, list(self.not_convert))
+
+
+def tp_problems(text_config, quantization_config: dict, tp: int) -> list[str]:
+    """Why this FP8 format cannot be served at `tp` (empty: it can), from config.json alone -- the launcher asks
+    before any rank starts: a format it does not serve, or a converted linear whose tp cut falls inside a
+    scale block (the check `convert` repeats on every rank)."""
+    from .tp_policy import rule_for
+
+    try:
+        fmt = Fp8Format.from_dict(quantization_config)
+    except ValueError as e:
+        return [str(e)]
+    like = SimpleNamespace(config=SimpleNamespace(text_config=text_config))
+    problems = []
+    for i, kind in enumerate(text_config.layer_types):
+        members = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj") \
+            if kind == "linear_attention" else ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                 "self_attn.o_proj")
+        for member in (*members, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            name = f"model.language_model.layers.{i}.{member}"
+            if rule_for(name + ".weight") is None or not fmt.converts(name):
+                continue
+            try:
+                for rank in range(tp):
+                    scale_cut(like, name + ".weight", tp, rank, fmt.block)
+            except ValueError as e:
+                problems.append(str(e))
+    return sorted(set(problems))
 
 
 def scale_shape(shape, block) -> tuple[int, int]:

@@ -88,8 +88,9 @@ def cuda_gpus(cfg: DeployConfig, environ: dict[str, str]) -> tuple[list[int], li
 
 
 def heads_problems(model_dir: Path, tp: int) -> list[str]:
-    """tp must divide every head count (and the widths split with them): the rule the ranks apply at load
-    (tp_policy.check_divisible), applied to the checkpoint's config.json before any rank starts."""
+    """tp must divide every head count (and the widths split with them), and an FP8 checkpoint's cuts must fall
+    on its scale blocks: the rules the ranks apply at load (tp_policy.check_divisible, fp8.convert), applied to
+    the checkpoint's config.json before any rank starts."""
     path = model_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
@@ -100,11 +101,17 @@ def heads_problems(model_dir: Path, tp: int) -> list[str]:
     # tp_policy imports torch: only here, so that reading the config stays light.
     from .tp_policy import check_divisible
 
+    text = SimpleNamespace(**raw.get("text_config", raw))
     try:
-        check_divisible(SimpleNamespace(**raw.get("text_config", raw)), tp)
+        check_divisible(text, tp)
+        if raw.get("quantization_config") is not None:  # FP8: the scale blocks must split too (fp8.py)
+            from .fp8 import tp_problems
+
+            return [f"tensor_parallel.tp_size {tp} with {path}'s quantization_config: {p}"
+                    for p in tp_problems(text, raw["quantization_config"], tp)]
     except ValueError as e:
         return [f"tensor_parallel.tp_size: {e} (from {path})"]
-    except TypeError as e:  # a field missing from config.json
+    except (TypeError, AttributeError) as e:  # a field missing from config.json
         return [f"model: {path} lacks a field the shard rules need: {e}"]
     return []
 

@@ -157,6 +157,25 @@ def test_a_tp_that_cuts_a_block_is_refused(fp8_ckpts):
         (0, [(1, 2), (3, 4), (7, 10)])  # rows [64,128) [192,256) [448,640)
 
 
+def test_the_launcher_refuses_a_tp_that_cuts_a_block(fp8_ckpts):
+    """Before any rank starts (launch.sh's checks, exit 2): the blocks of 128 do not split the MLP of 320 at tp=2,
+    nor the 128 rows of k/v (64 a rank), but do split q (768 a rank); the blocks of 64 split the tiny widths;
+    an unserved format is named."""
+    from ds_qwen_vision.launcher import heads_problems
+
+    problems = heads_problems(fp8_ckpts[128], 2)
+    assert problems and all("falls inside a 128-wide FP8 scale block" in p for p in problems)
+    assert any("mlp.gate_proj" in p for p in problems) and any("self_attn.k_proj" in p for p in problems)
+    assert not any("q_proj" in p for p in problems)
+    assert heads_problems(fp8_ckpts[128], 1) == [] and heads_problems(fp8_ckpts[64], 2) == []
+    cfg = json.loads((fp8_ckpts[64] / "config.json").read_text())
+    bad = fp8_ckpts["tmp"] / "static-scheme"
+    bad.mkdir(exist_ok=True)
+    cfg["quantization_config"]["activation_scheme"] = "static"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert any("activation_scheme 'static'" in p for p in heads_problems(bad, 1))
+
+
 def test_format_and_loader_traps(fp8_ckpts, tmp_path):
     """What the config must say, and what the files must hold: a scale left out, or a converted weight whose
     module the config keeps in bf16, is an error naming the tensor (never an FP8 weight read without its scale)."""

@@ -369,6 +369,25 @@ class TwinServer(Served):
                 return {"stop_s": time.perf_counter() - t, "exit_code": self.proc.returncode, "killed": True}
         return {"stop_s": time.perf_counter() - t, "exit_code": self.proc.returncode, "killed": False}
 
+    def compiles_after_ready(self) -> dict:
+        """What each rank compiled after ready (/health), kernels named: nothing should have."""
+        try:
+            ranks = health(self.port)["engine"]["ranks"]
+        except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
+            return {"health_after_error": f"{type(e).__name__}: {e}"}
+        return {k: [r.get(k) for r in ranks]
+                for k in ("compiles_after_ready", "first_compiles_after_ready", "graphs_compiled_after_ready")}
+
+    def finish(self, out_dir: Path, log_name: str) -> dict:
+        """Stop the server; how it stopped, what its log says went wrong (the ranks and the front), and its
+        log's last 2 MB kept as out_dir/log_name."""
+        out = {"stop": self.stop(),
+               "log_problems": self.log_lines("Traceback", "Error:", "[ERROR]", "out of memory", "config error",
+                                              "exits with return code", "launch.sh:", "memory planner")[:40],
+               "log_file": log_name}
+        (out_dir / log_name).write_bytes(self.log.read_bytes()[-(2 << 20):])
+        return out
+
     def log_lines(self, *needles: str) -> list[str]:
         return [line for line in self.log.read_text(errors="replace").splitlines() if any(n in line for n in needles)]
 
@@ -412,21 +431,9 @@ def run_config(args, texts: Texts, workdir: Path, tag: str, t_all: float) -> dic
             out[name]["workload_s"] = time.perf_counter() - t
             print(f"[{time.perf_counter() - t_all:6.0f} s] {tag}: {name} done in {out[name]['workload_s']:.1f} s; "
                   f"errors {json.dumps(out[name].get('errors', out[name].get('bench_error')))[:300]}", flush=True)
-        try:
-            ranks = health(server.port)["engine"]["ranks"]
-            out["compiles_after_ready"] = [r.get("compiles_after_ready") for r in ranks]
-            out["first_compiles_after_ready"] = [r.get("first_compiles_after_ready") for r in ranks]
-            out["graphs_compiled_after_ready"] = [r.get("graphs_compiled_after_ready") for r in ranks]
-        except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
-            out["health_after_error"] = f"{type(e).__name__}: {e}"
+        out.update(server.compiles_after_ready())
     finally:
-        out["stop"] = server.stop()
-        # what the server said went wrong (its log: the ranks and the front)
-        out["log_problems"] = server.log_lines("Traceback", "Error:", "[ERROR]", "out of memory", "config error",
-                                               "exits with return code", "launch.sh:", "memory planner")[:40]
-        out["log_file"] = f"{args.stem}-{tag}.log"
-        data = server.log.read_bytes()
-        (args.out / out["log_file"]).write_bytes(data[-(2 << 20):])
+        out.update(server.finish(args.out, f"{args.stem}-{tag}.log"))
     return out
 
 

@@ -288,12 +288,7 @@ def run_cell(server: TwinServer, cell: dict, warm: list[list[dict]], prompts: li
     out.update({"cell": cell, "server": seen, "speculative_drafts": spec,
                 "warmup": {"requests": len(warm), "errors": tally(warmed) if warm else None},
                 "responses": [brief(r) for r in responses]})
-    try:
-        ranks = health(server.port)["engine"]["ranks"]
-        out["compiles_after_ready"] = [r.get("compiles_after_ready") for r in ranks]
-        out["first_compiles_after_ready"] = [r.get("first_compiles_after_ready") for r in ranks]
-    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
-        out["health_after_error"] = f"{type(e).__name__}: {e}"
+    out.update(server.compiles_after_ready())
     return out
 
 
@@ -459,11 +454,7 @@ def main() -> None:
                 print(f"[{time.perf_counter() - t_all:6.0f} s]\n"
                       + cell_table(name, result["cells"][name], args.speculative), flush=True)
         finally:
-            result["stop"] = server.stop()
-            result["log_problems"] = server.log_lines("Traceback", "Error:", "[ERROR]", "out of memory",
-                                                      "config error", "exits with return code", "launch.sh:")[:40]
-            result["log_file"] = f"{stem}.log"
-            (args.out / result["log_file"]).write_bytes(server.log.read_bytes()[-(2 << 20):])
+            result.update(server.finish(args.out, f"{stem}.log"))
             result["call_s"] = time.perf_counter() - t_all
             path.write_text(json.dumps(result, indent=1) + "\n")
     print(summary(result))

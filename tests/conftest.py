@@ -31,6 +31,30 @@ def generate_text(engine, request: dict) -> tuple[str, dict]:
     return text, done
 
 
+def answers_together(engine, requests: list[dict]) -> list[str]:
+    """The engine's loop on a thread of its own and every request asked at once (a thread each): their texts,
+    in order; the engine stopped after."""
+    import threading
+
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    out: list[str | None] = [None] * len(requests)
+
+    def ask(i):
+        out[i] = generate_text(engine, requests[i])[0]
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        engine.stop()
+        loop.join(30)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The project's tiny real-format checkpoint (fp32), built once per test session."""

@@ -135,3 +135,17 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
         stats["accepted"] = spec.m_accepted._value.get()
         stats["steps"] = step
     return out
+
+
+class ReplayedGraph:
+    """A CUDA graph's stand-in on CPU: a replay runs the captured function again and copies what it returns
+    into the tensors the capture returned, as a replay refills its outputs in place."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        new = self.fn()
+        for old, fresh in zip(*(x if isinstance(x, tuple) else (x,) for x in (self.out, new))):
+            if old is not None:
+                old.copy_(fresh)

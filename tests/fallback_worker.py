@@ -14,22 +14,11 @@ import torch
 
 from ds_qwen_vision.model import chat_inputs, init_distributed, load_model, load_processor
 from ds_qwen_vision.runner import ModelRunner, graphs
-from driver import drive
+from driver import ReplayedGraph, drive
 
 # max_slots 3: decode graphs for batches 3, 2, 1, then prefill graphs for chunks of 64, 32, 16, then mixed
 # graphs of the same sizes. Rank 1's failing capture, counted from 0: the second graph of each set.
 FAIL_AT = {"decode": 1, "prefill": 4, "mixed": 7}
-
-
-class ReplayedGraph:
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        new = self.fn()
-        for old, fresh in zip(*(x if isinstance(x, tuple) else (x,) for x in (self.out, new))):
-            if old is not None:
-                old.copy_(fresh)
 
 
 def main(spec_path: str) -> None:

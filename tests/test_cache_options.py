@@ -5,13 +5,12 @@ benchmarks/bench_cache_options.py measures the cost at the 27B's widths.
 """
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import OneRank, generate_text
+from conftest import OneRank, answers_together
 from ds_qwen_vision.config import CacheConfig, LimitsConfig, MemoryConfig
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.kernels.decode_attention import Fp8Pool, gather_kv
@@ -150,22 +149,6 @@ def test_speculation_with_the_options(tiny_ckpt, ref, model):
             assert isinstance(next(iter(runner.state.extra_kv.values()))[0], Fp8Pool)
             assert runner.state.rec_steps.dtype == BF16
         engine = Engine(runner, OneRank(), load_processor(tiny_ckpt), LimitsConfig(max_new_tokens=40))
-        loop = threading.Thread(target=engine.run, daemon=True)
-        loop.start()
-        try:
-            convs = [[user(f"Tell me about the number {n}, briefly.")] for n in range(2)]
-            out = [None] * 2
-
-            def ask(i):
-                out[i] = generate_text(engine, engine_request(convs[i]))[0]
-
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
-            answers[spec is not None] = out
-        finally:
-            engine.stop()
-            loop.join(30)
+        convs = [[user(f"Tell me about the number {n}, briefly.")] for n in range(2)]
+        answers[spec is not None] = answers_together(engine, [engine_request(c) for c in convs])
     assert answers[True] == answers[False] and all(answers[True])

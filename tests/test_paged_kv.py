@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import OneRank, generate_text
+from conftest import OneRank, answers_together
 from ds_qwen_vision.config import CacheConfig, LimitsConfig, MemoryConfig
 from ds_qwen_vision.engine import Engine
 from ds_qwen_vision.engine.block_manager import BlockPool
@@ -253,24 +253,8 @@ def test_speculation_with_fewer_verify_rows_than_slots(tiny_ckpt, ref):
         return run(plan, pixels)
 
     runner.run = recording
-    loop = threading.Thread(target=engine.run, daemon=True)
-    loop.start()
-    try:
-        convs = [[user(f"Tell me about the number {n}, briefly.")] for n in range(4)]
-        out = [None] * 4
-
-        def ask(i):
-            out[i] = generate_text(engine, engine_request(convs[i]))[0]
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert out == [ref.answer(c) for c in convs]
-        # steps where both kinds ran: verify rows below 2, plain decode rows at 2 and above
-        both = [(v, d) for v, d in steps if v and d]
-        assert both and all(max(v) < 2 <= min(d) for v, d in both)
-    finally:
-        engine.stop()
-        loop.join(30)
+    convs = [[user(f"Tell me about the number {n}, briefly.")] for n in range(4)]
+    assert answers_together(engine, [engine_request(c) for c in convs]) == [ref.answer(c) for c in convs]
+    # steps where both kinds ran: verify rows below 2, plain decode rows at 2 and above
+    both = [(v, d) for v, d in steps if v and d]
+    assert both and all(max(v) < 2 <= min(d) for v, d in both)

@@ -11,7 +11,7 @@ from ds_qwen_vision.model import chat_inputs, load_model, load_processor
 from ds_qwen_vision.plan import StepPlan
 from ds_qwen_vision.runner import ModelRunner
 from ds_qwen_vision.runner.prefill_graphs import buckets
-from driver import drive, prefill_item
+from driver import ReplayedGraph, drive, prefill_item
 
 N = 8
 PROMPTS = [
@@ -149,20 +149,6 @@ def test_a_mixed_step_is_the_prefill_and_the_decode_step(setup, tiny_ckpt):
         torch.testing.assert_close(mixed.state.conv_all, separate.state.conv_all, **close)
         torch.testing.assert_close(mixed.state.rec_all, separate.state.rec_all, **close)
     assert ("prefill-graph-mixed", 16) in mixed.shapes and ("prefill-graph-mixed", 64) in mixed.shapes
-
-
-class ReplayedGraph:
-    """A CUDA graph's stand-in on CPU: a replay runs the captured function again and copies what it returns
-    into the tensors the capture returned, as a replay refills its outputs in place."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        new = self.fn()
-        for old, fresh in zip(*(x if isinstance(x, tuple) else (x,) for x in (self.out, new))):
-            if old is not None:
-                old.copy_(fresh)
 
 
 @pytest.mark.parametrize("speculative", [None, {"method": "mtp", "num_tokens": 2}])

@@ -171,12 +171,13 @@ def plan_memory(runner_like, limits, memory, cache, spec_tokens: int, mtp: bool)
     if device.type != "cuda":
         return split_budget(model, runner_like.dtype, limits, memory, cache, spec_tokens, mtp,
                             memory.cpu_cache_bytes, 0, limits.max_image_pixels, budget_share=1.0)
-    if memory.kv_cache_dtype == "fp8_e4m3" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
-        # the attention kernels read e4m3 in Triton, which has it from Ada / Hopper on: say so at start, not as
-        # a compile error in warm-up
+    # the attention kernels read e4m3 in Triton, which has it from Ada / Hopper on: say so at start, not as a
+    # compile error in warm-up (every rank refuses if one must: the ranks agree)
+    if memory.kv_cache_dtype == "fp8_e4m3" and ranks_min(
+            int(torch.cuda.get_device_capability(device) >= FP8_CAPABILITY), device) == 0:
         raise PlanError(f"memory.kv_cache_dtype fp8_e4m3 needs a GPU of compute capability "
-                        f"{'.'.join(map(str, FP8_CAPABILITY))} or newer (Ada, Hopper, Blackwell); this one is "
-                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use \"auto\"")
+                        f"{'.'.join(map(str, FP8_CAPABILITY))} or newer (Ada, Hopper, Blackwell) on every rank; "
+                        f"this rank's is {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use \"auto\"")
     chunk_peak = profile_chunk(runner_like, chunk)
     image_peak = profile_image(runner_like, pixels) if pixels is not None else 0
     # An image whose vision tower needs more than a prefill chunk takes that memory from the caches for good

@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="the chunked prefill's kernels by kind, both runs")
     p.add_argument("--block", type=int, default=128, help="the FP8 scale block (Qwen's: 128)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -70,7 +70,8 @@ def build(args):
 @torch.no_grad()
 def measure(model, device, args) -> dict:
     """TTFT of an --context prompt (one forward; --chunk chunks) and the decode step at 1 and 16 rows with 512 and
-    --context tokens of context, through a ModelRunner of 16 slots (medians)."""
+    --context tokens of context, through a ModelRunner of 16 slots (medians). With --profile on CUDA, also the
+    chunked prefill's kernels (profile_by_kind)."""
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
@@ -105,6 +106,8 @@ def measure(model, device, args) -> dict:
     out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))
     out["ttft_8k_chunked_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, True), args.repeats))
     out["first_logits"] = prefill(0, prompt, True)[0].float().cpu()  # for a comparison across runs (not saved)
+    if getattr(args, "profile", False) and device.type == "cuda":
+        out["profile_prefill_chunked"] = profile_by_kind(lambda: prefill(0, prompt, True), out["ttft_8k_chunked_ms"])
     for ctx in (short, long):
         for s in range(rows):
             prefill(s, ids(ctx, 100 + s), chunked=True)
@@ -117,6 +120,35 @@ def measure(model, device, args) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+# Kernel name -> what it does, first match wins (cuBLAS / cuBLASLt GEMMs are nvjet_* or *gemm* on Hopper; the
+# Triton kernels are named by their function: chunk_attention._forward; fla's chunk_* / solve_tril / recompute_*).
+KINDS = (("gemm", ("nvjet", "gemm", "xmma", "cutlass::gemm", "splitk")),
+         ("attention", ("_forward", "fmha", "flash", "attention")),
+         ("gdn", ("chunk_", "solve_tril", "recompute_w_u", "fused_recurrent", "l2norm", "cumsum", "gated_delta")),
+         ("conv1d", ("conv",)),
+         ("norm", ("norm", "reduce_kernel")),
+         ("copy", ("copy", "cat", "index", "gather", "scatter")))
+
+
+def profile_by_kind(fn, wall_ms: float) -> dict:
+    """torch.profiler over fn (bench_27b.profile_kernels): GPU ms per call by kind of kernel, the top kernels,
+    and the wall time not covered by any kernel (host gaps: launches, syncs, Python)."""
+    from bench_27b import profile_kernels
+
+    rows = profile_kernels(fn, rank=0, calls=2, top=400)
+    total = rows.pop()
+    kinds: dict[str, float] = {}
+    for r in rows:
+        name = r["kernel"].lower()
+        kind = next((k for k, keys in KINDS if any(key in name for key in keys)), "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + r["ms_per_call"]
+    out = {"wall_ms": wall_ms, "kernels_ms": total["ms_per_call"], "launches": total["launches_per_call"],
+           "gap_ms": wall_ms - total["ms_per_call"], "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+           "top": rows[:30]}
+    print(json.dumps({k: v for k, v in out.items() if k != "top"}), flush=True)
     return out
 
 
@@ -151,6 +183,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048, help="limits.prefill_chunk_tokens")
     p.add_argument("--steps", type=int, default=48, help="decode steps timed per case (the first 4 dropped)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also the chunked prefill's kernels by kind (CUDA)")
     p.add_argument("--collect", nargs="+", type=Path, help="this script's JSONs, the baseline first")
     p.add_argument("--command", default="")
     p.add_argument("--code", default="")

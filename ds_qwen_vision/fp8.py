@@ -19,7 +19,7 @@ Compute, two paths:
 * the reference: the weight dequantized block-wise (float32, then the activation's dtype) and multiplied as
   the layer did. CPU ranks run it, and GPUs for a layer the GEMM below does not take.
 * the GEMM (CUDA, blocks of 128 x 128): PyTorch's own block-scaled FP8 matmul (torch.nn.functional.scaled_mm,
-  cuBLASLt), the weight's 128 x 128 scales as stored, the activation quantized per token and 128 columns
+  or torch._scaled_mm on an older torch; cuBLASLt), the weight's 128 x 128 scales as stored, the activation quantized per token and 128 columns
   (Qwen's `activation_scheme: dynamic`, DeepSeek's recipe). Whether this device runs it is decided once, at
   start-up, by a probe against the reference path (`probe_gemm`); the ranks agree, a device or torch build
   without it keeps the reference path and the log says so.
@@ -153,31 +153,53 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block
     return torch.matmul(x, dequantize(weight, scale_inv, block, x.dtype).transpose(-1, -2))
 
 
-GEMM_BLOCK = 128  # scaled_mm's block-wise recipes: 1 x 128 activations, 128 x 128 weights
+GEMM_BLOCK = 128  # the block-scaled GEMM's recipes: 1 x 128 activations, 128 x 128 weights
 
 
 def quantize_activation(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]), one scale per token and 128 columns."""
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]), one scale per token and 128 columns; the scales
+    token-major (stride (1, M)), as cuBLASLt wants them. On CUDA compiled into one kernel (`_quantize`): a decode
+    step quantizes ~300 activations, and one launch per op would cost more than FP8 saves."""
     m, k = x2d.shape
     groups = x2d.float().view(m, k // GEMM_BLOCK, GEMM_BLOCK)
     scale = (groups.abs().amax(-1) / 448.0).clamp(min=1e-12)
-    return (groups / scale[..., None]).to(FP8).view(m, k), scale
+    return (groups / scale[..., None]).to(FP8).view(m, k), scale.t().contiguous().t()
 
 
-def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight^T through torch.nn.functional.scaled_mm. cuBLASLt wants the activation scales
-    token-major and the token count a multiple of 4 (zero rows are added and dropped), and mat_b column-major
-    (the weight's transpose view is)."""
+def _quantize(x2d: torch.Tensor):
+    from .kernels.elementwise import compiled
+
+    return compiled(quantize_activation, x2d.is_cuda)(x2d)
+
+
+# PyTorch's block-scaled FP8 matmuls, newest API first: the probe keeps the first that runs and matches the
+# reference on this device and torch build (torch.nn.functional.scaled_mm from 2.10; before it torch._scaled_mm,
+# which infers the block-wise recipe from the scales' shapes on CUDA 12.9+). Both are cuBLASLt's kernels.
+def _scaled_mm_v2(a, w, a_scale, w_scale, dtype):
     import torch.nn.functional as F
 
+    return F.scaled_mm(a, w.t(), a_scale, F.ScalingType.BlockWise1x128, w_scale.t(), F.ScalingType.BlockWise128x128,
+                       output_dtype=dtype)
+
+
+def _scaled_mm_v1(a, w, a_scale, w_scale, dtype):
+    return torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=w_scale.t(), out_dtype=dtype)
+
+
+GEMMS = {"torch.nn.functional.scaled_mm": _scaled_mm_v2, "torch._scaled_mm": _scaled_mm_v1}
+_gemm = [_scaled_mm_v2]  # the probe's pick (one per process: every rank probes the same device kind)
+
+
+def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, impl=None) -> torch.Tensor:
+    """x [..., K] @ weight^T through the block-scaled GEMM. cuBLASLt wants the token count a multiple of 4 (zero
+    rows are added and dropped) and mat_b column-major (the weight's transpose view is)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     if m % 4:
-        x2d = F.pad(x2d, (0, 0, 0, -m % 4))
-    a, a_scale = quantize_activation(x2d)
-    out = F.scaled_mm(a, weight.t(), a_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
-                      scale_inv.t(), F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, -m % 4))
+    a, a_scale = _quantize(x2d)
+    out = (impl or _gemm[0])(a, weight, a_scale, scale_inv, x.dtype)
     return out[:m].view(*lead, weight.shape[0])
 
 
@@ -189,8 +211,8 @@ def gemm_fits(module) -> bool:
 
 @torch.no_grad()
 def probe_gemm(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None where the block-scaled GEMM runs on this device and matches the reference path on the same
-    quantized operands (within bf16 rounding); else why not."""
+    """None where a block-scaled GEMM (GEMMS, in order) runs on this device and matches the reference path on
+    the same quantized operands (within bf16 rounding): that one serves. Else why none does."""
     if device.type != "cuda":
         return "not a CUDA device"
     g = torch.Generator(device=device).manual_seed(0)
@@ -198,14 +220,21 @@ def probe_gemm(device: torch.device, dtype: torch.dtype) -> str | None:
     x = torch.randn(6, 512, device=device, generator=g).to(dtype)
     scale = w.view(3, 128, 4, 128).abs().amax(dim=(1, 3)) / 448.0
     wq = (w.view(3, 128, 4, 128) / scale[:, None, :, None]).view(384, 512).to(FP8)
-    try:
-        got = scaled_gemm(x, wq, scale).float()
-    except Exception as e:  # noqa: BLE001 -- an op this torch build or device lacks: the reference path serves
-        return f"{type(e).__name__}: {str(e)[:200]}"
     a, a_scale = quantize_activation(x)
     want = (a.float() * a_scale.repeat_interleave(GEMM_BLOCK, 1)) @ dequantize(wq, scale, (128, 128), torch.float32).T
-    err = float((got - want).norm() / want.norm())
-    return None if err < 2e-2 else f"relative error {err:.3g} against the reference"
+    why = []
+    for name, impl in GEMMS.items():
+        try:
+            got = scaled_gemm(x, wq, scale, impl).float()
+        except Exception as e:  # noqa: BLE001 -- an op this torch build or device lacks: the next, or the reference
+            why.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        err = float((got - want).norm() / want.norm())
+        if err < 2e-2:
+            _gemm[0] = impl
+            return None
+        why.append(f"{name}: relative error {err:.3g} against the reference")
+    return "; ".join(why)
 
 
 class Fp8Linear(nn.Linear):
@@ -350,5 +379,6 @@ def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) ->
         parent.fp8_gemm = ok and gemm_fits(SimpleNamespace(weight=getattr(parent, FUSED_WEIGHT),
                                                            fp8_block=parent.fp8_block))
     if device.type == "cuda":
-        log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM"
+        gemm = next(n for n, f in GEMMS.items() if f is _gemm[0])
+        log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM ({gemm})"
             + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize"))

@@ -47,6 +47,51 @@ def quantize_in_place(model, block: tuple[int, int]) -> dict:
     return {"converted_linears": len(modules), "through_gemm": sum(m.fp8_gemm for m in modules)}
 
 
+@torch.no_grad()
+def gemm_table(model, device, repeats: int = 50) -> list[dict]:
+    """Each distinct FP8 weight shape of the quantized model (fused groups included) at 1, 4, 16 and 2,048 rows:
+    ms per call of the bf16 matmul (the weight dequantized once), the activation quantization + block-scaled
+    GEMM (fp8.CHOSEN.gemm), and the W8A16 kernel (up to 16 rows). CUDA events, medians."""
+    from ds_qwen_vision.fp8 import CHOSEN, FP8, dequantize, scaled_gemm
+    from ds_qwen_vision.kernels import fp8_linear
+    from ds_qwen_vision.tp_policy import FUSED_SCALE, FUSED_WEIGHT
+
+    shapes = {}
+    for m in model.modules():
+        for w_name, s_name in (("weight", "weight_scale_inv"), (FUSED_WEIGHT, FUSED_SCALE)):
+            w = getattr(m, w_name, None)
+            if isinstance(w, torch.Tensor) and w.dtype == FP8 and w.shape[0] % 128 == 0 and w.shape[1] % 512 == 0:
+                shapes.setdefault(tuple(w.shape), (w, getattr(m, s_name)))
+
+    def ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+    rows = []
+    for (n, k), (w, scale) in sorted(shapes.items()):
+        ref = dequantize(w, scale, (128, 128), torch.bfloat16)
+        for m in (1, 4, 16, 2048):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            row = {"n": n, "k": k, "rows": m, "bf16_ms": ms(lambda: x @ ref.T),
+                   "scaled_mm_ms": ms(lambda: scaled_gemm(x, w, scale, CHOSEN.gemm))}
+            if m <= fp8_linear.W8A16_MAX_ROWS:
+                row["w8a16_ms"] = ms(lambda: fp8_linear.w8a16_matmul(x, w, scale))
+            # the FP8 weight's bytes at the card's nominal bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s)
+            row["weight_read_nominal_ms"] = n * k / (3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12) * 1e3
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -72,13 +117,14 @@ def main() -> None:
     info = quantize_in_place(model, (args.block, args.block))
     args.label = "fp8"
     fp8 = measure(model, device, args)
+    gemms = gemm_table(model, device) if device.type == "cuda" else []
     a, b = fp8.pop("first_logits"), bf16.pop("first_logits")
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python3", *sys.argv]),
               "card": bf16["gpu"], "label": f"random bf16 weights, {args.preset} widths, {args.layers} layers, tp=1; "
                                             f"FP8: the same weights quantized ({args.block}x{args.block} blocks)",
               "weights_gib": {"bf16": before / 2**30, "fp8": weight_bytes(model) / 2**30}, **info,
               "logits_rel_err_fp8_vs_bf16": float((a - b).norm() / b.norm()),
-              "same_argmax": int(a.argmax()) == int(b.argmax()), "runs": [bf16, fp8],
+              "same_argmax": int(a.argmax()) == int(b.argmax()), "runs": [bf16, fp8], "gemms": gemms,
               "ratio_fp8_to_bf16": {k: fp8[k] / bf16[k] for k in bf16 if k.endswith("_ms")},
               "seconds": time.perf_counter() - t0}
     print(json.dumps(result, indent=1))

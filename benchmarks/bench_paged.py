@@ -105,6 +105,12 @@ def measure(model, device, args) -> dict:
         prefill(0, prompt, chunked)
     out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))
     out["ttft_8k_chunked_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, True), args.repeats))
+    if getattr(args, "profile", False) and hasattr(runner, "compiled_prefill_tokens"):
+        # the same chunks with the norms eager (the runner's choice below COMPILED_PREFILL_TOKENS), same run
+        runner.compiled_prefill_tokens, chosen = 1 << 30, runner.compiled_prefill_tokens
+        out["ttft_8k_chunked_eager_norms_ms"] = 1e3 * statistics.median(
+            timed(lambda: prefill(0, prompt, True), args.repeats))
+        runner.compiled_prefill_tokens = chosen
     out["first_logits"] = prefill(0, prompt, True)[0].float().cpu()  # for a comparison across runs (not saved)
     if getattr(args, "profile", False) and device.type == "cuda":
         out["profile_prefill_chunked"] = profile_by_kind(lambda: prefill(0, prompt, True), out["ttft_8k_chunked_ms"])

@@ -157,19 +157,13 @@ GEMM_BLOCK = 128  # the block-scaled GEMM's recipes: 1 x 128 activations, 128 x 
 
 
 def quantize_activation(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]), one scale per token and 128 columns; the scales
-    token-major (stride (1, M)), as cuBLASLt wants them. On CUDA compiled into one kernel (`_quantize`): a decode
-    step quantizes ~300 activations, and one launch per op would cost more than FP8 saves."""
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]), one scale per token and 128 columns, the scales
+    token-major (stride (1, M)) as cuBLASLt wants them. The reference of kernels/fp8_linear.quantize_activation,
+    which CUDA runs (one kernel for these six ops)."""
     m, k = x2d.shape
     groups = x2d.float().view(m, k // GEMM_BLOCK, GEMM_BLOCK)
     scale = (groups.abs().amax(-1) / 448.0).clamp(min=1e-12)
     return (groups / scale[..., None]).to(FP8).view(m, k), scale.t().contiguous().t()
-
-
-def _quantize(x2d: torch.Tensor):
-    from .kernels.elementwise import compiled
-
-    return compiled(quantize_activation, x2d.is_cuda)(x2d)
 
 
 # PyTorch's block-scaled FP8 matmuls, newest API first: the probe keeps the first that runs and matches the
@@ -187,19 +181,26 @@ def _scaled_mm_v1(a, w, a_scale, w_scale, dtype):
 
 
 GEMMS = {"torch.nn.functional.scaled_mm": _scaled_mm_v2, "torch._scaled_mm": _scaled_mm_v1}
-_gemm = [_scaled_mm_v2]  # the probe's pick (one per process: every rank probes the same device kind)
+# What probe_gemm chose for this process's device (every rank probes the same kind of card, and use_gemm makes
+# the ranks agree): the block-scaled GEMM, and whether steps of few rows take kernels/fp8_linear.w8a16_matmul.
+CHOSEN = SimpleNamespace(gemm=_scaled_mm_v2, w8a16=False)
 
 
 def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, impl=None) -> torch.Tensor:
-    """x [..., K] @ weight^T through the block-scaled GEMM. cuBLASLt wants the token count a multiple of 4 (zero
-    rows are added and dropped) and mat_b column-major (the weight's transpose view is)."""
+    """x [..., K] @ weight^T on CUDA: up to 16 rows (decode, verify) through the W8A16 kernel where the probe
+    passed it, else the activation quantized (one kernel) and the block-scaled GEMM. cuBLASLt wants the token
+    count a multiple of 4 (zero rows are added and dropped) and mat_b column-major (the weight's transpose is)."""
+    from .kernels import fp8_linear
+
     lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k)
+    x2d = x.reshape(-1, k).contiguous()
     m = x2d.shape[0]
+    if impl is None and CHOSEN.w8a16 and m <= fp8_linear.W8A16_MAX_ROWS:
+        return fp8_linear.w8a16_matmul(x2d, weight, scale_inv).view(*lead, weight.shape[0])
     if m % 4:
         x2d = torch.nn.functional.pad(x2d, (0, 0, 0, -m % 4))
-    a, a_scale = _quantize(x2d)
-    out = (impl or _gemm[0])(a, weight, a_scale, scale_inv, x.dtype)
+    a, a_scale = fp8_linear.quantize_activation(x2d)
+    out = (impl or CHOSEN.gemm)(a, weight, a_scale, scale_inv, x.dtype)
     return out[:m].view(*lead, weight.shape[0])
 
 
@@ -210,31 +211,48 @@ def gemm_fits(module) -> bool:
 
 
 @torch.no_grad()
-def probe_gemm(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None where a block-scaled GEMM (GEMMS, in order) runs on this device and matches the reference path on
-    the same quantized operands (within bf16 rounding): that one serves. Else why none does."""
+def probe_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """(why no block-scaled GEMM serves here, why the W8A16 kernel does not): None where one runs on this device
+    and matches the reference path on the same operands (within bf16 rounding). The GEMM: the first of GEMMS
+    that does (CHOSEN.gemm). The activation quantization kernel is checked with the GEMM."""
     if device.type != "cuda":
-        return "not a CUDA device"
+        return "not a CUDA device", "not a CUDA device"
+    from .kernels import fp8_linear
+
+    if fp8_linear.triton is None:
+        return "Triton is not installed", "Triton is not installed"
     g = torch.Generator(device=device).manual_seed(0)
-    w = torch.randn(384, 512, device=device, generator=g)
-    x = torch.randn(6, 512, device=device, generator=g).to(dtype)
-    scale = w.view(3, 128, 4, 128).abs().amax(dim=(1, 3)) / 448.0
-    wq = (w.view(3, 128, 4, 128) / scale[:, None, :, None]).view(384, 512).to(FP8)
-    a, a_scale = quantize_activation(x)
-    want = (a.float() * a_scale.repeat_interleave(GEMM_BLOCK, 1)) @ dequantize(wq, scale, (128, 128), torch.float32).T
+    w = torch.randn(384, 1024, device=device, generator=g)
+    scale = w.view(3, 128, 8, 128).abs().amax(dim=(1, 3)) / 448.0
+    wq = (w.view(3, 128, 8, 128) / scale[:, None, :, None]).view(384, 1024).to(FP8)
+    w_ref = dequantize(wq, scale, (128, 128), torch.float32)
+
+    def rel(got, want):
+        return float((got.float() - want).norm() / want.norm())
+
     why = []
-    for name, impl in GEMMS.items():
-        try:
-            got = scaled_gemm(x, wq, scale, impl).float()
-        except Exception as e:  # noqa: BLE001 -- an op this torch build or device lacks: the next, or the reference
-            why.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
-            continue
-        err = float((got - want).norm() / want.norm())
-        if err < 2e-2:
-            _gemm[0] = impl
-            return None
-        why.append(f"{name}: relative error {err:.3g} against the reference")
-    return "; ".join(why)
+    for rows in (6, 40):  # the W8A16 kernel's and the quantized GEMM's ranges
+        x = torch.randn(rows, 1024, device=device, generator=g).to(dtype)
+        a, a_scale = quantize_activation(x)
+        want = (a.float() * a_scale.repeat_interleave(GEMM_BLOCK, 1)) @ w_ref.T
+        for name, impl in GEMMS.items():
+            try:
+                err = rel(scaled_gemm(x, wq, scale, impl), want)
+            except Exception as e:  # noqa: BLE001 -- an op this torch build or device lacks: the next, or none
+                why.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            if err < 2e-2:
+                CHOSEN.gemm = impl
+                break
+            why.append(f"{name}: relative error {err:.3g} against the reference")
+        else:
+            return "; ".join(why), "the GEMM did not pass"
+    x = torch.randn(6, 1024, device=device, generator=g).to(dtype)
+    try:
+        err = rel(fp8_linear.w8a16_matmul(x, wq, scale), x.float() @ dequantize(wq, scale, (128, 128), dtype).float().T)
+    except Exception as e:  # noqa: BLE001 -- Triton without e4m3 on this device: the quantized GEMM serves all rows
+        return None, f"{type(e).__name__}: {str(e)[:160]}"
+    return None, None if err < 1e-2 else f"relative error {err:.3g} against the reference"
 
 
 class Fp8Linear(nn.Linear):
@@ -369,8 +387,10 @@ def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) ->
         return
     weight = next(iter(names.values())).weight
     device = weight.device
-    why = probe_gemm(device, next(p for p in model.parameters() if p.dtype != FP8 and p.is_floating_point()).dtype)
+    dtype = next(p for p in model.parameters() if p.dtype != FP8 and p.is_floating_point()).dtype
+    why, why_w8a16 = probe_gemm(device, dtype)
     ok = agree(why is None, device)
+    CHOSEN.w8a16 = agree(ok and why_w8a16 is None and dtype in (torch.bfloat16, torch.float16), device)
     fits = [m for m in names.values() if gemm_fits(m)]
     for m in fits:
         m.fp8_gemm = ok
@@ -379,6 +399,8 @@ def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) ->
         parent.fp8_gemm = ok and gemm_fits(SimpleNamespace(weight=getattr(parent, FUSED_WEIGHT),
                                                            fp8_block=parent.fp8_block))
     if device.type == "cuda":
-        gemm = next(n for n, f in GEMMS.items() if f is _gemm[0])
+        gemm = next(n for n, f in GEMMS.items() if f is CHOSEN.gemm)
         log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM ({gemm})"
-            + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize"))
+            + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize")
+            + ("; steps of up to 16 rows through the W8A16 kernel" if CHOSEN.w8a16 else
+               f"; the W8A16 kernel not used ({why_w8a16 or 'another rank failed it'})" if ok else ""))

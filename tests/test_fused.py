@@ -138,6 +138,7 @@ def test_decode_attention_reference_matches_sdpa(t):
 @pytest.mark.parametrize("script", [
     "_decode_attention_interp.py",  # decode attention (split-KV) and prefill-chunk attention against float64
     "_gdn_step_interp.py",  # the GDN step's conv update and gated delta rule against their torch reference
+    "_fp8_linear_interp.py",  # the FP8 linears' activation quantization and W8A16 matmul against fp8.py's
 ])
 def test_triton_kernels_under_interpreter(script):
     """The Triton kernels on CPU (TRITON_INTERPRET=1), each script against its reference."""

@@ -66,6 +66,9 @@ class PendingPrompt:
     image_row: torch.Tensor | None   # [n]: the image row each position takes (-1: a text token)
 
 
+COMPILED_PREFILL_TOKENS = 2048
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_slots: int = 1, max_len: int = 4096,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, allreduce=None,
@@ -101,6 +104,9 @@ class ModelRunner:
         # rank receives it over the model's group (feed), so no rank's host waits for a token.
         self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.shapes: set[tuple] = set()  # the shape classes this runner has met (runner/warmup.py)
+        # An eager prefill chunk of at least this many tokens runs the compiled norms (_eager_prefill says why);
+        # warm-up runs every eager class at its largest length, so they compile there
+        self.compiled_prefill_tokens = COMPILED_PREFILL_TOKENS
         gdn = [layer.linear_attn for layer in model.model.language_model.layers if hasattr(layer, "linear_attn")]
         # FLA's q/k L2 norm runs over rows = tokens x key heads (runner/warmup.py)
         self.gdn_heads = (gdn[0].num_k_heads,) if gdn else ()
@@ -312,11 +318,14 @@ class ModelRunner:
         # (kernels/decode_attention.py: the decode kernel up to 8 tokens, else the chunk kernel).
         view = CacheView(self.state, slice(item.slot, item.slot + 1), start=item.start)
         mask = view.mask(end - item.start)
-        # Compiled code (the RMSNorms, kernels/norms.py) runs eagerly here: a compiled call's host time
-        # (dynamo's guards, its wrapper) is hidden by a graph replay but paid 209 times by an eager prefill.
-        # On one H200 (27B shapes, 2026-12-02) first logits for 512 tokens took 174.7 ms with the compiled
-        # norms and 139.3 ms without, in the same run.
-        with torch.compiler.set_stance("force_eager"):
+        # Compiled code (the RMSNorms, kernels/norms.py) runs eagerly in a short chunk: a compiled call's host
+        # time (dynamo's guards, its wrapper) is hidden by a graph replay but paid 209 times by an eager
+        # prefill. On one H200 (27B shapes, 2026-12-02) first logits for 512 tokens took 174.7 ms with the
+        # compiled norms and 139.3 ms without, in the same run: the host was the bound. From
+        # COMPILED_PREFILL_TOKENS on, the GPU's work outlasts that host time and the compiled norms' one kernel
+        # each (not ~8, in float32 over the whole chunk) is what counts (docs/benchmarks.md, 2026-12-08).
+        eager = end - item.start < self.compiled_prefill_tokens
+        with torch.compiler.set_stance("force_eager" if eager else "default"):
             out = self.model(inputs_embeds=embeds, position_ids=positions,
                              past_key_values=view,
                              attention_mask={"full_attention": mask, "linear_attention": None},

@@ -1,0 +1,102 @@
+"""The CUDA kernels of the block-scaled FP8 linears (fp8.py holds the format, the layers and which path runs).
+
+* `quantize_activation`: x [M, K] -> e4m3 [M, K] and one float32 scale per token and 128 columns (Qwen's
+  `activation_scheme: dynamic`), in one kernel. Eager torch takes six (float, abs, amax, divide, clamp, cast)
+  and two copies, once per linear: on one H100 that was 170 ms of an 8k-token prefill of 32 layers, more than
+  the FP8 GEMMs saved (docs/benchmarks.md). Its reference is fp8.quantize_activation.
+* `w8a16_matmul`: x [M, K] (bf16, M <= 16: decode and speculative verify) @ (W e4m3 x its 128 x 128 block
+  scale)^T, the weight dequantized in registers, the product in bf16 with float32 accumulation: the arithmetic
+  of the reference path (fp8.dequantize to x's dtype, then the matmul). A decode GEMM is a read of its weight;
+  cuBLASLt's block-scaled kernel tiles 128 rows of tokens and 128 of outputs, which leaves most SMs idle for a
+  5,120-wide output and pays the activation quantization on top (0.81x bf16's decode step where the bytes
+  allow 0.6x: docs/benchmarks.md). Here one program reads BLOCK_N output rows over a split of K, so every
+  shape fills the card; the splits' float32 partial sums are added in a fixed order (deterministic).
+
+Triton's e4m3 (float8e4nv) needs compute capability 8.9 (fp8.probe_gemm checks each path on the device before
+it serves; tests/_fp8_linear_interp.py runs both under the Triton interpreter against the reference).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: fp8.py keeps the reference paths
+    triton = None
+
+GROUP = 128       # activation scale group (columns), = the weight's scale block
+GROUPS_PER_PROGRAM = 8
+W8A16_MAX_ROWS = 16  # tl.dot's smallest M tile: decode (1 row per sequence) and verify (k + 1 <= 8) fit
+BLOCK_N = 64
+
+
+def quantize_activation(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of 128, rows contiguous) -> (e4m3 [M, K], float32 scales [M, K / 128] with
+    stride (1, M): token-major, as cuBLASLt wants them)."""
+    m, k = x2d.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2d.device)
+    scale = torch.empty((k // GROUP, m), dtype=torch.float32, device=x2d.device)
+    groups = k // GROUP
+    _quantize[(m, triton.cdiv(groups, GROUPS_PER_PROGRAM))](x2d, q, scale, m, groups, x2d.stride(0),
+                                                            GROUP=GROUP, G=GROUPS_PER_PROGRAM)
+    return q, scale.t()
+
+
+def splits_for(n: int, k: int, sms: int) -> int:
+    """Split K so that about two programs per SM read the weight (a power of two, each split whole groups)."""
+    tiles, splits = triton.cdiv(n, BLOCK_N), 1
+    while tiles * splits < 2 * sms and k // (splits * 2) >= 4 * GROUP:
+        splits *= 2
+    return splits
+
+
+_SMS: dict = {}
+
+
+def w8a16_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x [M <= 16, K] @ (weight [N, K] e4m3 x scale_inv [N / 128, K / 128])^T -> [M, N] in x's dtype."""
+    m, k = x2d.shape
+    n = weight.shape[0]
+    if x2d.is_cuda and x2d.device.index not in _SMS:
+        _SMS[x2d.device.index] = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    splits = splits_for(n, k, _SMS.get(x2d.device.index, 4))  # (4 under the interpreter: splits exercised)
+    span = triton.cdiv(triton.cdiv(k, splits), GROUP) * GROUP
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2d.device)
+    _w8a16[(triton.cdiv(n, BLOCK_N), splits)](x2d, weight, scale_inv, partial, m, n, k, span, x2d.stride(0),
+                                              weight.stride(0), scale_inv.stride(0), BLOCK_M=W8A16_MAX_ROWS,
+                                              BLOCK_N=BLOCK_N, BLOCK_K=GROUP, num_warps=4, num_stages=4)
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x2d.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _quantize(x_ptr, q_ptr, s_ptr, M, GROUPS, stride_x, GROUP: tl.constexpr, G: tl.constexpr):
+        row = tl.program_id(0)
+        g = tl.program_id(1) * G + tl.arange(0, G)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ok = (g < GROUPS)[:, None]
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
+        tl.store(q_ptr + row * GROUPS * GROUP + cols, (x / scale[:, None]).to(tl.float8e4nv), mask=ok)
+        tl.store(s_ptr + g * M + row, scale, mask=g < GROUPS)
+
+    @triton.jit
+    def _w8a16(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, SPAN, stride_x, stride_w, stride_s,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        start = pid_k * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm < M)[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            s = tl.load(s_ptr + (rn // BLOCK_K) * stride_s + k0 // BLOCK_K, mask=n_ok, other=0.0)
+            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)  # fp8.dequantize's rounding: float32, then x's dtype
+            acc += tl.dot(x, tl.trans(w))
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & n_ok[None, :])

@@ -12,6 +12,8 @@ The timings are bench_paged.measure's (TTFT of an 8k prompt, decode at 1 and 16 
 Also recorded: how many linears took the block-scaled GEMM (fp8.probe_gemm decides; the rest dequantize), the
 weights' bytes before and after, and how far the FP8 model's logits for the 8k prompt are from bf16's (random
 weights: the real model's accuracy is not measured by this). Target: FP8 decode <= 0.65x bf16's at one row.
+Then the GEMM table (gemm_table): every FP8 weight shape in CUDA graphs, bf16 against the block-scaled GEMM and
+the W8A16 kernel at each TILES launch shape, and what each would make of one decode step's GEMMs.
 """
 from __future__ import annotations
 
@@ -47,49 +49,59 @@ def quantize_in_place(model, block: tuple[int, int]) -> dict:
     return {"converted_linears": len(modules), "through_gemm": sum(m.fp8_gemm for m in modules)}
 
 
+# W8A16 launch shapes timed against the default (kernels/fp8_linear.Tiles: block_n, warps, stages, per_sm)
+TILES = [(32, 4, 4, 2), (64, 4, 4, 2), (64, 8, 4, 2), (64, 4, 4, 4), (128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 3, 4)]
+
+
 @torch.no_grad()
-def gemm_table(model, device, repeats: int = 50) -> list[dict]:
-    """Each distinct FP8 weight shape of the quantized model (fused groups included) at 1, 4, 16 and 2,048 rows:
-    ms per call of the bf16 matmul (the weight dequantized once), the activation quantization + block-scaled
-    GEMM (fp8.CHOSEN.gemm), and the W8A16 kernel (up to 16 rows). CUDA events, medians."""
+def gemm_table(model, device) -> dict:
+    """Each distinct FP8 weight shape of the quantized model (fused groups included), in CUDA graphs: ms per call
+    of the bf16 matmul (the weight dequantized), the activation quantization + block-scaled GEMM
+    (fp8.CHOSEN.gemm), and the W8A16 kernel at each TILES launch shape (up to 16 rows); and per implementation
+    the sum over one decode step's GEMMs (each shape times its count in the step) at 1 row."""
     from ds_qwen_vision.fp8 import CHOSEN, FP8, dequantize, scaled_gemm
     from ds_qwen_vision.kernels import fp8_linear
     from ds_qwen_vision.tp_policy import FUSED_SCALE, FUSED_WEIGHT
+    from kernels_h200 import graph_time_ms
 
-    shapes = {}
+    def graph_ms(calls: list) -> float:  # each call reads its own weight copy: L2 serves none
+        return graph_time_ms(lambda i: calls[i % len(calls)](), 4 * len(calls))
+
+    shapes, count = {}, {}
     for m in model.modules():
         for w_name, s_name in (("weight", "weight_scale_inv"), (FUSED_WEIGHT, FUSED_SCALE)):
             w = getattr(m, w_name, None)
             if isinstance(w, torch.Tensor) and w.dtype == FP8 and w.shape[0] % 128 == 0 and w.shape[1] % 512 == 0:
                 shapes.setdefault(tuple(w.shape), (w, getattr(m, s_name)))
-
-    def ms(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
-
-    rows = []
+                fused_member = w.untyped_storage().nbytes() != w.numel()  # a view into its group's weight
+                if not fused_member:  # the decode step runs the group's GEMM, not its members'
+                    count[tuple(w.shape)] = count.get(tuple(w.shape), 0) + 1
+    rows, step = [], {}
     for (n, k), (w, scale) in sorted(shapes.items()):
-        ref = dequantize(w, scale, (128, 128), torch.bfloat16)
+        copies = max(1, -(-(160 << 20) // (n * k)))  # > 3x the L2 of an H100 / H200 in FP8 bytes
+        ws = [w.clone() for _ in range(copies)]
+        refs = [dequantize(c, scale, (128, 128), torch.bfloat16) for c in ws[:max(1, copies // 2)]]
         for m in (1, 4, 16, 2048):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            row = {"n": n, "k": k, "rows": m, "bf16_ms": ms(lambda: x @ ref.T),
-                   "scaled_mm_ms": ms(lambda: scaled_gemm(x, w, scale, CHOSEN.gemm))}
+            row = {"n": n, "k": k, "rows": m, "in_step": count.get((n, k), 0),
+                   "bf16_ms": graph_ms([lambda r=r: x @ r.T for r in refs]),
+                   "scaled_mm_ms": graph_ms([lambda c=c: scaled_gemm(x, c, scale, CHOSEN.gemm) for c in ws])}
             if m <= fp8_linear.W8A16_MAX_ROWS:
-                row["w8a16_ms"] = ms(lambda: fp8_linear.w8a16_matmul(x, w, scale))
-            # the FP8 weight's bytes at the card's nominal bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s)
-            row["weight_read_nominal_ms"] = n * k / (3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12) * 1e3
+                for t in TILES:
+                    tiles = fp8_linear.Tiles(*t)
+                    row[f"w8a16_ms_{'_'.join(map(str, t))}"] = graph_ms(
+                        [lambda c=c: fp8_linear.w8a16_matmul(x, c, scale, tiles) for c in ws])
+            if m == 1:
+                for key, ms in row.items():
+                    if key.endswith("_ms") or "_ms_" in key:
+                        step[key] = step.get(key, 0.0) + ms * row["in_step"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return rows
+        del ws, refs
+    print(json.dumps({"decode_step_gemms_ms_at_1_row": step}), flush=True)
+    return {"shapes": rows, "decode_step_gemms_ms_at_1_row": step,
+            "note": "CUDA-graph replays, each call on its own copy of the weight (none from L2); tiles = "
+                    "block_n_warps_stages_per_sm (kernels/fp8_linear.Tiles)"}
 
 
 def weight_bytes(model) -> int:

@@ -15,9 +15,9 @@
    masked subset decoding; 48 layers' distinct states per replay, as a 27B step. Errors against the reference
    path in float64 from the same bf16 inputs (the bf16 torch path's own error beside).
    `--only gdn` runs this part alone.
-4. Prefill-chunk attention over the static cache (kernels/chunk_attention.py) against SDPA as transformers
-   calls it for a boolean mask (KV heads expanded, the memory-efficient kernel), 64 and 512 query tokens of
-   a 9,472-position cache, the chunk at position 0 or 4,096; 16 layers' caches per replay; error against
+4. Prefill-chunk attention over the paged cache (kernels/chunk_attention.py) at its launch shapes
+   (CHUNK_TILES) against SDPA on contiguous expanded keys with a lower-right causal bias (flash), a served
+   chunk of 2,048 queries at starts 2,048 / 4,096 / 6,144; 8 layers' caches per replay; error against
    float64. `--only chunk`.
 """
 from __future__ import annotations
@@ -200,36 +200,64 @@ def gdn(results, bw) -> None:
     results["gdn_step"] = rows
 
 
+# chunk_attention launch shapes (BLOCK_M, BLOCK_N, warps, stages), the served one first (chunk_attention.TILES)
+CHUNK_TILES = [(64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2)]
+
+
 def chunk(results) -> None:
+    """A served prefill chunk's attention (2,048 queries, paged cache of 64-position blocks, 24 / 4 heads of
+    256) at its three continuing starts of an 8k prompt: the Triton kernel at each CHUNK_TILES shape against
+    PyTorch's SDPA on the same keys made contiguous and expanded (lower-right causal: flash where it takes it),
+    8 layers' caches per replay; errors against float64."""
+    from torch.nn.attention.bias import causal_lower_right
+
     from ds_qwen_vision.kernels.chunk_attention import chunk_attention
+    from ds_qwen_vision.kernels.decode_attention import PagedKV
 
     rows = []
-    hq, hkv, d, length = 24, 4, 256, 9472
-    for t in (64, 512):
-        for start in (0, 4096):
-            caches = [(torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16),
-                       torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(16)]
-            q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-            pos = start + torch.arange(t, device="cuda")
-            mask = (torch.arange(length, device="cuda")[None, :] <= pos[:, None])[None, None]
-            scale = d ** -0.5
-            k, v = caches[0]
-            ref64 = reference_attention(q.double(), k.double(), v.double(), mask, scale)
+    hq, hkv, d, t, block = 24, 4, 256, 2048, 64
+    for start in (2048, 4096, 6144):
+        length = start + t
+        blocks = length // block
+        pools = [(torch.randn(blocks + 1, hkv, block, d, device="cuda", dtype=torch.bfloat16),
+                  torch.randn(blocks + 1, hkv, block, d, device="cuda", dtype=torch.bfloat16)) for _ in range(8)]
+        table = torch.arange(1, blocks + 1, device="cuda", dtype=torch.int32)[None]
+        paged = PagedKV(table, (start + torch.arange(t, device="cuda"))[None], block)
+        q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        scale = d ** -0.5
+        flat = [tuple(x[1:].permute(1, 0, 2, 3).reshape(1, hkv, length, d) for x in pool) for pool in pools]
+        k64, v64 = (x.double().repeat_interleave(hq // hkv, 1) for x in flat[0])
+        mask = torch.arange(length, device="cuda")[None, :] <= paged.qpos[0][:, None]
+        ref = torch.softmax((q.double() @ k64.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), -1)
+        ref = (ref @ v64).transpose(1, 2)
+        flops = 4 * d * hq * t * (start + (t + 1) / 2)  # QK^T and PV over the visible keys
 
-            def sdpa(i):
-                kk, vv = (x.repeat_interleave(hq // hkv, 1) for x in caches[i])  # transformers' repeat_kv
-                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale).transpose(1, 2)
+        def rel(out):
+            return ((out.double() - ref).norm() / ref.norm()).item()
 
-            errs = {name: ((fn(0).double() - ref64).norm() / ref64.norm()).item()
-                    for name, fn in (("kernel", lambda i: chunk_attention(q, *caches[i], mask, scale)), ("sdpa", sdpa))}
-            t_kernel = graph_time_ms(lambda i: chunk_attention(q, *caches[i], mask, scale), 16)
-            t_sdpa = graph_time_ms(sdpa, 16)
-            rows.append({"query_tokens": t, "start": start, "cache": length, "kernel_us": 1e3 * t_kernel,
-                         "sdpa_us": 1e3 * t_sdpa, "rel_err_kernel": errs["kernel"], "rel_err_sdpa": errs["sdpa"]})
-            print(f"chunk attention t={t} start={start}: kernel {1e3 * t_kernel:.1f} us "
-                  f"(rel err {errs['kernel']:.1e}), SDPA {1e3 * t_sdpa:.1f} us (rel err {errs['sdpa']:.1e})", flush=True)
-            del caches
-            torch.cuda.empty_cache()
+        row = {"query_tokens": t, "start": start, "tflops_per_call": flops / 1e12}
+        for tiles in CHUNK_TILES:
+            name = "_".join(map(str, tiles))
+            try:
+                row[f"kernel_{name}_rel_err"] = rel(chunk_attention(q, *pools[0], paged, scale, tiles))
+                ms = graph_time_ms(lambda i: chunk_attention(q, *pools[i % 8], paged, scale, tiles), 8)
+                row[f"kernel_{name}_us"], row[f"kernel_{name}_tflops"] = 1e3 * ms, flops / ms / 1e9
+            except Exception as e:  # noqa: BLE001 -- a launch shape this card cannot hold (shared memory)
+                row[f"kernel_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        expanded = [tuple(x.repeat_interleave(hq // hkv, 1) for x in kv) for kv in flat]
+        bias = causal_lower_right(t, length)
+        try:
+            row["sdpa_rel_err"] = rel(F.scaled_dot_product_attention(q, *expanded[0], attn_mask=bias,
+                                                                     scale=scale).transpose(1, 2))
+            ms = graph_time_ms(lambda i: F.scaled_dot_product_attention(q, *expanded[i % 8], attn_mask=bias,
+                                                                        scale=scale), 8)
+            row["sdpa_us"], row["sdpa_tflops"] = 1e3 * ms, flops / ms / 1e9
+        except Exception as e:  # noqa: BLE001 -- recorded, not fatal
+            row["sdpa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del pools, flat, expanded, k64, v64, ref
+        torch.cuda.empty_cache()
     results["chunk_attention"] = rows
 
 

@@ -70,6 +70,12 @@ class StepPlan:
     heartbeat: bool = False        # idle tick: ranks report their status instead of computing
     stop: bool = False             # followers leave their loop
     reset: bool = False            # zero every slot's state (the end of warm-up: nothing leaks into requests)
+    # Rank 0 reads this step's picks on the host before it plans the next (a speculative step that verifies,
+    # or whose sequences draft: the next drafts need the tokens): no rank feeds them (ModelRunner.feed), and
+    # the next plan carries them. False (every other step): the picks are fed on the device and the next
+    # plan's decode entries say FROM_DEVICE. Followers feed exactly when the plan says, so the collective
+    # matches rank 0's.
+    hold: bool = False
 
     def empty(self) -> bool:
         return not (self.prefill or self.decode or self.verify or self.accept or self.heartbeat or self.stop

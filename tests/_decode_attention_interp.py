@@ -89,6 +89,9 @@ def main():
         out = chunk_attention(q, key_pool, value_pool, kv, d ** -0.5)
         assert out.isfinite().all(), "padding queries read finite garbage"
         worst = check(f"chunk kernel {tag}", out[:, :real], ref, worst)
+        # another launch shape (benchmarks/kernels_h200.py times them): the same values
+        out = chunk_attention(q, key_pool, value_pool, kv, d ** -0.5, tiles=(128, 64, 8, 2))
+        worst = check(f"chunk kernel 128x64 {tag}", out[:, :real], ref, worst)
         worst = check(f"reference {tag}", reference_attention(q, key_pool, value_pool, kv, d ** -0.5)[:, :real],
                       ref, worst)
     # a mixed forward (one sequence's chunk, then one token per decode row) through the attention interface,

@@ -51,12 +51,14 @@ def main() -> None:
         for dtype in DTYPES:
             x = torch.randn(m, k, generator=g).to(dtype)
             want = x.double() @ dequantize(wq, scale, (128, 128), dtype).double().T
-            got = fp8_linear.w8a16_matmul(x, wq, scale)
-            assert got.dtype == dtype and got.shape == (m, n)
-            err = rel(got, want)
-            tol = 1e-5 if dtype == torch.float32 else 1e-2
-            assert err < tol, (m, n, k, dtype, err)
-            print(f"w8a16 {m}x{n}x{k} {dtype} (splits {fp8_linear.splits_for(n, k, 4)}): relative error {err:.2e}")
+            for tiles in (fp8_linear.Tiles(), fp8_linear.Tiles(block_n=128, per_sm=4), fp8_linear.Tiles(block_n=32)):
+                got = fp8_linear.w8a16_matmul(x, wq, scale, tiles)
+                assert got.dtype == dtype and got.shape == (m, n)
+                err = rel(got, want)
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                assert err < tol, (m, n, k, dtype, tiles, err)
+                print(f"w8a16 {m}x{n}x{k} {dtype} block_n {tiles.block_n} "
+                      f"(splits {fp8_linear.splits_for(n, k, 4, tiles)}): relative error {err:.2e}")
     print("OK")
 
 

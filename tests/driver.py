@@ -111,7 +111,7 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
         if result:
             batch = [scheduler.running[slot] for slot in result]
             tokens = pick(torch.stack(list(result.values())), batch)
-            if spec is None:  # as Engine.launch: the picks go on to the next step on the device
+            if not plan.hold:  # as Engine.launch: the picks go on to the next step on the device
                 runner.feed(list(result), torch.tensor(tokens))
             for slot, seq, token, row in zip(result, batch, tokens, result.values()):
                 seq.in_flight -= 1
@@ -119,6 +119,8 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
                 delivered[slot] = [token]
         for slot, tokens in delivered.items():
             seq = scheduler.running[slot]
+            if plan.hold:  # as Engine.after_step: every token of the step read in it
+                seq.in_flight = 0
             for token in tokens:  # as Output.deliver, without the text
                 out[seq.id].append(token)
                 seq.generated += 1

@@ -476,3 +476,41 @@ def test_a_reused_prefix_brings_the_mtp_heads_kv(tiny_ckpt):
         runner.run(StepPlan(verify=[(slot, [int(first)])]))
         drafts[slot] = runner.verified[slot]
     assert drafts[1] == drafts[2]
+
+
+def test_steps_without_drafts_run_overlapped(tiny_ckpt):
+    """With MTP configured, a step whose sequences do not draft -- a request asking for logprobs never does; on
+    random weights the others stop after STOP_EARLY failed verifies -- is a plain step: its picks fed on the
+    device (StepPlan.hold off, the next rows FROM_DEVICE) and read while the next step runs. The answers are
+    the engine's without speculation."""
+    from conftest import OneRank, answers_together
+    from ds_qwen_vision.config import LimitsConfig
+    from ds_qwen_vision.engine import Engine
+    from ds_qwen_vision.plan import FROM_DEVICE
+    from test_prefix_cache import engine_request, user
+
+    class Recording(OneRank):
+        def __init__(self):
+            self.plans = []
+
+        def broadcast(self, plan=None):
+            self.plans.append(plan)
+            return plan
+
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=True)
+    requests = [engine_request([user(f"Count from {n}, slowly.")]) | {"max_tokens": 30} for n in range(2)]
+    requests.append(engine_request([user("Say something.")]) | {"max_tokens": 20, "logprobs": True})
+    answers, plans = {}, {}
+    for method in ("none", "mtp"):
+        spec = {"method": "mtp", "num_tokens": 2} if method == "mtp" else None
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256, speculative=spec)
+        channel = Recording()
+        engine = Engine(runner, channel, load_processor(tiny_ckpt), LimitsConfig(max_new_tokens=40))
+        answers[method] = answers_together(engine, requests)
+        plans[method] = [p for p in channel.plans if p.decode or p.verify]
+    assert answers["mtp"] == answers["none"] and all(answers["mtp"])
+    steps = plans["mtp"]
+    assert any(p.verify and p.hold for p in steps)  # drafting, before it stopped
+    overlapped = [p for p in steps if p.decode and not p.hold]
+    assert overlapped and any(token == FROM_DEVICE for p in overlapped for _, token in p.decode)
+    assert not any(p.hold for p in plans["none"])

@@ -8,7 +8,10 @@ detokenization, stop strings, logprob entries, events -- while the GPU runs N+1.
 at step N (end of sequence, a stop string or token) is therefore computed once more in step N+1; that
 token is dropped, never emitted. max_tokens is counted when steps are scheduled, so it costs no extra
 step. A step whose picks need the host's view of the tokens so far (`Scheduler.synchronous`) waits for
-them first; with speculative decoding (engine/speculative.py) every step runs synchronously.
+them first. With speculative decoding (engine/speculative.py) a step that verifies drafts, or whose
+sequences will (`StepPlan.hold`), runs synchronously: its tokens are read in the step (`after_step`);
+a step of sequences that do not draft (stopped, or never: logprobs, penalties, grammars) runs overlapped
+like a plain one.
 
 Failures: one request's own host work is isolated (output.py); anything else in a step -- the forward, a
 collective, reading the tokens -- fails every request with a 503 and ends `run` (serve.py exits).
@@ -222,11 +225,14 @@ class Engine:
         t0 = time.perf_counter()
         self.busy_since = time.monotonic()
         pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
-        if self.spec is not None:  # speculative steps stay synchronous: tokens read in the step
+        if plan.hold:  # a speculative step whose tokens the next plan needs: read in the step
             self.channel.broadcast(plan)
             self.after_step(plan, self.runner.run(plan, pixels))
         else:
             step = self.launch(plan, pixels, self.running)
+            for _, seq in step.outputs:
+                if seq is not None:
+                    seq.fed = True  # its next token is on the device: the next plan says FROM_DEVICE
             t_launched = time.perf_counter()
             waited = 0.0
             if pending is not None:  # step N's tokens, while the device runs step N+1
@@ -260,7 +266,7 @@ class Engine:
             picked = self.output.pick(rows, [seq for _, seq in outputs])
         else:
             picked = Picked(rows.argmax(-1))
-        if self.spec is None:  # as follower_loop decides: speculative steps carry their tokens in the plan
+        if not plan.hold:  # as follower_loop decides
             self.runner.feed(slots, picked.tokens)
         return Step(outputs, *to_host(picked))
 
@@ -275,10 +281,12 @@ class Engine:
         return now - t
 
     def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
-        """A speculative step's host side, in the step: picks, accepted drafts, events."""
+        """A speculative step's host side, in the step: picks, accepted drafts, events. Every token of the
+        step is read here: nothing of its sequences is in flight or on the device after it."""
         now = time.perf_counter()
         if not logits:
             return
+        stepped = [self.running[slot] for slot in logits]
         # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py); a verified
         # row without usable drafts is an ordinary row: its first position's logits.
         verified = {}
@@ -301,6 +309,8 @@ class Engine:
             for token in self.output.guard(seq, "sampling", self.spec.tokens, seq, rows, drafts) or []:
                 if self.output.deliver(seq, token, now):
                     break
+        for seq in stepped:
+            seq.in_flight, seq.fed = 0, False
 
     def idle(self) -> bool:
         return self.scheduler.idle()

@@ -137,7 +137,7 @@ class Scheduler:
             elif seq.prefilled < len(seq.input_ids):
                 budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
             elif self.spec is not None:
-                if seq.next_token is not None:
+                if seq.next_token is not None or seq.fed:
                     self.spec.schedule(plan, seq)  # its accept, then a verify (with drafts) or a decode
             elif seq.generated + seq.in_flight < seq.sampling.max_tokens:
                 # its previous token is on the device already (picked there, maybe not read yet)
@@ -169,6 +169,7 @@ class Scheduler:
             budget -= self.schedule_prefill(plan, seq, budget - self.prefill_overhead, self.prefill_overhead)
         if self.spec is not None:
             self.spec.merge(plan)
+            plan.hold = self.spec.holds(plan, self.running)
         self.m.queue.set(self.queued())
         self.m.in_flight.set(len(self.running))
         self.m.waiting_memory.set(self.held is not None)
@@ -180,8 +181,9 @@ class Scheduler:
     def synchronous(self, plan: StepPlan) -> bool:
         """Whether this step must wait for the previous step's tokens on the host before it is launched:
         a pick that depends on the host's view of the tokens so far (a grammar's state for its mask) must
-        return True here for the sequences it constrains; speculative steps always do."""
-        return self.spec is not None or any(self.running[slot].grammar is not None for slot, _ in plan.decode)
+        return True here for the sequences it constrains; so does a speculative step that holds its tokens
+        (StepPlan.hold: its plan was made from the host's tokens)."""
+        return plan.hold or any(self.running[slot].grammar is not None for slot, _ in plan.decode)
 
     def reserve(self, seq: Sequence, hit: tuple[int | None, int]) -> bool:
         """Seq's KV blocks for its whole reservation, before it is admitted: a held prefix's (`hit`, from

@@ -42,6 +42,7 @@ class Sequence:
     slot: int | None = None
     prefilled: int = 0              # prompt tokens scheduled so far (chunked prefill)
     next_token: int | None = None   # sampled, fed to the model in the next step (synchronous steps)
+    fed: bool = False               # speculative deployments: its last step fed its token on the device
     in_flight: int = 0              # tokens scheduled whose value the host has not read yet
     picked: int = 0                 # tokens picked on the device so far (the host reads them one step later)
     generated: int = 0

@@ -11,9 +11,10 @@ speculative.py runs it: T = k + 1 positions in one forward). From the T logits r
   accept with probability p_i(d_i), residual = p_i without d_i. Draws use the request's own generator.
 The number accepted goes to the runner in the next plan (StepPlan.accept), which selects the state.
 
-A step that must know the accepted counts before planning the next is synchronous: the host reads
-the verify's tokens back before the next plan (the engine's overlap of host work with the GPU step
-applies to plain decode steps).
+A step that must know the accepted counts before planning the next is synchronous (`holds`): the host
+reads the verify's tokens back before the next plan. A step whose sequences all decode without drafts
+(they stopped drafting, or never draft) runs as a plain one, overlapped with the host's work: its tokens
+are fed on the device and the next plan's rows say FROM_DEVICE (the engine's loop, engine.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import Counter
+
+from ..plan import FROM_DEVICE
 
 NGRAM_MAX, NGRAM_MIN = 3, 1
 # A sequence whose drafts keep failing stops drafting (so it never runs slower than without them):
@@ -144,7 +147,11 @@ class Speculator:
             s.accept = None
         room = seq.sampling.max_tokens - seq.generated - 1  # drafts past max_tokens could never be used
         if not s.drafting or room < 1 or (self.rows is not None and seq.slot >= self.rows):
-            plan.decode.append((seq.slot, seq.next_token))
+            # a plain row, as the plain scheduler's: its token where the last step left it, max_tokens
+            # counted with the tokens still in flight
+            if seq.generated + seq.in_flight < seq.sampling.max_tokens:
+                plan.decode.append((seq.slot, FROM_DEVICE if seq.fed else seq.next_token))
+                seq.in_flight += 1
             return
         if self.method == "ngram":
             s.index.extend([seq.next_token])
@@ -158,12 +165,21 @@ class Speculator:
 
     def merge(self, plan) -> None:
         """One forward for the decoding rows where it can: when some rows verify, the plain decode rows with
-        verify buffers join the verify (a verify row without drafts is a decode); rows above them decode in
-        a forward of their own; without verify rows the step stays a plain decode."""
+        verify buffers join the verify (a verify row without drafts is a decode); rows above them, and rows
+        whose token is on the device (a verify row's tokens come from the host), decode in a forward of
+        their own; without verify rows the step stays a plain decode."""
         if plan.verify and plan.decode:
             rows = self.rows if self.rows is not None else float("inf")
-            plan.verify.extend((slot, [token]) for slot, token in plan.decode if slot < rows)
-            plan.decode = [(slot, token) for slot, token in plan.decode if slot >= rows]
+            joins = [(slot, token) for slot, token in plan.decode if slot < rows and token != FROM_DEVICE]
+            plan.verify.extend((slot, [token]) for slot, token in joins)
+            plan.decode = [row for row in plan.decode if row not in joins]
+
+    @staticmethod
+    def holds(plan, running) -> bool:
+        """Whether the step's tokens must reach the host before the next plan (StepPlan.hold): it verifies,
+        or a sequence in it drafts (its next drafts, or its next verify row, start from its token)."""
+        slots = [slot for slot, _ in plan.decode] + [p.slot for p in plan.prefill if not p.snapshot_only]
+        return bool(plan.verify) or any(running[slot].spec.drafting for slot in slots if slot in running)
 
     def drafts(self, seq, verified: list[int]) -> list[int]:
         """The drafts of a verified row the sequence can use: none if it does not draft, none past max_tokens."""

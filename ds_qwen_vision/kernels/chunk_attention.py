@@ -26,6 +26,8 @@ except ImportError:  # CPU-only installs without Triton: the reference path serv
     triton = None
 
 BLOCK_M, BLOCK_N = 64, 32
+# (BLOCK_M, BLOCK_N, warps, stages): the launch shape; benchmarks/kernels_h200.py (`--only chunk`) times others
+TILES = (BLOCK_M, BLOCK_N, 8, 2)
 
 
 def applies(query) -> bool:
@@ -33,10 +35,11 @@ def applies(query) -> bool:
     return triton is not None and query.is_cuda and 16 <= dim <= 256 and dim & (dim - 1) == 0
 
 
-def chunk_attention(query, key_pool, value_pool, paged, scaling):
+def chunk_attention(query, key_pool, value_pool, paged, scaling, tiles: tuple[int, int, int, int] = TILES):
     """query [b, Hq, T, D] (may be strided); key_pool/value_pool [num_blocks, Hkv, P, D]; paged a
     decode_attention.PagedKV (table [b, blocks] int32, qpos [b, T] int64, read on the device only).
     Returns [b, T, Hq, D]."""
+    block_m, block_n, warps, stages = tiles
     from .decode_attention import pool_args
 
     b, n_heads, t, dim = query.shape
@@ -44,12 +47,12 @@ def chunk_attention(query, key_pool, value_pool, paged, scaling):
     table, qpos = paged.table, paged.qpos
     (k, ks), (v, vs) = pool_args(key_pool), pool_args(value_pool)
     out = torch.empty((b, t, n_heads, dim), dtype=query.dtype, device=query.device)
-    _forward[(triton.cdiv(t, BLOCK_M), b * n_heads)](
+    _forward[(triton.cdiv(t, block_m), b * n_heads)](
         query, k, v, ks, vs, table, qpos, out, scaling, t,
         *query.stride(), *k.stride(), *v.stride(), *ks.stride()[:3], table.stride(0), *qpos.stride(),
-        *out.stride(), HEADS=n_heads, GROUP=n_heads // kv_heads, D=dim, P=paged.block_size, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, FP32=query.dtype == torch.float32, FP8=ks is not k,
-        num_warps=8 if dim >= 128 else 4, num_stages=2)
+        *out.stride(), HEADS=n_heads, GROUP=n_heads // kv_heads, D=dim, P=paged.block_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, FP32=query.dtype == torch.float32, FP8=ks is not k,
+        num_warps=warps if dim >= 128 else 4, num_stages=stages)
     return out
 
 

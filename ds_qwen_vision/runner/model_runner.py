@@ -506,6 +506,6 @@ def follower_loop(runner: ModelRunner, channel) -> None:
             channel.gather(runner.status())
             continue
         logits = runner.run(plan)
-        # rank 0's sampled tokens, for the next step (speculative steps are synchronous: tokens in the plan)
-        if logits and getattr(runner, "spec", None) is None:
+        # rank 0's sampled tokens, for the next step (unless rank 0 holds them: the next plan carries them)
+        if logits and not plan.hold:
             runner.feed(list(logits), None)

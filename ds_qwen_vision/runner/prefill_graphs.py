@@ -53,6 +53,14 @@ PREFILL_GRAPH_TOKENS = 1024
 MIXED_GRAPH_TOKENS = 256
 
 
+def _stance(graphed: bool):
+    """A graph's forward runs the compiled norms (kernels/norms.py: one kernel each instead of ~8): a replay
+    pays none of their host time, which is why an eager chunk below model_runner.COMPILED_PREFILL_TOKENS runs
+    them eagerly (model_runner.ModelRunner._eager_prefill says why); so does this forward without a graph. The
+    warm runs before each capture compile them (graphs.capture), at start-up."""
+    return torch.compiler.set_stance("default" if graphed else "force_eager")
+
+
 def buckets(max_tokens: int) -> list[int]:
     """Chunk sizes with a graph: powers of two from 16 below 256, then every multiple of 256 up to the
     first one >= max_tokens: padding wastes at most 255 tokens of compute (~20 ms on the 27B at tp=1), and
@@ -96,10 +104,11 @@ class PrefillGraphs:
         view = PrefillView(runner.state, slot, cache_pos, (self.arange[:t] <= last).float(), conv_index)
         return view, view.mask(), last
 
-    def mixed_forward(self, t: int) -> torch.Tensor:
+    def mixed_forward(self, t: int, graphed: bool = False) -> torch.Tensor:
         """The chunk in the buffers' first t positions followed by one token for every slot as a decode row
         (the runner's step_in, as its decode graphs read it; rows not decoding are inactive): logits
-        [1, 1 + slots, vocab], the chunk's last real token first. Reads only buffers, so it can be captured."""
+        [1, 1 + slots, vocab], the chunk's last real token first. Reads only buffers, so it can be captured.
+        `graphed`: for a graph (its warm runs and capture), so with the compiled norms (`_stance`)."""
         runner, rows = self.runner, self.runner.max_slots
         chunk, chunk_mask, last = self._chunk(t)
         ids, mrope, decode, decode_mask = runner.decode_inputs(rows)
@@ -107,17 +116,18 @@ class PrefillGraphs:
         embeds = torch.cat([self.embeds[:, :t], runner.model.get_input_embeddings()(ids)[None]], dim=1)
         position_ids = torch.cat([self.positions[:, :, :t], mrope.view(1, 1, rows).expand(3, 1, rows)], dim=2)
         keep = torch.cat([last, t + torch.arange(rows, device=last.device)])
-        with torch.compiler.set_stance("force_eager"):  # as the eager prefill (model_runner.prefill says why)
+        with _stance(graphed):
             return runner.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=MixedView(chunk, decode, t),
                                 attention_mask={"full_attention": mask, "linear_attention": None},
                                 use_cache=True, logits_to_keep=keep).logits
 
-    def forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, t: int, graphed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The chunk in the buffers' first t positions: the last real token's logits [1, 1, vocab] and, with
-        an MTP head, the final norm's output [1, t, hidden]. Reads only the buffers, so it can be captured."""
+        an MTP head, the final norm's output [1, t, hidden]. Reads only the buffers, so it can be captured.
+        `graphed`: for a graph (its warm runs and capture), so with the compiled norms (`_stance`)."""
         runner = self.runner
         view, mask, last = self._chunk(t)
-        with torch.compiler.set_stance("force_eager"):  # as the eager prefill (model_runner.prefill says why)
+        with _stance(graphed):
             logits = runner.model(inputs_embeds=self.embeds[:, :t], position_ids=self.positions[:, :, :t],
                                   past_key_values=view, attention_mask={"full_attention": mask, "linear_attention": None},
                                   use_cache=True, logits_to_keep=last).logits
@@ -166,13 +176,13 @@ class PrefillGraphs:
         step runs them one after another, and each one's outputs are read before the next runs."""
         runner = self.runner
         self.index.zero_()  # slot 0 from position 0, one real token; warm-up's reset zeroes what this writes
-        captured = graphs.capture_all({t: lambda t=t: self.forward(t) for t in reversed(self.buckets)}, pool,
-                                      runner.device)
+        captured = graphs.capture_all({t: lambda t=t: self.forward(t, graphed=True) for t in reversed(self.buckets)},
+                                      pool, runner.device)
         self.graphs = {t: (graph, logits, hidden) for t, (graph, (logits, hidden)) in captured.items()}
         runner.step_in.zero_()  # the mixed graphs' decode rows: none active, so no row's state moves
         try:
-            self.mixed_graphs = graphs.capture_all({t: lambda t=t: self.mixed_forward(t) for t in reversed(self.mixed)},
-                                                   pool, runner.device)
+            self.mixed_graphs = graphs.capture_all(
+                {t: lambda t=t: self.mixed_forward(t, graphed=True) for t in reversed(self.mixed)}, pool, runner.device)
         except graphs.CaptureFailed as e:  # raised on every rank alike: separate forwards on every rank
             log(f"[rank {os.environ.get('RANK', '0')}] mixed prefill CUDA graph capture failed, prefill and "
                 f"decode run as separate forwards: {e}")

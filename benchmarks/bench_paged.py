@@ -71,7 +71,7 @@ def build(args):
 def measure(model, device, args) -> dict:
     """TTFT of an --context prompt (one forward; --chunk chunks) and the decode step at 1 and 16 rows with 512 and
     --context tokens of context, through a ModelRunner of 16 slots (medians). With --profile on CUDA, also the
-    chunked prefill's kernels (profile_by_kind)."""
+    chunked prefill's kernels and 8 one-row decode steps' at --context (profile_by_kind)."""
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
@@ -119,6 +119,9 @@ def measure(model, device, args) -> dict:
             prefill(s, ids(ctx, 100 + s), chunked=True)
         decode(1, 8)
         out[f"decode_1row_{ctx}_ms"] = decode(1, args.steps)
+        if getattr(args, "profile", False) and device.type == "cuda" and ctx == long:
+            # one row's decode step (graph replays): where its time goes, by kind of kernel
+            out["profile_decode_1row"] = profile_by_kind(lambda: decode(1, 8), 8 * out[f"decode_1row_{ctx}_ms"])
         decode(rows, 8)
         out[f"decode_16rows_{ctx}_ms"] = decode(rows, args.steps)
         print(json.dumps({k: v for k, v in out.items() if k != "first_logits"}), flush=True)
@@ -131,7 +134,8 @@ def measure(model, device, args) -> dict:
 
 # Kernel name -> what it does, first match wins (cuBLAS / cuBLASLt GEMMs are nvjet_* or *gemm* on Hopper; the
 # Triton kernels are named by their function: chunk_attention._forward; fla's chunk_* / solve_tril / recompute_*).
-KINDS = (("gemm", ("nvjet", "gemm", "xmma", "cutlass::gemm", "splitk")),
+KINDS = (("fp8", ("_w8a16", "_quantize", "_sum_splits")),  # kernels/fp8_linear.py
+         ("gemm", ("nvjet", "gemm", "xmma", "cutlass::gemm", "splitk")),
          ("attention", ("_forward", "fmha", "flash", "attention")),
          ("gdn", ("chunk_", "solve_tril", "recompute_w_u", "fused_recurrent", "l2norm", "cumsum", "gated_delta")),
          ("conv1d", ("conv",)),

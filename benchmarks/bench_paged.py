@@ -8,8 +8,8 @@
 
 The 27B's widths with `--layers` of its 64 layers (32: the memory twin of issue 24), random bf16 weights made on
 the device, tp=1, timed through ModelRunner (what every rank runs): time to first token of an 8,192-token prompt
-(one forward, and in 2,048-token chunks as the engine plans it), and the decode step at 1 and 16 rows with 512
-and 8,192 tokens of context. The runner is built without an engine, so each slot reads its fixed share of the
+(one forward, and in 2,048-token chunks as the engine plans it), of a 1,024-token prompt (a prefill graph's
+size), and the decode step at 1 and 16 rows with 512 and 8,192 tokens of context. The runner is built without an engine, so each slot reads its fixed share of the
 block pool (SlotState.static_blocks): the tables are ordered, not shuffled as in serving. Medians over repeats.
 """
 from __future__ import annotations
@@ -103,6 +103,9 @@ def measure(model, device, args) -> dict:
     prompt = ids(long, 1)
     for chunked in (False, True):  # warm-up: kernels, autotuning
         prefill(0, prompt, chunked)
+    short_prompt = ids(1024, 2)  # one chunk of a prefill graph's size (runner/prefill_graphs.py) where they are on
+    prefill(0, short_prompt, False)
+    out["ttft_1k_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, short_prompt, False), args.repeats))
     out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))
     out["ttft_8k_chunked_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, True), args.repeats))
     if getattr(args, "profile", False) and hasattr(runner, "compiled_prefill_tokens"):
@@ -136,9 +139,9 @@ def measure(model, device, args) -> dict:
 # Triton kernels are named by their function: chunk_attention._forward; fla's chunk_* / solve_tril / recompute_*).
 KINDS = (("fp8", ("_w8a16", "_quantize", "_sum_splits")),  # kernels/fp8_linear.py
          ("gemm", ("nvjet", "gemm", "xmma", "cutlass::gemm", "splitk")),
+         ("conv1d", ("conv",)),  # before attention: torch's conv_depthwise2d_forward_kernel ends in _forward
          ("attention", ("_forward", "fmha", "flash", "attention")),
          ("gdn", ("chunk_", "solve_tril", "recompute_w_u", "fused_recurrent", "l2norm", "cumsum", "gated_delta")),
-         ("conv1d", ("conv",)),
          ("norm", ("norm", "reduce_kernel")),
          ("copy", ("copy", "cat", "index", "gather", "scatter")))
 

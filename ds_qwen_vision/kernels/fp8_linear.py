@@ -77,6 +77,8 @@ def w8a16_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tenso
     """x [M <= 16, K] @ (weight [N, K] e4m3 x scale_inv [N / 128, K / 128])^T -> [M, N] in x's dtype."""
     m, k = x2d.shape
     n = weight.shape[0]
+    if GROUP % tiles.block_n or m > W8A16_MAX_ROWS:  # a tile's rows share one scale row
+        raise ValueError(f"W8A16: {m} rows (at most {W8A16_MAX_ROWS}), block_n {tiles.block_n} (a divisor of {GROUP})")
     if x2d.is_cuda and x2d.device.index not in _SMS:
         _SMS[x2d.device.index] = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = splits_for(n, k, _SMS.get(x2d.device.index, 4), tiles)  # (4 under the interpreter: splits exercised)

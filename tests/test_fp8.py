@@ -228,3 +228,29 @@ def test_served_from_an_fp8_checkpoint(fp8_ckpts):
         assert text == ref.answer(turn2) and usage["prompt_tokens_details"]["cached_tokens"] > 0
     finally:
         h.stop()
+
+
+def test_the_shipped_fp8_config_starts_with_its_memory_plan(fp8_ckpts, tmp_path_factory):
+    """ds_config/qwen3.6-27b-fp8-2gpu.json as shipped (tp=2, MTP speculation), changed only where a CPU test must
+    (the tiny FP8 checkpoint, CPU ranks in float32, no API key, limits that keep warm-up small): launch.sh starts
+    it, rank 0 logs the memory planner's capacity, and a greedy request is answered as on the bf16 path."""
+    from chat_http import chat, get, post
+    from server_fixture import start_server
+
+    shipped = json.loads((Path(__file__).parents[1] / "ds_config" / "qwen3.6-27b-fp8-2gpu.json").read_text())
+    del shipped["server"]["ipc_socket"], shipped["server"]["port"]  # the fixture's own, per test
+    config = shipped | {"model": str(fp8_ckpts[64]), "device": "cpu", "dtype": "float32",
+                        "security": shipped["security"] | {"api_key_env": None},
+                        "limits": shipped["limits"] | {"max_prompt_tokens": 512, "max_new_tokens": 16}}
+    server = start_server(tmp_path_factory.mktemp("fp8-shipped"), config)
+    try:
+        assert server.config["tensor_parallel"]["tp_size"] == 2 and server.config["speculative"]["method"] == "mtp"
+        plan = [line for line in server.log(None).splitlines() if "[rank 0] memory plan: KV capacity:" in line]
+        assert plan, server.log()
+        print(plan[-1])
+        model = json.loads(get(server.base_url, "/v1/models").body)["data"][0]["id"]
+        reply = post(server.base_url, chat(model, "Hello there.", max_tokens=8, temperature=0, ignore_eos=True))
+        assert reply.status == 200, reply.body
+        assert json.loads(reply.body)["usage"]["completion_tokens"] == 8
+    finally:
+        assert server.stop() == 0, server.log()

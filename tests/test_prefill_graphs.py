@@ -97,14 +97,23 @@ def test_state_after_a_padded_chunk_is_the_eager_prefills(setup, static, eager):
     eager.reset()
 
 
-def test_a_chunk_above_the_largest_bucket_runs_eagerly(setup, tiny_ckpt):
+def test_a_chunk_above_the_largest_bucket(setup, tiny_ckpt):
+    """A chunk longer than the largest graph: below the runner's eager threshold (compiled_prefill_tokens) as
+    replays of graph-sized pieces, the slot's state carried from piece to piece; from it eagerly. Both give
+    transformers' tokens."""
     x, expected, _ = setup
-    small = runner(tiny_ckpt, 16)
     n = x[2]["input_ids"].shape[1]
-    assert n > 16
-    assert drive(small, [(0, x[2])], N, chunk=None) == [expected[2]]  # one chunk of n: eager
-    assert any(c[0] == "prefill" for c in small.shapes)
-    assert small.chunk_classes(0, 16) == {("prefill-graph", 16)}
+    pieces = runner(tiny_ckpt, 16)
+    assert n > 16 and pieces.prefill_graphs.split(n, pieces.compiled_prefill_tokens) == \
+        [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    assert drive(pieces, [(0, x[2])], N, chunk=None) == [expected[2]]
+    assert not any(c[0] == "prefill" for c in pieces.shapes)  # no eager forward
+    eager = runner(tiny_ckpt, 16)
+    eager.compiled_prefill_tokens = n  # a chunk of n tokens runs eagerly now
+    assert eager.prefill_graphs.split(n, n) is None
+    assert drive(eager, [(0, x[2])], N, chunk=None) == [expected[2]]
+    assert any(c[0] == "prefill" for c in eager.shapes)
+    assert eager.chunk_classes(0, 16) == {("prefill-graph", 16)}
 
 
 def test_mtp_head_sees_the_real_tokens_hidden_states(setup, tiny_ckpt):

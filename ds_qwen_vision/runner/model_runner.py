@@ -274,16 +274,21 @@ class ModelRunner:
                 self.length[slot] += 1
             rows_out = out[0, 1:].to(torch.float32, copy=True)  # a copy: see decode
             decoded = {slot: rows_out[slot] for slot, _ in decode}
-        elif self.prefill_graphs is not None and self.prefill_graphs.bucket(end - item.start) is not None:
+            self._after_prefill(item.slot, item.start, end, n_prompt)
+        elif self.prefill_graphs is not None and \
+                (pieces := self.prefill_graphs.split(end - item.start, self.compiled_prefill_tokens)) is not None:
             self.shapes |= self.chunk_classes(item.start, end - item.start)
-            logits = self.prefill_graphs.run(item.slot, item.start, embeds, positions)
+            at = 0
+            for n in pieces:  # one replay each, the slot's state carried from piece to piece
+                start = item.start + at
+                logits = self.prefill_graphs.run(item.slot, start, embeds[:, at:at + n], positions[:, :, at:at + n])
+                self._after_prefill(item.slot, start, start + n, n_prompt)
+                at += n
         else:
             self.shapes |= self.chunk_classes(item.start, end - item.start)
             logits = self._eager_prefill(item, end, embeds, positions)
+            self._after_prefill(item.slot, item.start, end, n_prompt)
         self.length[item.slot] = end
-        if self.spec is not None:  # the MTP head's KV over this chunk
-            self.spec.after_prefill(item.slot, item.start, end, n_prompt,
-                                    lambda s, e: self.chunk_embeds(item.slot, s, e), self.pending[item.slot].positions)
         if item.save is not None:  # a position a later prompt may branch from (engine/prefix_cache.py)
             self.snapshots.save(item.save, item.slot, end)
         if item.snapshot_only:
@@ -296,6 +301,12 @@ class ModelRunner:
         # (two prompts' last chunks of one size); .float() of float32 logits would return that output itself
         return logits[0, -1].to(torch.float32, copy=True), decoded
 
+    def _after_prefill(self, slot: int, start: int, end: int, n_prompt: int) -> None:
+        """The MTP head's KV over prompt tokens [start, end) of the slot, just run (runner/speculative.py)."""
+        if self.spec is not None:
+            self.spec.after_prefill(slot, start, end, n_prompt, lambda s, e: self.chunk_embeds(slot, s, e),
+                                    self.pending[slot].positions)
+
     def mixed(self, plan: StepPlan) -> int | None:
         """The index of the prefill item that runs in one forward with the plan's decode rows: its last
         one, where its chunk has a mixed graph size (runner/prefill_graphs.py); None: separate forwards."""
@@ -307,8 +318,9 @@ class ModelRunner:
 
     def chunk_classes(self, start: int, n: int) -> set[tuple]:
         """The shape classes of a prefill chunk (runner/warmup.py): one per graph where a graph runs it."""
-        if self.prefill_graphs is not None and self.prefill_graphs.bucket(n) is not None:
-            return {("prefill-graph", self.prefill_graphs.bucket(n))}
+        pieces = self.prefill_graphs.split(n, self.compiled_prefill_tokens) if self.prefill_graphs is not None else None
+        if pieces is not None:
+            return {("prefill-graph", self.prefill_graphs.bucket(p)) for p in pieces}
         return prefill_classes(start, n, self.gdn_heads)
 
     def _eager_prefill(self, item: Prefill, end: int, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

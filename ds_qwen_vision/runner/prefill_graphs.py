@@ -6,7 +6,8 @@ setup whatever the length, against ~13 ms to read the weights once. A replay lau
 in microseconds of host time.
 
 How: a chunk of n tokens runs in the smallest bucket T >= n (16, 32, .., 256, then multiples of 256
-up to PREFILL_GRAPH_TOKENS; a longer chunk runs eagerly). Its inputs are copied into buffers at fixed addresses:
+up to PREFILL_GRAPH_TOKENS); a longer one as pieces of the largest bucket's size and the rest, one replay
+each (`split`), below model_runner.COMPILED_PREFILL_TOKENS, and eagerly from there. Its inputs are copied into buffers at fixed addresses:
 the embeddings (image embeddings already merged), M-RoPE positions, the cache positions it writes, the
 slot (a tensor, so the graph does not depend on it), the conv window to keep and the index of the last
 real token. Positions n..T-1 are padding: zero embeddings; their KV lands past the prompt's end, where
@@ -34,7 +35,7 @@ from . import graphs
 from .slot_state import MixedView, PrefillView
 
 
-# The largest chunk that runs as a graph; longer chunks run eagerly. Measured on one H200 (27B shapes,
+# The largest graph; a longer chunk runs as pieces (`split`) or eagerly. Measured on one H200 (27B shapes,
 # tp=1, cache 9,472 positions, 2026-12-02): 512 text tokens 84 ms as a graph against 138 eagerly, but a
 # 1,290-token image prompt 255 against 213: a graph's attention reads the slot's whole cache (masked), and
 # its chunk is padded to 1,536; at that size those cost more than the ~110 ms of host time a replay saves
@@ -91,6 +92,19 @@ class PrefillGraphs:
 
     def bucket(self, n: int) -> int | None:
         return next((t for t in self.buckets if t >= n), None)
+
+    def split(self, n: int, eager_from: int) -> list[int] | None:
+        """How a chunk of n tokens runs as graph replays: [n] where one graph takes it; a chunk longer than the
+        largest graph but shorter than `eager_from` tokens as pieces of the largest graph's size and the rest
+        (an eager forward that size is bound by its host time: a 1,105-token image prompt's first token took
+        401 ms on one H100 against 188 ms for a 1,024-token text one through a graph, 2026-12-08); None: the
+        chunk runs eagerly (from `eager_from` tokens its GPU time hides the host's)."""
+        if self.bucket(n) is not None:
+            return [n]
+        top = self.buckets[-1]
+        if n >= eager_from:
+            return None
+        return [top] * (n // top) + ([n % top] if n % top else [])
 
     def mixed_bucket(self, n: int) -> int | None:
         return next((t for t in self.mixed if t >= n), None)

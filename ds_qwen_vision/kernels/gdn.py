@@ -15,7 +15,11 @@ and one output projection, the chunk's rule and the decode rows' step kernels in
 
 `install(model)` puts these paths in front of every GDN layer: a per-instance forward that takes them when
 the cache view is a decode/verify/graph-prefill/mixed view (`view.gdn_step` is set) and transformers' own
-forward otherwise (an eager prefill, or no cache at all).
+forward otherwise (an eager prefill, or no cache at all). That forward's causal conv is transformers'
+PyTorch fallback unless the `causal_conv1d` package is installed: on one H100 its depthwise conv kernel took
+23 ms of an 8k-token prefill of 32 layers (docs/benchmarks.md, 2026-12-08). On CUDA with
+flash-linear-attention `install` swaps in FLA's Triton causal conv (`fla_conv1d`) where a probe at start-up
+finds it matching the fallback (`use_fla_conv`); the choice changes no collective.
 """
 from __future__ import annotations
 
@@ -113,10 +117,52 @@ def _forward(self, hidden_states, cache_params=None, attention_mask=None, **kwar
     return gdn_multi_token(self, hidden_states, *cache_params.gdn_step_state(self.layer_idx))
 
 
+def fla_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               activation: str | None = None, **kwargs) -> torch.Tensor:
+    """transformers' `causal_conv1d_fn` (x [B, C, T] -> [B, C, T]: zeros on the left, the activation after)
+    through FLA's Triton kernel, which reads [B, T, C]: the GDN forward hands it a transposed view of exactly
+    that for a first chunk (nothing copied), [conv state | chunk] for a continuing one."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    out, _ = causal_conv1d(hidden_states.transpose(1, 2), weight=weight, bias=bias, activation=activation)
+    return out.transpose(1, 2)
+
+
+@torch.no_grad()
+def use_fla_conv(device: torch.device) -> str | None:
+    """Make FLA's causal conv transformers' for the Qwen3.5 GDN layers where it matches the fallback on this
+    device (a first chunk's layout and a continuing one's, bf16): None; else why not (nothing changed)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if hf.causal_conv1d_fn is fla_conv1d:
+        return None
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        weight = torch.randn(96, 4, device=device, generator=g, dtype=torch.bfloat16)
+        for x in (torch.randn(1, 300, 96, device=device, generator=g, dtype=torch.bfloat16).transpose(1, 2),
+                  torch.randn(1, 96, 304, device=device, generator=g, dtype=torch.bfloat16)):
+            want, got = hf.causal_conv1d_fn(x, weight, None, activation="silu"), fla_conv1d(x, weight, None, "silu")
+            err = float((got.float() - want.float()).norm() / want.float().norm())
+            if got.shape != want.shape or not err < 2e-2:
+                return f"FLA's causal conv differs from transformers' ({tuple(got.shape)}, relative error {err:.3g})"
+    except Exception as e:  # noqa: BLE001 -- FLA missing or failing here: the fallback serves
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    hf.causal_conv1d_fn = fla_conv1d
+    return None
+
+
 def install(model) -> None:
-    """Route every GDN layer's decode/verify through gdn_multi_token (idempotent)."""
+    """Route every GDN layer's decode/verify through gdn_multi_token (idempotent); on CUDA, FLA's causal conv
+    for the eager prefill where it passes its probe."""
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
+    from ..model import log
+
+    device = next(model.parameters()).device
+    if device.type == "cuda" and (why := use_fla_conv(device)) is not None:
+        log(f"GDN prefill: transformers' PyTorch causal conv ({why})")
     for module in model.modules():
         if isinstance(module, Qwen3_5GatedDeltaNet) and not hasattr(module, "_dsqv_hf_forward"):
             module._dsqv_hf_forward = module.forward

@@ -15,6 +15,10 @@ Our own client, following the definitions of SGLang's `python -m sglang.bench_se
     DSQV_CACHE_DIR=/tmp/dsqv python3 benchmarks/bench_serving.py --step bench --speculative none \\
         --cells 1024/1024@1,1024/1024@16,image@1,image@8 --deadline-s 480 --out $OUT
     # (--cells 8192/1024@64 and 1024/1024@64 where time allows: 128 requests)
+    # the FP8 checkpoint (issue 26): --fp8 on every line; its build quantizes the bf16 one on the GPU, replacing
+    # its shards one by one (both do not fit the 64 GB disk), so a bf16 run after it builds again
+    DSQV_CACHE_DIR=/tmp/dsqv python3 benchmarks/bench_serving.py --step all --fp8 --speculative none \
+        --cells 8192/1024@1,8192/1024@16 --deadline-s 420 --out $OUT
     # CPU check of the script itself (~20 s on two cores; tests/test_bench_serving.py runs it, marked slow):
     python benchmarks/bench_serving.py --step all --preset tiny --layers 4 --device cpu --dtype float32 \\
         --cells 64/8@1,64/8@2,image@1 --image-side 64 --image-text 16 --image-out 8 \\
@@ -95,7 +99,8 @@ WARMUP_TOKENS = 32  # SGLang's warm-up output length: min(OSL, 32)
 
 
 def label(args) -> str:
-    return (f"random {args.dtype} weights, the {args.preset} preset's widths with {args.layers or 'all its'} text "
+    fmt = "; FP8: those weights quantized in 128 x 128 blocks (Qwen's format)" if args.fp8 else ""
+    return (f"random {args.dtype} weights{fmt}, the {args.preset} preset's widths with {args.layers or 'all its'} text "
             f"layers (the 27B: 64) at tp=1, speculative {args.speculative}; with MTP, TPOT, ITL and throughput depend "
             "on how many drafts are accepted, which random weights make meaningless (a random draft head is almost "
             "never right): compare TTFT, and TPOT without speculation")
@@ -327,12 +332,13 @@ def cell_table(name: str, c: dict, speculative: str) -> str:
 
 def summary(result: dict) -> str:
     rows = [("cell", "done/reqs", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50",
-             "out tok/s", "req/s", "tok/chunk", "SGLang TTFT/TPOT (same spec, bf16)")]
+             "out tok/s", "req/s", "tok/chunk", f"SGLang TTFT/TPOT (same spec, {result.get('weights', 'bf16')})")]
     for name, c in result["cells"].items():
         if "completed" not in c:
             rows.append((name, c.get("skipped") or c.get("bench_error", "?")[:60], *[""] * 11))
             continue
-        ref = [r for r in c.get("sglang", []) if r["speculative"] == result["speculative"] and r["weights"] == "bf16"]
+        ref = [r for r in c.get("sglang", []) if r["speculative"] == result["speculative"]
+               and r["weights"] == result.get("weights", "bf16")]
         rows.append((name, f"{c['completed']}/{c['requests']}",
                      *(f((c[k] or {}).get(p)) for k in ("ttft_ms", "tpot_ms", "itl_ms") for p in ("median", "p99")),
                      f((c["e2e_ms"] or {}).get("median")), f(c["output_tokens_per_s"]),
@@ -354,6 +360,9 @@ def main() -> None:
                    help="folder for the checkpoint (default $DSQV_CACHE_DIR, as bench_served/bench_memory)")
     p.add_argument("--preset", default="27b", help="checkpoint.PRESETS widths")
     p.add_argument("--layers", type=int, default=0, help="text layers (a multiple of 4; 0: the preset's, 64)")
+    p.add_argument("--fp8", action="store_true",
+                   help="serve the checkpoint in Qwen's block-wise FP8 format: --step build quantizes the random "
+                        "bf16 one on the device, its shards replaced one by one (the two do not fit one disk)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--speculative", default="mtp", choices=["mtp", "none"],
@@ -383,25 +392,39 @@ def main() -> None:
     cache = Path(os.environ.get("DSQV_CACHE_DIR", Path.home() / ".cache/ds-qwen-vision"))
     name = f"{args.preset}-{args.layers}layers" if args.layers else args.preset
     args.ckpt_dir = (args.workdir or cache) / f"bench-{name}-{args.dtype}"  # bench_served.checkpoint's name
+    from ds_qwen_vision.checkpoint import MARKER_FILE
+
+    fp8_dir = args.ckpt_dir.with_name(args.ckpt_dir.name + "-fp8")
     if args.step == "build":
-        checkpoint(args)
+        if args.fp8 and (fp8_dir / MARKER_FILE).exists():
+            print(f"checkpoint {fp8_dir} ready", flush=True)
+        elif args.fp8:
+            from ds_qwen_vision.checkpoint import quantize_fp8_checkpoint
+
+            t = time.perf_counter()
+            quantize_fp8_checkpoint(checkpoint(args), fp8_dir, device="cuda" if args.device == "cuda" else None,
+                                    consume=True)
+            print(f"checkpoint {fp8_dir} (FP8, 128 x 128 blocks) ready in {time.perf_counter() - t:.0f} s", flush=True)
+        else:
+            checkpoint(args)
         return
     if args.step == "all":  # in a process of its own: the weights are made on the GPU, this one holds none
         import subprocess
 
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--step", "build"], check=True)
-    from ds_qwen_vision.checkpoint import MARKER_FILE
 
+    if args.fp8:
+        args.ckpt_dir = fp8_dir
     if not (args.ckpt_dir / MARKER_FILE).exists():
-        p.error(f"no checkpoint at {args.ckpt_dir}: run --step build first (same --preset/--layers/--dtype)")
+        p.error(f"no checkpoint at {args.ckpt_dir}: run --step build first (same --preset/--layers/--dtype/--fp8)")
     args.model = args.ckpt_dir
     args.keep = cache / "bench-serving"  # the compile cache, kept between calls like the checkpoint
     args.keep.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
     prefix, result = results_header(args, "benchmarks/bench_serving.py", label(args))
-    stem = f"{prefix}-serving-{args.speculative}-" + "-".join(slug(c["name"]) for c in cells)
-    result |= {"speculative": args.speculative,
+    stem = f"{prefix}-serving-{'fp8-' if args.fp8 else ''}{args.speculative}-" + "-".join(slug(c["name"]) for c in cells)
+    result |= {"speculative": args.speculative, "weights": "fp8" if args.fp8 else "bf16",
               "method": {"client": "ours, SGLang bench_serving's definitions", "requests_factor": args.requests_factor,
                          "warmup_requests": args.warmup_requests, "warmup_output_tokens": f"min(OSL, {WARMUP_TOKENS})",
                          "image": {"side": args.image_side, "format": "png", "content": "random",

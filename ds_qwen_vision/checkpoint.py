@@ -847,16 +847,23 @@ def fp8_not_converted(config) -> list[str]:
 
 
 def quantize_fp8_checkpoint(src, out_dir, block: tuple[int, int] = (128, 128),
-                            not_convert: list[str] | None = None) -> Path:
+                            not_convert: list[str] | None = None, device: str | None = None,
+                            consume: bool = False) -> Path:
     """A copy of checkpoint `src` in Qwen's block-wise FP8 format (ds_qwen_vision/fp8.py): every language-model
     linear weight outside `not_convert` (default: fp8_not_converted) as float8 e4m3 with a float32 scale per
     block of `block` (its largest magnitude / 448, Qwen's and DeepSeek's recipe), `quantization_config` in
-    config.json. Everything else as it is in `src`."""
+    config.json. Everything else as it is in `src`. `device`: where the blocks are quantized (a GPU: seconds for
+    the 27B). `consume`: each of `src`'s shards is deleted once its copy is written, for a disk that cannot hold
+    both (the 27B's 54 GB and 28 GB on a 64 GB disk); `src` stops being a checkpoint first (its build marker goes).
+    The copy's own marker names its source, so a finished copy is reused."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     src, out_dir = Path(src), Path(out_dir)
+    wanted = {"fp8_of": _read_marker(src), "block": list(block), "not_convert": not_convert}
+    if _read_marker(out_dir) == wanted and wanted["fp8_of"] is not None:
+        return out_dir
     config = AutoConfig.from_pretrained(src)
     not_convert = fp8_not_converted(config) if not_convert is None else not_convert
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -864,6 +871,8 @@ def quantize_fp8_checkpoint(src, out_dir, block: tuple[int, int] = (128, 128),
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", MARKER_FILE):
             shutil.copy(f, out_dir / f.name)
     index = json.loads((src / "model.safetensors.index.json").read_text())
+    if consume:
+        (src / MARKER_FILE).unlink(missing_ok=True)
     weight_map = {}
     for name in sorted(set(index["weight_map"].values())):
         tensors = load_file(src / name)
@@ -872,16 +881,21 @@ def quantize_fp8_checkpoint(src, out_dir, block: tuple[int, int] = (128, 128),
             module = key.removesuffix(".weight")
             if key.endswith(".weight") and t.dim() == 2 and key.startswith(("model.language_model.", "mtp.")) \
                     and should_convert_module(module, not_convert):
-                out[key], out[module + ".weight_scale_inv"] = quantize_blockwise(t, block)
+                q, scale = quantize_blockwise(t.to(device) if device else t, block)
+                out[key], out[module + ".weight_scale_inv"] = q.cpu(), scale.cpu()
             else:
                 out[key] = t
         save_file(out, out_dir / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in out})
+        del tensors, out
+        if consume:
+            (src / name).unlink()
     _write_json(out_dir / "model.safetensors.index.json", {"metadata": index.get("metadata", {}), "weight_map": weight_map})
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": list(block), "modules_to_not_convert": not_convert}
     _write_json(out_dir / "config.json", cfg)
+    _write_json(out_dir / MARKER_FILE, wanted)
     return out_dir
 
 

@@ -254,3 +254,28 @@ def test_the_shipped_fp8_config_starts_with_its_memory_plan(fp8_ckpts, tmp_path_
         assert json.loads(reply.body)["usage"]["completion_tokens"] == 8
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_quantizing_in_place_of_the_source(tiny_ckpt, tmp_path):
+    """consume=True (a disk that cannot hold both): the source stops being a checkpoint before its shards go, one
+    by one; the copy is complete, loads, and a second call reuses it."""
+    import shutil as sh
+
+    from ds_qwen_vision.checkpoint import MARKER_FILE
+
+    src = tmp_path / "bf16"
+    sh.copytree(tiny_ckpt, src)
+    out = quantize_fp8_checkpoint(src, tmp_path / "fp8", block=(64, 64), consume=True)
+    assert not (src / MARKER_FILE).exists() and not list(src.glob("*.safetensors"))
+    assert (out / MARKER_FILE).exists()
+    keep = quantize_fp8_checkpoint(tiny_ckpt, tmp_path / "fp8-kept", block=(64, 64))
+    for a, b in zip(sorted(out.glob("*.safetensors")), sorted(keep.glob("*.safetensors"))):
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys() and all(torch.equal(x[k].view(torch.uint8) if x[k].dtype == FP8 else x[k],
+                                                        y[k].view(torch.uint8) if y[k].dtype == FP8 else y[k])
+                                            for k in x)
+    stamp = (keep / "config.json").stat().st_mtime_ns
+    assert quantize_fp8_checkpoint(tiny_ckpt, keep, block=(64, 64)) == keep  # reused, not written again
+    assert (keep / "config.json").stat().st_mtime_ns == stamp
+    model = load_model(str(out), 1, "cpu", torch.float32, show_progress=False)
+    assert model is not None

@@ -174,12 +174,13 @@ class Speculator:
             plan.verify.extend((slot, [token]) for slot, token in joins)
             plan.decode = [row for row in plan.decode if row not in joins]
 
-    @staticmethod
-    def holds(plan, running) -> bool:
+    def holds(self, plan, running) -> bool:
         """Whether the step's tokens must reach the host before the next plan (StepPlan.hold): it verifies,
-        or a sequence in it drafts (its next drafts, or its next verify row, start from its token)."""
+        or a sequence in it drafts (its next drafts, or its next verify row, start from its token; one in a
+        slot without verify buffers never does)."""
         slots = [slot for slot, _ in plan.decode] + [p.slot for p in plan.prefill if not p.snapshot_only]
-        return bool(plan.verify) or any(running[slot].spec.drafting for slot in slots if slot in running)
+        return bool(plan.verify) or any(running[slot].spec.drafting and (self.rows is None or slot < self.rows)
+                                        for slot in slots if slot in running)
 
     def drafts(self, seq, verified: list[int]) -> list[int]:
         """The drafts of a verified row the sequence can use: none if it does not draft, none past max_tokens."""

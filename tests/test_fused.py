@@ -98,17 +98,16 @@ def test_decoder_layer_matches(models, kind):
 
 
 @torch.no_grad()
-def test_whole_model_logits_match(models, tiny_ckpt, monkeypatch):
-    """Prefill-length inputs normally run transformers' forwards (FUSED_MAX_TOKENS); here the fused ones too."""
-    from ds_qwen_vision.kernels import layers
-
-    monkeypatch.setattr(layers, "FUSED_MAX_TOKENS", 10**6)
+def test_whole_model_logits_match(models, tiny_ckpt):
+    """A prompt's logits through the fused forwards (prefill runs them too) equal transformers'."""
     ref, ours = models
     processor = load_processor(tiny_ckpt)
     from conftest import make_image
     x = chat_inputs(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}],
                     [make_image(40, 56)])
-    assert x["input_ids"].shape[1] > layers.MAX_QUERY_TOKENS
+    from ds_qwen_vision.kernels.decode_attention import MAX_QUERY_TOKENS
+
+    assert x["input_ids"].shape[1] > MAX_QUERY_TOKENS  # a prefill's length, past the decode kernel's
     assert rel(ours(**x).logits, ref(**x).logits) <= TOL
 
 
@@ -201,3 +200,22 @@ def test_speculative_steps_through_fused_forwards(tiny_ckpt, method):
     extra = {"oracle": [want], "profile": (0.88, 0.77 / 0.88, 0.66 / 0.77)} if method == "ngram" else {}
     assert drive(runner, [(0, x)], n, chunk=5, stats=stats, **extra) == [want[:n]]
     assert stats["drafts"] > 0
+
+
+def test_chunked_prefill_through_fused_forwards(tiny_ckpt):
+    """fuse=True on CPU: a prompt prefilled in chunks of 20 tokens (attention over the paged cache, past the
+    decode kernel's 8 query tokens) through the fused forwards gives transformers' greedy tokens."""
+    from driver import drive
+
+    from ds_qwen_vision.runner import ModelRunner
+
+    n = 8
+    processor = load_processor(tiny_ckpt)
+    ref = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    x = chat_inputs(processor, [{"role": "user", "content": "Tell me three things about the moon, slowly."}], [])
+    assert x["input_ids"].shape[1] > 20
+    with torch.inference_mode():
+        want = ref.generate(**x, max_new_tokens=n, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=2, max_len=256, fuse=True)
+    assert drive(runner, [(0, x)], n, chunk=20) == [want]

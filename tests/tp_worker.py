@@ -22,8 +22,7 @@ def main(spec_path: str) -> None:
         from ds_qwen_vision.kernels import layers
         from ds_qwen_vision.tp_policy import FUSED_PROJECTIONS, fused_weight
 
-        layers.install_fused_forwards(model)
-        layers.FUSED_MAX_TOKENS = 10**6  # the prompt's logits through the fused forwards too
+        layers.install_fused_forwards(model)  # the prompt's logits through them too
         for i, layer in enumerate(model.model.language_model.layers):
             for kind in FUSED_PROJECTIONS:
                 if hasattr(layer, kind):

@@ -9,10 +9,12 @@ What each saves in a decode step (27B: 64 layers, 16 of them full attention):
 The Gated DeltaNet mixer is not touched here (its decode forward lives in kernels/gdn.py and asks
 kernels.projections.gdn_in_proj for its fused input projection).
 
-They apply to steps of at most FUSED_MAX_TOKENS tokens per row (decode, speculative verify): there every
-GEMM is a weight read and every kernel launch counts. Longer inputs (prefill chunks) run transformers'
-own forwards, whose GEMMs are compute-bound and where a compiled region costs more host time (dynamo's
-guards) than the eager ops it replaces; prefill is bound by host time (docs/benchmarks.md).
+They serve every step. In decode and speculative verify every GEMM is a weight read and every kernel launch
+counts. In prefill the compiled chains replace transformers' eager float32 elementwise passes over the whole
+chunk: a chunk replayed as a graph pays none of their host time, and an eager chunk runs them eagerly below
+model_runner.COMPILED_PREFILL_TOKENS (where the host bounds it: dynamo's guards cost more than they save) and
+compiled from there (where the GPU does). Until 2026-12-08 chunks of more than 8 tokens ran transformers'
+forwards: the compiled norms alone took an 8k-token prefill of 32 layers from 551.9 to 473.0 ms on one H100.
 
 Each forward is transformers' own, op for op, with the fused pieces swapped in; `compiled=False` runs
 the elementwise chains eagerly (the CPU reference path that tests/test_fused.py checks against
@@ -26,23 +28,16 @@ import torch
 from transformers.models.qwen3_5.modeling_qwen3_5 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
 from ..tp_policy import decoder_layers
-from .decode_attention import MAX_QUERY_TOKENS
 from .elementwise import add_rms_norm, compiled, qk_norm_rope, sigmoid_gate, silu_mul
 from .projections import fused_projection
 
-FUSED_MAX_TOKENS = MAX_QUERY_TOKENS  # decode (1) and speculative verify (k + 1 <= 8)
-
 
 def mlp_forward(self, x):
-    if x.shape[-2] > FUSED_MAX_TOKENS:
-        return self._dsqv_unfused(x)
     gate, up = fused_projection(self, x, ("gate_proj", "up_proj"))
     return self.down_proj(self._dsqv_silu_mul(gate, up))
 
 
 def attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-    if hidden_states.shape[1] > FUSED_MAX_TOKENS:
-        return self._dsqv_unfused(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q, k, v = fused_projection(self, hidden_states, ("q_proj", "k_proj", "v_proj"))
@@ -64,9 +59,6 @@ def attention_forward(self, hidden_states, position_embeddings, attention_mask, 
 
 def decoder_layer_forward(self, hidden_states, position_embeddings, attention_mask=None, position_ids=None,
                           past_key_values=None, **kwargs):
-    if hidden_states.shape[1] > FUSED_MAX_TOKENS:
-        return self._dsqv_unfused(hidden_states, position_embeddings, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values, **kwargs)
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     if self.block_type == "linear_attention":

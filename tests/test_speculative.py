@@ -514,3 +514,23 @@ def test_steps_without_drafts_run_overlapped(tiny_ckpt):
     overlapped = [p for p in steps if p.decode and not p.hold]
     assert overlapped and any(token == FROM_DEVICE for p in overlapped for _, token in p.decode)
     assert not any(p.hold for p in plans["none"])
+
+
+def test_which_steps_hold_their_tokens():
+    """StepPlan.hold (Speculator.holds): a step holds its tokens for the host when it verifies or when a sequence
+    in it will draft; a sequence that stopped drafting, or sits in a slot without verify buffers, does not."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from ds_qwen_vision.engine.speculative import SeqSpec, Speculator
+    from ds_qwen_vision.plan import FROM_DEVICE, Prefill, StepPlan
+
+    spec = Speculator("mtp", 2, CollectorRegistry(), rows=1)
+    running = {0: SimpleNamespace(spec=SeqSpec(drafting=True)), 1: SimpleNamespace(spec=SeqSpec(drafting=True)),
+               2: SimpleNamespace(spec=SeqSpec(drafting=False))}
+    assert spec.holds(StepPlan(verify=[(0, [5])]), running)
+    assert spec.holds(StepPlan(prefill=[Prefill(0, [1, 2, 3])]), running)  # its first token starts its drafts
+    assert not spec.holds(StepPlan(decode=[(1, FROM_DEVICE), (2, FROM_DEVICE)]), running)  # slot 1: no buffers
+    assert not spec.holds(StepPlan(decode=[(2, 7)], prefill=[Prefill(1, [1, 2])]), running)
+    assert spec.holds(StepPlan(decode=[(0, 7), (2, 7)]), running)

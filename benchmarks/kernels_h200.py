@@ -3,9 +3,9 @@
     python3 benchmarks/kernels_h200.py --out OUT/kernels.json
 
 1. Decode attention (kernels/decode_attention.py): the split-KV Triton kernel against a float64 reference
-   (bf16 inputs) and against the matmul reference path, 1 and 8 query tokens, 1 and 16 rows, a 9,472-position
-   static cache holding 512 or 9,000 tokens; time per layer call (16 calls, one per attention layer, each
-   over its own cache, replayed as a CUDA graph).
+   (bf16 inputs) and against the matmul reference path, 1 and 8 query tokens, 1 and 16 rows, a paged cache
+   holding 512 or 9,000 tokens per row; time per layer call (16 calls, one per attention layer, each over its
+   own pool, replayed as a CUDA graph) and the keys and values read against copy bandwidth. `--only attention`.
 2. Projections at 1..16 rows: cuBLAS (F.linear) on the separate and the fused weights, and the Triton skinny
    GEMM (benchmarks/gemv.py), as achieved weight-read bandwidth against the measured copy bandwidth. Each
    timing replays a CUDA graph over enough distinct weight copies that none is served from L2.
@@ -71,34 +71,39 @@ def copy_bw() -> float:
     return 2 * a.numel() * 2 / (ms * 1e-3)
 
 
-def attention(results) -> None:
+def attention(results, bw: float) -> None:
+    """Decode attention over the paged cache (blocks of 64, each row's blocks its own, 24 / 4 heads of 256): the
+    split-KV kernel against float64 and the matmul reference path, 1 and 16 rows, 1 and 8 query tokens, 512 and
+    9,000 tokens of context; 16 layers' pools per replay. The keys and values read, against copy bandwidth
+    (issue 25's long-context decode: >= 85%)."""
+    from ds_qwen_vision.kernels.decode_attention import PagedKV
+
     rows = []
-    hq, hkv, d, length = 24, 4, 256, 9472
+    hq, hkv, d, block = 24, 4, 256, 64
     for b in (1, 16):
         for t in (1, 8):
             for ctx in (512, 9000):
-                if ctx + t > length:
-                    continue
-                caches = [(torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16),
-                           torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(16)]
+                blocks = -(-(ctx + t) // block)
+                pools = [tuple(torch.randn(1 + b * blocks, hkv, block, d, device="cuda", dtype=torch.bfloat16)
+                               for _ in range(2)) for _ in range(16)]
+                table = (1 + torch.arange(b * blocks, device="cuda", dtype=torch.int32)).view(b, blocks)
+                paged = PagedKV(table, (ctx + torch.arange(t, device="cuda")).expand(b, t).contiguous(), block)
                 q = torch.randn(b, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                pos = ctx + torch.arange(t, device="cuda")
-                mask = (torch.arange(length, device="cuda")[None, None] <= pos[None, :, None]).expand(b, t, length)
-                mask = mask[:, None]
-                k, v = caches[0]
                 scale = d ** -0.5
-                ref64 = reference_attention(q.double(), k.double(), v.double(), mask, scale)
-                got = split_kv_attention(q, k, v, mask, scale)
-                matmul = reference_attention(q, k, v, mask, scale)
-                err = ((got.double() - ref64).norm() / ref64.norm()).item()
-                err_mm = ((matmul.double() - ref64).norm() / ref64.norm()).item()
-                t_kernel = graph_time_ms(lambda i: split_kv_attention(q, *caches[i], mask, scale), 16)
-                t_matmul = graph_time_ms(lambda i: reference_attention(q, *caches[i], mask, scale), 16)
+                k, v = pools[0]
+                ref64 = reference_attention(q.double(), k.double(), v.double(), paged, scale)
+                err = ((split_kv_attention(q, k, v, paged, scale).double() - ref64).norm() / ref64.norm()).item()
+                err_mm = ((reference_attention(q, k, v, paged, scale).double() - ref64).norm() / ref64.norm()).item()
+                t_kernel = graph_time_ms(lambda i: split_kv_attention(q, *pools[i], paged, scale), 16)
+                t_matmul = graph_time_ms(lambda i: reference_attention(q, *pools[i], paged, scale), 16)
+                read = 2 * b * (ctx + t) * hkv * d * 2  # keys and values up to the last query, bf16
                 rows.append({"rows": b, "query_tokens": t, "context": ctx, "rel_err_kernel": err,
-                             "rel_err_matmul": err_mm, "kernel_us": 1e3 * t_kernel, "matmul_us": 1e3 * t_matmul})
-                print(f"attention b={b} t={t} ctx={ctx}: kernel {1e3 * t_kernel:.1f} us (rel err {err:.1e}), "
+                             "rel_err_matmul": err_mm, "kernel_us": 1e3 * t_kernel, "matmul_us": 1e3 * t_matmul,
+                             "kernel_read_of_copy_bw": read / (t_kernel * 1e-3) / bw})
+                print(f"attention b={b} t={t} ctx={ctx}: kernel {1e3 * t_kernel:.1f} us "
+                      f"({read / (t_kernel * 1e-3) / bw:.0%} of copy bandwidth, rel err {err:.1e}), "
                       f"matmul {1e3 * t_matmul:.1f} us (rel err {err_mm:.1e})", flush=True)
-                del caches
+                del pools
                 torch.cuda.empty_cache()
     results["attention"] = rows
 
@@ -270,7 +275,7 @@ def main() -> None:
     bw = copy_bw()
     results = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_tbs": bw / 1e12}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    parts = {"attention": attention, "projections": lambda r: projections(r, bw), "gdn": lambda r: gdn(r, bw),
+    parts = {"attention": lambda r: attention(r, bw), "projections": lambda r: projections(r, bw), "gdn": lambda r: gdn(r, bw),
              "chunk": chunk}
     for name, part in parts.items():
         if a.only not in (None, name):

@@ -110,7 +110,9 @@ def results_header(args, script: str, label: str) -> tuple[str, dict]:
     return f"{date:%Y-%m-%d}-{short}", {
         "label": label, "date": date.isoformat(timespec="seconds"), "card": card,
         "command": " ".join(["python", script, *sys.argv[1:]]),
-        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
+        # DSQV_CODE: the commit as the caller knows it (a device copy's .git can be older than its tree)
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+                "code": os.environ.get("DSQV_CODE")},
         "checkpoint": {"preset": args.preset, "layers": args.layers or "all", "dtype": args.dtype,
                        "weights": "random", "path": str(args.model)}}
 

@@ -531,6 +531,7 @@ def test_which_steps_hold_their_tokens():
                2: SimpleNamespace(spec=SeqSpec(drafting=False))}
     assert spec.holds(StepPlan(verify=[(0, [5])]), running)
     assert spec.holds(StepPlan(prefill=[Prefill(0, [1, 2, 3])]), running)  # its first token starts its drafts
+    assert not spec.holds(StepPlan(prefill=[Prefill(0, [1, 2, 3], end=2)]), running)  # no token yet
     assert not spec.holds(StepPlan(decode=[(1, FROM_DEVICE), (2, FROM_DEVICE)]), running)  # slot 1: no buffers
     assert not spec.holds(StepPlan(decode=[(2, 7)], prefill=[Prefill(1, [1, 2])]), running)
     assert spec.holds(StepPlan(decode=[(0, 7), (2, 7)]), running)

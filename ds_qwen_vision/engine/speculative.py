@@ -178,7 +178,8 @@ class Speculator:
         """Whether the step's tokens must reach the host before the next plan (StepPlan.hold): it verifies,
         or a sequence in it drafts (its next drafts, or its next verify row, start from its token; one in a
         slot without verify buffers never does)."""
-        slots = [slot for slot, _ in plan.decode] + [p.slot for p in plan.prefill if not p.snapshot_only]
+        slots = [slot for slot, _ in plan.decode] + [  # a prompt's last chunk gives its first token
+            p.slot for p in plan.prefill if not p.snapshot_only and p.end in (None, len(p.input_ids))]
         return bool(plan.verify) or any(running[slot].spec.drafting and (self.rows is None or slot < self.rows)
                                         for slot in slots if slot in running)
 

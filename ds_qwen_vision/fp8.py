@@ -32,6 +32,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .kernels import fp8_linear
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -190,8 +192,6 @@ def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, 
     """x [..., K] @ weight^T on CUDA: up to 16 rows (decode, verify) through the W8A16 kernel where the probe
     passed it, else the activation quantized (one kernel) and the block-scaled GEMM. cuBLASLt wants the token
     count a multiple of 4 (zero rows are added and dropped) and mat_b column-major (the weight's transpose is)."""
-    from .kernels import fp8_linear
-
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k).contiguous()
     m = x2d.shape[0]
@@ -217,8 +217,6 @@ def probe_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str | None, st
     that does (CHOSEN.gemm). The activation quantization kernel is checked with the GEMM."""
     if device.type != "cuda":
         return "not a CUDA device", "not a CUDA device"
-    from .kernels import fp8_linear
-
     if fp8_linear.triton is None:
         return "Triton is not installed", "Triton is not installed"
     g = torch.Generator(device=device).manual_seed(0)

@@ -19,7 +19,7 @@ forward otherwise (an eager prefill, or no cache at all). That forward's causal 
 PyTorch fallback unless the `causal_conv1d` package is installed: on one H100 its depthwise conv kernel took
 23 ms of an 8k-token prefill of 32 layers (docs/benchmarks.md, 2026-12-08). On CUDA with
 flash-linear-attention `install` swaps in FLA's Triton causal conv (`fla_conv1d`) where a probe at start-up
-finds it matching the fallback (`use_fla_conv`); the choice changes no collective.
+finds it matching the fallback on every rank (`fla_conv_problem`, agreed).
 """
 from __future__ import annotations
 
@@ -129,9 +129,9 @@ def fla_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 @torch.no_grad()
-def use_fla_conv(device: torch.device) -> str | None:
-    """Make FLA's causal conv transformers' for the Qwen3.5 GDN layers where it matches the fallback on this
-    device (a first chunk's layout and a continuing one's, bf16): None; else why not (nothing changed)."""
+def fla_conv_problem(device: torch.device) -> str | None:
+    """None where FLA's causal conv matches transformers' fallback on this device (a first chunk's layout and
+    a continuing one's, bf16); else why not."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
     if device.type != "cuda":
@@ -149,21 +149,24 @@ def use_fla_conv(device: torch.device) -> str | None:
                 return f"FLA's causal conv differs from transformers' ({tuple(got.shape)}, relative error {err:.3g})"
     except Exception as e:  # noqa: BLE001 -- FLA missing or failing here: the fallback serves
         return f"{type(e).__name__}: {str(e)[:160]}"
-    hf.causal_conv1d_fn = fla_conv1d
     return None
 
 
 def install(model) -> None:
     """Route every GDN layer's decode/verify through gdn_multi_token (idempotent); on CUDA, FLA's causal conv
     for the eager prefill where it passes its probe."""
-    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
-    from ..model import log
+    from ..model import agree, log
 
     device = next(model.parameters()).device
-    if device.type == "cuda" and (why := use_fla_conv(device)) is not None:
-        log(f"GDN prefill: transformers' PyTorch causal conv ({why})")
+    if device.type == "cuda":  # every rank alike (each runs its own heads' conv: no collective, one arithmetic)
+        why = fla_conv_problem(device)
+        if agree(why is None, device):
+            hf.causal_conv1d_fn = fla_conv1d
+        else:
+            log(f"GDN prefill: transformers' PyTorch causal conv ({why or 'FLA failed on another rank'})")
     for module in model.modules():
-        if isinstance(module, Qwen3_5GatedDeltaNet) and not hasattr(module, "_dsqv_hf_forward"):
+        if isinstance(module, hf.Qwen3_5GatedDeltaNet) and not hasattr(module, "_dsqv_hf_forward"):
             module._dsqv_hf_forward = module.forward
             module.forward = types.MethodType(_forward, module)

@@ -10,6 +10,9 @@
         --deadline-s 420 --out $OUT
     DSQV_CACHE_DIR=/tmp/dsqv python3 benchmarks/bench_memory.py --step all --configs none --ballast .dev/ballast.py \\
         --deadline-s 420 --out $OUT
+    # the FP8 config (issue 26): its copy of the weights is quantized on the GPU in the build (~17 GB more disk)
+    DSQV_CACHE_DIR=/tmp/dsqv python3 benchmarks/bench_memory.py --step all --configs fp8 --ballast .dev/ballast.py \\
+        --deadline-s 420 --out $OUT
     # (--step build: the checkpoint alone; --step all --configs mtp,none: both in one call where time allows;
     # --loop-configs mtp,none: W3 on the shipped config too)
     # CPU check of the script itself (a minute or two):
@@ -24,7 +27,9 @@ Each config is ds_config/qwen3.6-27b-2gpu.json as shipped, changed only where on
 server.port, security.api_key_env null, a generous server.step_timeout_s; on CPU device cpu and dtype float32):
 (a) `mtp` as shipped, (b) `none`: the same with speculative.method "none", (c) `options`: `none` with both
 inexact cache options (memory.kv_cache_dtype "fp8_e4m3", memory.gdn_state_dtype "bfloat16"), whose W1 and W2
-take --options-long-tokens and --options-chats (issue 24: 128k and 24). For each: launch.sh, start-up to
+take --options-long-tokens and --options-chats (issue 24: 128k and 24), (d) `fp8`: ds_config/qwen3.6-27b-fp8-2gpu.json
+as shipped (MTP on) over the twin's weights quantized in Qwen's block-wise FP8 format (issue 26; the copy is made
+on the GPU beside the bf16 one: ~30 + ~17 GB), with the `options` sizes for W1 and W2. For each: launch.sh, start-up to
 /health 200, the memory planner's plan (/health's engine.memory and its log line), then
 - W1: one prompt of --long-tokens, --long-new tokens (`ignore_eos`), streamed: time to first token, decode ms/token;
 - W2: --chats concurrent chats of --chat-tokens prompt + --chat-new tokens: per-request TTFT and TPOT
@@ -61,7 +66,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_served import WORDS, Served, checkpoint, free_port  # noqa: E402
 
 SHIPPED = REPO / "ds_config/qwen3.6-27b-2gpu.json"
-CONFIGS = ("mtp", "none", "options")
+SHIPPED_FP8 = REPO / "ds_config/qwen3.6-27b-fp8-2gpu.json"
+CONFIGS = ("mtp", "none", "options", "fp8")
 OPTIONS = {"speculative.method": "none", "memory.kv_cache_dtype": "fp8_e4m3", "memory.gdn_state_dtype": "bfloat16"}
 
 
@@ -326,8 +332,8 @@ class TwinServer(Served):
 
     def __init__(self, args, workdir: Path, tag: str):
         self.tag, self.port = tag, free_port()
-        cfg = json.loads(SHIPPED.read_text())
-        changes = {"model": str(args.model), "tensor_parallel.tp_size": 1, "server.port": self.port,
+        cfg = json.loads((SHIPPED_FP8 if tag == "fp8" else SHIPPED).read_text())
+        changes = {"model": str(args.fp8_model if tag == "fp8" else args.model), "tensor_parallel.tp_size": 1, "server.port": self.port,
                    "security.api_key_env": None, "server.step_timeout_s": args.step_timeout}
         if tag == "none":
             changes["speculative.method"] = "none"
@@ -345,7 +351,7 @@ class TwinServer(Served):
                 node = node.setdefault(k, {})
             node[last] = value
         self.changes, self.config = changes, cfg
-        self.name = cfg.get("served_model_name") or Path(args.model).name
+        self.name = cfg.get("served_model_name") or Path(changes["model"]).name
         path = workdir / f"{tag}.json"
         path.write_text(json.dumps(cfg, indent=1))
         env = dict(os.environ, DSQV_COMPILE_CACHE_DIR=str(args.keep / "compile-cache"))
@@ -395,7 +401,7 @@ class TwinServer(Served):
 
 
 def run_config(args, texts: Texts, workdir: Path, tag: str, t_all: float) -> dict:
-    if tag == "options":  # the sizes the options are to reach
+    if tag in ("options", "fp8"):  # the sizes the options (and FP8's smaller weights) are to reach
         args = argparse.Namespace(**{**vars(args), "long_tokens": args.options_long_tokens,
                                      "chats": args.options_chats})
     server = TwinServer(args, workdir, tag)
@@ -541,7 +547,8 @@ def main() -> None:
     p.add_argument("--leave-gib", type=float, default=34.0, help="free GPU memory the ballast leaves")
     p.add_argument("--no-ballast", action="store_true")
     p.add_argument("--configs", default="mtp,none",
-                   help="which configs run: mtp (as shipped), none (no speculation), options (none + FP8 KV + bf16 state)")
+                   help="which configs run: mtp (as shipped), none (no speculation), options (none + FP8 KV + bf16 "
+                        "state), fp8 (the shipped FP8 config over the twin's weights quantized)")
     p.add_argument("--options-long-tokens", type=int, default=128_000, help="W1's prompt tokens with `options`")
     p.add_argument("--options-chats", type=int, default=24, help="W2's concurrent chats with `options`")
     p.add_argument("--loop-configs", default="none", help="the configs that also run W3 (the agent loop)")
@@ -578,8 +585,13 @@ def main() -> None:
     cache = Path(os.environ.get("DSQV_CACHE_DIR", Path.home() / ".cache/ds-qwen-vision"))
     name = f"{args.preset}-{args.layers}layers" if args.layers else args.preset
     args.ckpt_dir = (args.workdir or cache) / f"bench-{name}-{args.dtype}"  # bench_served.checkpoint's name
+    args.fp8_model = args.ckpt_dir.with_name(args.ckpt_dir.name + "-fp8")
     if args.step == "build":
         checkpoint(args)
+        if "fp8" in args.configs:
+            from ds_qwen_vision.checkpoint import quantize_fp8_checkpoint
+
+            quantize_fp8_checkpoint(args.ckpt_dir, args.fp8_model, device="cuda" if args.device == "cuda" else None)
         return
     # The build makes the weights on the GPU: in a process of its own, so that this one holds no device memory
     # (a second build returns at once)
@@ -595,6 +607,8 @@ def main() -> None:
     t_twin = time.perf_counter()
     texts = Texts(args.model)
     result |= {"shipped_config": {"path": str(SHIPPED.relative_to(REPO)), "as_read": json.loads(SHIPPED.read_text())},
+               "shipped_fp8_config": {"path": str(SHIPPED_FP8.relative_to(REPO)),
+                                      "as_read": json.loads(SHIPPED_FP8.read_text())},
               "sizes": {k: getattr(args, k) for k in ("long_tokens", "long_new", "chats", "chat_tokens", "chat_new",
                                                       "turns", "loop_tokens", "loop_new", "think_s", "options_long_tokens",
                                                       "options_chats")},

@@ -30,20 +30,30 @@ from ds_qwen_vision.model import chat_inputs, load_processor  # noqa: E402
 NEW_TOKENS = 32
 
 
-def cases() -> list[tuple[list[dict], list[bytes]]]:
+def cases(long: bool = False) -> list[tuple[list[dict], list[bytes]]]:
+    """Two short prompts (text; image + text); `long` adds two text prompts of ~1,500 and ~2,600 tokens, which
+    the runner takes in LONG_CHUNK-token chunks: one as graph pieces (1,024 + the rest), the other as one eager
+    chunk of 2,048 (compiled norms) and a graphed rest (runner/prefill_graphs.split)."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     buf = io.BytesIO()
     Image.fromarray(torch.randint(0, 256, (200, 300, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "PNG")
-    return [([{"role": "user", "content": "Write a short poem about tensor parallelism."}], []),
-            ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this."}]}],
-             [buf.getvalue()])]
+    out = [([{"role": "user", "content": "Write a short poem about tensor parallelism."}], []),
+           ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this."}]}],
+            [buf.getvalue()])]
+    if long:
+        words = [f"w{int(i)}" for i in torch.randint(0, 5000, (2600,), generator=g)]
+        out += [([{"role": "user", "content": " ".join(words[:n]) + " Summarize."}], []) for n in (310, 540)]
+    return out
 
 
-def generate(model, processor, device) -> list[dict]:
+LONG_CHUNK = 2048
+
+
+def generate(model, processor, device, long: bool = False) -> list[dict]:
     out = []
-    for messages, images in cases():
+    for messages, images in cases(long):
         inputs = chat_inputs(processor, messages, images, device=device)
         with torch.inference_mode():
             g = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
@@ -54,15 +64,17 @@ def generate(model, processor, device) -> list[dict]:
     return out
 
 
-def serve(model, processor, device, rank: int, peer_memory: str = "off", mixed_prefill: bool = False) -> list[dict]:
-    """Both cases together through the runner, in slots 1 and 2 of 4 (rows 0 and 3 idle in the batch)."""
+def serve(model, processor, device, rank: int, peer_memory: str = "off", mixed_prefill: bool = False,
+          long: bool = False) -> list[dict]:
+    """The cases together through the runner: the short ones in slots 1 and 2 of 4 (rows 0 and 3 idle in the
+    batch) in 16-token chunks; with `long`, 6 slots and the long ones in LONG_CHUNK-token chunks."""
     from ds_qwen_vision.config import AllReduceConfig
     from ds_qwen_vision.plan import Prefill, StepPlan
     from ds_qwen_vision.runner import ModelRunner
 
-    runner = ModelRunner(model, device, max_slots=4, max_len=1024, allreduce=AllReduceConfig(peer_memory=peer_memory),
-                         mixed_prefill=mixed_prefill)
-    jobs = {slot: chat_inputs(processor, messages, images) for slot, (messages, images) in enumerate(cases(), 1)}
+    runner = ModelRunner(model, device, max_slots=6 if long else 4, max_len=4096 if long else 1024,
+                         allreduce=AllReduceConfig(peer_memory=peer_memory), mixed_prefill=mixed_prefill)
+    jobs = {slot: chat_inputs(processor, messages, images) for slot, (messages, images) in enumerate(cases(long), 1)}
     done = dict.fromkeys(jobs, 0)
     out = {slot: {"tokens": [], "top5": []} for slot in jobs}
     while any(len(o["tokens"]) < NEW_TOKENS for o in out.values()):
@@ -70,7 +82,7 @@ def serve(model, processor, device, rank: int, peer_memory: str = "off", mixed_p
         for slot, x in jobs.items():
             ids = x["input_ids"][0].tolist()
             if done[slot] < len(ids):
-                end = min(len(ids), done[slot] + 16)
+                end = min(len(ids), done[slot] + (LONG_CHUNK if slot > 2 else 16))
                 if done[slot] == 0 and "pixel_values" in x:
                     plan.prefill.append(Prefill(slot, ids, x["image_grid_thw"].tolist(),
                                                 tuple(x["pixel_values"].shape), 0, end))
@@ -130,6 +142,7 @@ def main() -> None:
     p.add_argument("--mixed-prefill", action="store_true",
                    help="runner: the text prompt's decode rides in the image prompt's 16-token chunks' forwards")
     p.add_argument("--fp8", action="store_true", help="build: the FP8 copy and its dequantized reference too")
+    p.add_argument("--long", action="store_true", help="ref/tp/runner: two long prompts too (cases)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.role == "build":
@@ -140,12 +153,12 @@ def main() -> None:
     elif a.role == "ref":
         from transformers import Qwen3_5ForConditionalGeneration
         model = Qwen3_5ForConditionalGeneration.from_pretrained(a.dir, dtype=torch.bfloat16).cuda().eval()
-        torch.save(generate(model, load_processor(a.dir), "cuda"), a.out)
+        torch.save(generate(model, load_processor(a.dir), "cuda", a.long), a.out)
     elif a.role == "tp":
         from ds_qwen_vision.model import init_distributed, load_model
         rank, world = init_distributed("cuda")
         model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
-        result = generate(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()))
+        result = generate(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), a.long)
         if rank == 0:
             torch.save(result, a.out)
     elif a.role == "runner":
@@ -153,7 +166,7 @@ def main() -> None:
         rank, world = init_distributed("cuda")
         model = load_model(str(a.dir), world, "cuda", torch.bfloat16)
         result = serve(model, load_processor(a.dir), torch.device("cuda", torch.cuda.current_device()), rank,
-                       a.allreduce, a.mixed_prefill)
+                       a.allreduce, a.mixed_prefill, a.long)
         if rank == 0:
             torch.save(result, a.out)
     else:

@@ -17,6 +17,7 @@ Measured in the same call, after a 512-token prompt (tiny: 64), one stream:
 - MTP at the same forced profiles: the head drafts and its step is timed as served, each verify's acceptance
   decided by the profile (forced_outcome: the accepted drafts are the head's own, so the run stays consistent);
 - MTP at k = 3 end to end (its acceptance on random weights is meaningless: labelled);
+- the MTP step and forced profiles again with the head drafting over --draft-vocab ids (mtp.DraftHead), same run;
 - transformers' generate with its static cache + torch.compile on the same card (skip with --no-baseline).
 Acceptance-dependent figures from random weights are labelled `random weights` in the results. Writes
 benchmarks/results/DATE-CARD-tp1-spec.json (rows with run, decode_ms_per_token, floor_ms, ...).
@@ -112,6 +113,7 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None, force=N
     seq = type("Seq", (), {})()
     seq.slot, seq.input_ids, seq.sampling, seq.generator = 0, prompt, Sampling(max_tokens=n, temperature=0), None
     seq.generated, seq.next_token = 0, None
+    seq.in_flight, seq.fed = 0, False  # every step here is read before the next plan (the engine's hold)
     spec = None
     if runner.spec is not None:
         spec = Speculator(runner.spec.method, runner.spec.k, CollectorRegistry())
@@ -132,6 +134,7 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None, force=N
             plan.decode.append((0, seq.next_token))
         row = runner.run(plan)[0]
         steps += 1
+        seq.in_flight = 0  # read at once, as engine.after_step does
         tokens = None
         if plan.verify:
             drafts = spec.drafts(seq, runner.verified[0])
@@ -294,6 +297,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; tiny 64)")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--draft-vocab", type=int, default=32768,
+                   help="the MTP rows again with the head drafting over this many ids (speculative.draft_vocab); 0: not")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-write", action="store_true", help="print the results only")
     p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
@@ -439,6 +444,29 @@ def main() -> None:
         add({"run": "mtp k=3 end to end", "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1),
                      "floor_ms": floor_ms, "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, "label": label,
                      **stats})
+    r = None
+    if args.draft_vocab:
+        with guarded(f"mtp with a draft vocabulary of {args.draft_vocab}"):
+            # speculative.draft_vocab (mtp.DraftHead): the same step and forced profiles, the head drafting over
+            # the lowest ids (a random checkpoint has no tokenizer to add its special tokens from). The forced
+            # outcome decides acceptance, so both rows accept alike: only the drafts' cost differs.
+            from ds_qwen_vision.mtp import DraftHead
+
+            model.mtp.draft_head = DraftHead(model.lm_head, list(range(args.draft_vocab)))
+            r = runner("mtp", 3)
+            r.run(StepPlan(prefill=[Prefill(0, prompt)]))
+            step = timed_steps(r, lambda: StepPlan(verify=[(0, [continuation[0]])]), args.repeats, device)
+            add({"run": f"mtp verify step, 4 positions, drafts over {args.draft_vocab} ids (k=3)", "step_ms": 1e3 * step,
+                 "over_plain_step": 1e3 * step / plain_ms, "draft_ms": 1e3 * step - verify4_ms if verify4_ms else None,
+                 "decode_ms_per_token": None, "floor_ms": floor_ms})
+            for name, profile in PROFILES.items():
+                r.reset()
+                _, seconds, stats = generate(r, prompt, args.tokens, device=device, force=profile)
+                add({"run": f"mtp k=3, {name}, drafts over {args.draft_vocab} ids (acceptance from the profile)",
+                     "decode_ms_per_token": 1e3 * seconds / (args.tokens - 1), "floor_ms": floor_ms,
+                     "over_plain": 1e3 * seconds / (args.tokens - 1) / plain_ms, **stats})
+        if hasattr(model.mtp, "draft_head"):
+            del model.mtp.draft_head
     r = None
     del r, model
     gc.collect()  # the runners' hooks and graphs reference the model in cycles

@@ -204,6 +204,11 @@ class SpeculativeConfig(_Section):
     without mtp.* weights); `ngram`: prompt lookup in the sequence's own tokens."""
     method: Literal["none", "mtp", "ngram"] = "none"
     num_tokens: int = Field(3, ge=1, le=7)  # k; T = k + 1 positions per verify (decode attention takes <= 8)
+    # mtp only: the head drafts over the N lowest token ids and the added tokens (mtp.DraftHead: lm_head's
+    # rows read per draft fall from the whole vocabulary to N). 0: the whole vocabulary. Outputs are unchanged
+    # (the verify reads the whole lm_head); acceptance may fall. Off until a GPU run shows the forced-profile
+    # figure improves (benchmarks/bench_spec.py --draft-vocab).
+    draft_vocab: int = Field(0, ge=0)
 
 
 class AllReduceConfig(_Section):
@@ -290,6 +295,10 @@ class DeployConfig(_Section):
                 f'limits.mixed_prefill is true but speculative.method is "{self.speculative.method}": a speculative '
                 f"step verifies drafts, so no step would mix a prefill chunk with decode rows; set "
                 f"limits.mixed_prefill to false or speculative.method to \"none\"")
+        if self.speculative.draft_vocab and self.speculative.method != "mtp":
+            problems.append(
+                f"speculative.draft_vocab is {self.speculative.draft_vocab} but speculative.method is "
+                f"\"{self.speculative.method}\": a draft vocabulary is the MTP head's; set it to 0 or the method to \"mtp\"")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -48,3 +48,66 @@ class Qwen3_5MTP(nn.Module):
                                                  attention_mask=attention_mask, position_ids=position_ids,
                                                  past_key_values=past_key_values)
         return self.norm(x)
+
+
+def draft_vocabulary(tokenizer, n: int, vocab_size: int) -> list[int]:
+    """The token ids the MTP head may draft with `speculative.draft_vocab` n: the n lowest ids of the
+    tokenizer's base vocabulary and every added token (end of turn, thinking and tool-call markers), within
+    the model's `vocab_size`. Why the lowest: a byte-level BPE (Qwen's) numbers its tokens in merge order,
+    and merges are learned most frequent pair first, so low ids are the corpus's common tokens -- a proxy
+    for the measured frequencies that FR-Spec's token maps (SGLang's --speculative-token-map) are made from."""
+    base = min(n, tokenizer.vocab_size)
+    added = {i for i in tokenizer.added_tokens_decoder if base <= i < vocab_size}
+    return list(range(min(base, vocab_size))) + sorted(added)
+
+
+class DraftHead(nn.Module):
+    """The MTP head's drafts over part of the vocabulary (FR-Spec; `speculative.draft_vocab`): lm_head's rows
+    of `ids` only. A draft of the 27B reads 248,320 x 5,120 bf16 of lm_head (2.5 GB at tp=1), three times a
+    step at k=3; with 32k ids it reads an eighth. Only drafts change: the verify runs the whole lm_head,
+    so the output is exactly the whole vocabulary's (greedy, and sampled too: the drafter stays
+    deterministic); a target token outside `ids` is never drafted, which only costs acceptance.
+
+    Under tensor parallelism lm_head is DeepSpeed's LmHeadLinearAllreduce (tp_policy: each rank holds a
+    slice of the hidden columns, the logits are all-reduced): the rows here are this rank's slice of those
+    rows, and the partial logits go through the same all-reduce (`inference_all_reduce`, which the peer
+    all-reduce replaces where it is installed). Returns the drafted token ids, [b, t]."""
+
+    def __init__(self, lm_head: nn.Module, ids: list[int]):
+        super().__init__()
+        weight = lm_head.weight
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        self.weight = nn.Parameter(weight.detach()[self.ids].clone(), requires_grad=False)
+        sizes = getattr(lm_head, "_partition_sizes", None)
+        self.group = getattr(lm_head, "mp_group", None) if sizes is not None and len(sizes) > 1 else None
+        start = sum(sizes[:lm_head.tp_index]) if self.group is not None else 0
+        self.cols = (start, start + weight.shape[1])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.matmul(hidden[..., self.cols[0]:self.cols[1]], self.weight.t())
+        if self.group is not None:
+            from deepspeed import comm as dist
+
+            dist.inference_all_reduce(logits, group=self.group)
+        return self.ids[logits.argmax(-1)]
+
+
+def attach_draft_head(model, tokenizer, n: int, device) -> str | None:
+    """`model.mtp.draft_head`: a DraftHead over draft_vocabulary(tokenizer, n); None, or why not (a config
+    error). Every rank reads the same tokenizer; the head's all-reduce is as wide as the vocabulary, so the
+    ranks check that theirs agree before any step uses it."""
+    import os
+
+    from .model import agree, log, ranks_min
+
+    if n >= tokenizer.vocab_size:
+        return (f"speculative.draft_vocab ({n:,}) is not below the tokenizer's vocabulary ({tokenizer.vocab_size:,}): "
+                f"it would draft over all of it from a copy of lm_head; set 0 (the whole vocabulary) or fewer")
+    vocab = model.config.text_config.vocab_size
+    ids = draft_vocabulary(tokenizer, n, vocab)
+    if not agree(ranks_min(len(ids), device) == len(ids), device):
+        return f"the ranks' draft vocabularies differ ({len(ids):,} ids on this rank): check every rank's tokenizer files"
+    model.mtp.draft_head = DraftHead(model.lm_head, ids)
+    log(f"[rank {os.environ.get('RANK', '0')}] MTP drafts over {len(ids):,} of {vocab:,} token ids (speculative.draft_vocab {n:,}; "
+        f"{model.mtp.draft_head.weight.nbytes / (1 << 20):.0f} MiB of lm_head rows a rank)")
+    return None

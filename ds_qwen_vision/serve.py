@@ -104,6 +104,13 @@ def main(argv=None) -> int:
     limits = config.limits
     # The memory planner (runner/memory.py): sequences, KV blocks and the limits that follow from them.
     prepare_model(model, device)
+    if spec.method == "mtp" and spec.draft_vocab:  # before the planner measures what the weights left
+        from .mtp import attach_draft_head
+
+        problem = attach_draft_head(model, processor.tokenizer, spec.draft_vocab, device)
+        if problem is not None:
+            log(f"[rank {rank}] config error: {problem}")
+            return 2
     spec_k = spec.num_tokens if spec.method != "none" else 0
     startup.phase = "planning memory"
     try:

@@ -41,6 +41,21 @@ def main(spec_path: str) -> None:
                              state_dtype=torch.bfloat16)
         result[name] = drive(runner, jobs, spec["new_tokens"], chunk=6)
     mtp_params = {n: list(p.shape) for n, p in model.named_parameters() if n.startswith("mtp.")}
+    # a draft vocabulary (mtp.DraftHead): this rank's columns of its rows, partial logits all-reduced like
+    # lm_head's; its drafts against the whole head's logits restricted to it, then the runner drafting from it
+    from ds_qwen_vision.mtp import attach_draft_head
+
+    assert attach_draft_head(model, processor.tokenizer, 200, "cpu") is None
+    head = model.mtp.draft_head
+    h = torch.randn(2, 3, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        result["draft_head_exact"] = torch.equal(head(h), head.ids[model.lm_head(h)[..., head.ids].argmax(-1)])
+    runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256,
+                         speculative={"method": "mtp", "num_tokens": 3})
+    stats = {}
+    result["mtp_draft_vocab"] = drive(runner, jobs, spec["new_tokens"], chunk=6, stats=stats)
+    result["mtp_draft_vocab_stats"] = stats
+    del model.mtp.draft_head
     result["mtp_params"] = mtp_params
     torch.save(result, f"{spec['out']}/rank{rank}.pt")
 

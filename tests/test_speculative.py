@@ -346,6 +346,9 @@ def test_tp2_speculation_matches_transformers(setup, tiny_ckpt, image_files, tmp
         # FP8 KV and bf16 states at tp=2: speculation stays exact to the plain decode on the same cache
         assert r["options_mtp"] == r["options_plain"] and all(r["options_plain"])
     assert ranks[0]["options_mtp"] == ranks[1]["options_mtp"]
+    # MTP drafting over a draft vocabulary at tp=2: the sharded head's drafts exact, the answers too
+    assert all(r["draft_head_exact"] and r["mtp_draft_vocab"] == expected for r in ranks)
+    assert ranks[0]["mtp_draft_vocab_stats"]["drafts"] > 0
     c = reference.config.text_config
     q = ranks[0]["mtp_params"]["mtp.layers.0.self_attn.q_proj.weight"]
     assert q[0] == 2 * c.num_attention_heads * c.head_dim // 2  # whole heads per rank
@@ -535,3 +538,37 @@ def test_which_steps_hold_their_tokens():
     assert not spec.holds(StepPlan(decode=[(1, FROM_DEVICE), (2, FROM_DEVICE)]), running)  # slot 1: no buffers
     assert not spec.holds(StepPlan(decode=[(2, 7)], prefill=[Prefill(1, [1, 2])]), running)
     assert spec.holds(StepPlan(decode=[(0, 7), (2, 7)]), running)
+
+
+def test_a_draft_vocabulary_drafts_within_it_and_keeps_greedy_exact(setup, tiny_ckpt):
+    """speculative.draft_vocab (mtp.DraftHead): the draft is the best of lm_head's rows of its ids (the same
+    logits as the whole head's, restricted), the vocabulary is the lowest ids and every added token, and a
+    runner drafting from a small one still answers transformers' greedy tokens token for token."""
+    from ds_qwen_vision.config import load_config_json
+    from ds_qwen_vision.mtp import attach_draft_head, draft_vocabulary
+
+    _, x, expected, _ = setup
+    tokenizer = load_processor(tiny_ckpt).tokenizer
+    runner = runner_for(tiny_ckpt, "mtp")
+    model = runner.model
+    vocab = model.config.text_config.vocab_size
+    ids = draft_vocabulary(tokenizer, 200, vocab)
+    added = sorted(tokenizer.added_tokens_decoder)
+    assert ids == list(range(200)) + added and tokenizer.eos_token_id in ids
+    assert attach_draft_head(model, tokenizer, tokenizer.vocab_size, "cpu") is not None  # the whole base: refused
+    assert attach_draft_head(model, tokenizer, 200, "cpu") is None
+    head = model.mtp.draft_head
+    h = torch.randn(3, 2, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model.lm_head(h)
+        assert torch.equal(head(h), torch.tensor(ids)[full[..., ids].argmax(-1)])
+    drafted = []
+    head.register_forward_hook(lambda m, a, out: drafted.extend(out.flatten().tolist()))
+    stats = {}
+    try:
+        assert drive(runner, jobs(x), N, chunk=5, stats=stats) == [expected[i] for i in (0, 1, 2, 0)]
+    finally:
+        del model.mtp.draft_head
+    assert stats["drafts"] > 0 and drafted and set(drafted) <= set(ids)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        load_config_json('{"speculative": {"method": "ngram", "draft_vocab": 1000}}')

@@ -148,13 +148,17 @@ class Speculation:
         last, delta = self.mtp_last[:b], self.mtp_delta[:b]
         kv_view = lambda p: CacheView(self.mtp_state, slice(0, b), positions=p)  # noqa: E731
         embed, head = self.lm.embed_tokens, runner.model.lm_head
+        # mtp.DraftHead where speculative.draft_vocab is set (serve.py): drafts over part of the vocabulary
+        draft = getattr(self.mtp, "draft_head", None)
+        if draft is None:
+            draft = lambda x: head(x).argmax(-1)  # noqa: E731
         # catch-up: the pairs since the last step, the last of them drafts d1
         mrope = (pos + delta[:, None])[None].expand(3, b, t)
         h = self.pend_hidden[:b]
         view = kv_view(pos)
         out = self.mtp(embed(ids), h, self.lm.rotary_emb(h, mrope), view.mask(), mrope, view)
         h = out[torch.arange(b, device=device), last][:, None]  # [b, 1, hidden]
-        token = head(h).argmax(-1)  # [b, 1]
+        token = draft(h)  # [b, 1]
         drafts = [token]
         step_pos = pos.gather(1, last[:, None])  # the position of the last caught-up pair
         for j in range(1, self.k):
@@ -162,7 +166,7 @@ class Speculation:
             mrope = (step_pos + delta[:, None])[None].expand(3, b, 1)
             view = kv_view(step_pos)
             h = self.mtp(embed(token), h, self.lm.rotary_emb(h, mrope), view.mask(), mrope, view, step=j)
-            token = head(h).argmax(-1)
+            token = draft(h)
             drafts.append(token)
         self.verify_in[0, :b, 1:] = torch.cat(drafts, dim=1)  # [b, k]; drafts of rows not verifying are unused
 

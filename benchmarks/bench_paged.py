@@ -103,7 +103,7 @@ def measure(model, device, args) -> dict:
     prompt = ids(long, 1)
     for chunked in (False, True):  # warm-up: kernels, autotuning
         prefill(0, prompt, chunked)
-    short_prompt = ids(1024, 2)  # one chunk of a prefill graph's size (runner/prefill_graphs.py) where they are on
+    short_prompt = ids(min(1024, long), 2)  # one chunk of a prefill graph's size (runner/prefill_graphs.py) where they are on
     prefill(0, short_prompt, False)
     out["ttft_1k_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, short_prompt, False), args.repeats))
     out["ttft_8k_one_forward_ms"] = 1e3 * statistics.median(timed(lambda: prefill(0, prompt, False), args.repeats))

@@ -134,7 +134,7 @@ def generate(runner, prompt: list[int], n: int, index=None, device=None, force=N
             plan.decode.append((0, seq.next_token))
         row = runner.run(plan)[0]
         steps += 1
-        seq.in_flight = 0  # read at once, as engine.after_step does
+        seq.in_flight = 0  # read at once, as Engine.accept does
         tokens = None
         if plan.verify:
             drafts = spec.drafts(seq, runner.verified[0])

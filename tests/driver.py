@@ -100,7 +100,7 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
         pixels = {p.slot: scheduler.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
         result = runner.run(plan, pixels)
         delivered: dict[int, list[int]] = {}
-        for slot, _ in plan.verify:  # as Engine.after_step: drafts accepted, or the row's first position
+        for slot, _ in plan.verify:  # as Engine.accept: drafts accepted, or the row's first position
             seq, verified = scheduler.running[slot], result.pop(slot)
             drafts = spec.drafts(seq, runner.verified[slot])
             if drafts:
@@ -119,7 +119,7 @@ def drive(runner, jobs, n_new: int, chunk: int | None = None, sampling: Sampling
                 delivered[slot] = [token]
         for slot, tokens in delivered.items():
             seq = scheduler.running[slot]
-            if plan.hold:  # as Engine.after_step: every token of the step read in it
+            if plan.hold:  # as Engine.accept: every token of the step read in it
                 seq.in_flight = 0
             for token in tokens:  # as Output.deliver, without the text
                 out[seq.id].append(token)

@@ -4,7 +4,7 @@ its slot and KV blocks are freed and every other request answers as transformers
 
 In process at tp=1: the real Engine over the tiny checkpoint's ModelRunner (as test_prefix_cache.py), fault
 injection on (engine/faults.py: DSQV_FAULT_INJECTION=1, a marker in the prompt names the stage). For each
-stage, 20 concurrent requests over 4 slots, one of them marked.
+stage, 20 concurrent requests over 4 slots, one of them marked; without speculation and with MTP.
 """
 from __future__ import annotations
 
@@ -38,12 +38,16 @@ def ref(tiny_ckpt):
     return Reference(tiny_ckpt)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_ckpt):
+@pytest.fixture(scope="module", params=["none", "mtp"])
+def engine(tiny_ckpt, request):
+    """The engine without speculation, and with MTP: there a held step's text goes out during the next step
+    (Engine.deliver_held), so a request failing in its delivery has a verify already launched."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSQV_FAULT_INJECTION", "1")  # read when the engine is built
-        model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False)
-        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=512)
+        mtp = request.param == "mtp"
+        model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=mtp)
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, max_len=512,
+                             speculative={"method": "mtp", "num_tokens": 3} if mtp else None)
         limits = LimitsConfig(max_prompt_tokens=400, max_new_tokens=64, max_concurrent=4, max_queue=64)
         e = Engine(runner, OneRank(), load_processor(tiny_ckpt), limits)
     e.heartbeat()  # every rank (one) reports ready

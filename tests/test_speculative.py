@@ -572,3 +572,55 @@ def test_a_draft_vocabulary_drafts_within_it_and_keeps_greedy_exact(setup, tiny_
     assert stats["drafts"] > 0 and drafted and set(drafted) <= set(ids)
     with pytest.raises(ValueError, match="draft_vocab"):
         load_config_json('{"speculative": {"method": "ngram", "draft_vocab": 1000}}')
+
+
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_a_held_steps_text_goes_out_while_the_next_step_runs(tiny_ckpt, method):
+    """A held step's tokens are read and accepted in the step (the next plan needs them), and their text goes
+    out after the next step is launched (Engine.deliver_held): every token of a verify is delivered after
+    the runner was called for the following step, when there is one. The answers stay the engine's without
+    speculation -- with max_tokens counted over tokens not yet delivered, and a stop string that ends a
+    sequence in a delivery after its next verify was already launched."""
+    from conftest import OneRank, answers_together
+    from ds_qwen_vision.config import LimitsConfig
+    from ds_qwen_vision.engine import Engine
+    from test_prefix_cache import engine_request, user
+
+    model = load_model(tiny_ckpt, 1, "cpu", torch.float32, show_progress=False, mtp=method == "mtp")
+    processor = load_processor(tiny_ckpt)
+
+    def engine_for(spec):
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=3, max_len=256, speculative=spec)
+        return Engine(runner, OneRank(), processor, LimitsConfig(max_new_tokens=40))
+
+    requests = [engine_request([user(f"Repeat after me: one two three, {n}.")]) | {"max_tokens": 33} for n in range(2)]
+    plain = answers_together(engine_for(None), requests)
+    stop = plain[0][len(plain[0]) // 2:][:3]  # a stop string from the middle of the first answer
+    requests.append(requests[0] | {"stop": [stop]})
+    plain += answers_together(engine_for(None), requests[2:])
+    assert stop not in plain[2] and plain[0].startswith(plain[2])
+
+    engine = engine_for({"method": method, "num_tokens": 3})
+    steps, delivered = 0, []  # (the step whose verified tokens, the last step launched when they went out)
+    run, accept, deliver_held = engine.runner.run, engine.accept, engine.deliver_held
+
+    def logged_run(plan, pixels=None):
+        nonlocal steps
+        steps += 1
+        return run(plan, pixels)
+
+    def logged_accept(plan, logits):
+        held = accept(plan, logits)
+        if held is not None:
+            held.step = steps
+        return held
+
+    def logged_deliver_held():
+        if engine.held is not None and engine.held.verified:
+            delivered.append((engine.held.step, steps))
+        deliver_held()
+
+    engine.runner.run, engine.accept, engine.deliver_held = logged_run, logged_accept, logged_deliver_held
+    answers = answers_together(engine, requests)
+    assert answers == plain
+    assert delivered and all(out > step for step, out in delivered if step != steps), delivered

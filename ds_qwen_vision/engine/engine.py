@@ -9,9 +9,10 @@ at step N (end of sequence, a stop string or token) is therefore computed once m
 token is dropped, never emitted. max_tokens is counted when steps are scheduled, so it costs no extra
 step. A step whose picks need the host's view of the tokens so far (`Scheduler.synchronous`) waits for
 them first. With speculative decoding (engine/speculative.py) a step that verifies drafts, or whose
-sequences will (`StepPlan.hold`), runs synchronously: its tokens are read in the step (`after_step`);
-a step of sequences that do not draft (stopped, or never: logprobs, penalties, grammars) runs overlapped
-like a plain one.
+sequences will (`StepPlan.hold`), holds its tokens: the next plan is made from them (accepted counts, the
+next token), so they are read and accepted in the step (`accept`); their text and events wait until the
+next step is launched (`deliver_held`), and go out while the GPU runs it. A step of sequences that do not
+draft (stopped, or never: logprobs, penalties, grammars) runs overlapped like a plain one.
 
 Failures: one request's own host work is isolated (output.py); anything else in a step -- the forward, a
 collective, reading the tokens -- fails every request with a 503 and ends `run` (serve.py exits).
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +44,15 @@ from .speculative import Speculator
 from .trace import StepTrace
 
 HEARTBEAT_S = 1.0
+
+
+@dataclass
+class Held:
+    """A held step's tokens, read and accepted but not yet delivered (Engine.accept, deliver_held): its plain
+    rows' picks (host) with their sequences, and each verified sequence's tokens."""
+    picked: Picked | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+    verified: list[tuple[Sequence, list[int]]] = field(default_factory=list)
 
 
 class Step:
@@ -106,6 +117,7 @@ class Engine:
         self.busy_since: float | None = None  # monotonic start of the collective in progress (the watchdog's view)
         self.wake = threading.Event()
         self.trace = StepTrace.from_env()  # engine/trace.py: DSQV_STEP_TRACE, for the served benchmark
+        self.held: Held | None = None  # the last held step's tokens, their text not out yet (deliver_held)
 
     @property
     def running(self) -> dict[int, Sequence]:
@@ -212,6 +224,10 @@ class Engine:
         Returns the step now in flight and whether there was anything to do (False: idle)."""
         t_plan = time.perf_counter()
         plan = self.scheduler.schedule()
+        if self.held is not None and (plan.empty() or (self.scheduler.synchronous(plan) and not plan.hold)):
+            self.deliver_held()  # nothing to launch first, or this step's picks need the host's view (grammar)
+            if plan.empty():  # (a held step leaves nothing pending)
+                return pending, True
         if pending is not None and (plan.empty() or self.scheduler.synchronous(plan)):
             # nothing to launch before its tokens are known, or this step's picks need them
             self.busy_since = time.monotonic()
@@ -227,13 +243,16 @@ class Engine:
         pixels = {p.slot: self.running[p.slot].pixel_values for p in plan.prefill if p.pixels_shape}
         if plan.hold:  # a speculative step whose tokens the next plan needs: read in the step
             self.channel.broadcast(plan)
-            self.after_step(plan, self.runner.run(plan, pixels))
+            logits = self.runner.run(plan, pixels)
+            self.deliver_held()  # the last held step's text, while the device runs this one
+            self.held = self.accept(plan, logits)
         else:
             step = self.launch(plan, pixels, self.running)
             for _, seq in step.outputs:
                 if seq is not None:
                     seq.fed = True  # its next token is on the device: the next plan says FROM_DEVICE
             t_launched = time.perf_counter()
+            self.deliver_held()
             waited = 0.0
             if pending is not None:  # step N's tokens, while the device runs step N+1
                 waited = self.consume(pending)
@@ -280,19 +299,22 @@ class Engine:
             self.output.read(picked, [seq for _, seq in step.outputs], now)
         return now - t
 
-    def after_step(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> None:
-        """A speculative step's host side, in the step: picks, accepted drafts, events. Every token of the
-        step is read here: nothing of its sequences is in flight or on the device after it."""
-        now = time.perf_counter()
+    def accept(self, plan: StepPlan, logits: dict[int, torch.Tensor]) -> Held | None:
+        """A held (speculative) step's tokens, read now because the next plan is made from them: each
+        sequence's next token and, for a verify, the drafts it accepted (counted in `in_flight` until their
+        text is out). Their text, stop checks and events wait for `deliver_held`, after the next step is
+        launched. A sequence that ended in the last held step's delivery, after this step was planned, gets
+        nothing from it."""
         if not logits:
-            return
+            return None
         stepped = [self.running[slot] for slot in logits]
+        held = Held()
         # Verified rows ([T, vocab] each) give a sequence several tokens (engine/speculative.py); a verified
         # row without usable drafts is an ordinary row: its first position's logits.
         verified = {}
         for slot, _ in plan.verify:
             rows, seq = logits.pop(slot), self.running[slot]
-            drafts = self.spec.drafts(seq, self.runner.verified[slot])
+            drafts = self.spec.drafts(seq, self.runner.verified[slot]) if not seq.ended else []
             if drafts:
                 verified[slot] = (rows, drafts)
             else:
@@ -300,17 +322,39 @@ class Engine:
                 logits[slot] = rows[0]
         if logits:
             # Every row's token is picked where the logits are, all rows at once (engine.sampling), then one
-            # copy to the host: one sync per step, not per row.
+            # copy to the host: one sync per step, not per row. Each is its sequence's next token now; the
+            # scheduler counted it in in_flight, and Output.read delivers it.
             seqs = [self.running[slot] for slot in logits]
-            picked = self.output.pick(torch.stack(list(logits.values())), seqs)
-            self.output.read(picked, seqs, now)
+            held.picked = Step([], *to_host(self.output.pick(torch.stack(list(logits.values())), seqs))).wait()
+            held.seqs = seqs
+            for seq, token in zip(seqs, held.picked.tokens.tolist()):
+                seq.next_token, seq.in_flight = token, 1  # Output.read takes it out of in_flight
+        # the greedy rows' argmax at every position: one copy to the host for all of them
+        greedy = [slot for slot in verified if self.running[slot].sampling.greedy or self.running[slot].generator is None]
+        argmax = dict(zip(greedy, torch.stack([verified[s][0] for s in greedy]).argmax(-1).tolist())) if greedy else {}
         for slot, (rows, drafts) in verified.items():
             seq = self.running[slot]
-            for token in self.output.guard(seq, "sampling", self.spec.tokens, seq, rows, drafts) or []:
-                if self.output.deliver(seq, token, now):
-                    break
+            tokens = self.output.guard(seq, "sampling", self.spec.tokens, seq, rows, drafts, argmax.get(slot))
+            if tokens and not seq.ended:
+                seq.next_token, seq.in_flight = tokens[-1], len(tokens)
+                held.verified.append((seq, tokens))
         for seq in stepped:
-            seq.in_flight, seq.fed = 0, False
+            seq.fed = False
+        return held
+
+    def deliver_held(self) -> None:
+        """The last held step's tokens into text and events (Output), then nothing of it is in flight."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        now = time.perf_counter()
+        if held.picked is not None:
+            self.output.read(held.picked, held.seqs, now)
+        for seq, tokens in held.verified:
+            seq.in_flight -= len(tokens)
+            for token in tokens:
+                if seq.ended or self.output.deliver(seq, token, now):
+                    break
 
     def idle(self) -> bool:
         return self.scheduler.idle()

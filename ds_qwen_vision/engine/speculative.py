@@ -145,7 +145,8 @@ class Speculator:
         if s.accept is not None:
             plan.accept.append((seq.slot, s.accept))
             s.accept = None
-        room = seq.sampling.max_tokens - seq.generated - 1  # drafts past max_tokens could never be used
+        # drafts past max_tokens could never be used (in_flight: the last held step's tokens, not delivered yet)
+        room = seq.sampling.max_tokens - seq.generated - seq.in_flight - 1
         if not s.drafting or room < 1 or (self.rows is not None and seq.slot >= self.rows):
             # a plain row, as the plain scheduler's: its token where the last step left it, max_tokens
             # counted with the tokens still in flight
@@ -187,14 +188,16 @@ class Speculator:
         """The drafts of a verified row the sequence can use: none if it does not draft, none past max_tokens."""
         if not seq.spec.drafting:
             return []
-        room = seq.sampling.max_tokens - seq.generated
+        room = seq.sampling.max_tokens - seq.generated - seq.in_flight
         return verified[1:][:max(0, room - 1)]
 
-    def tokens(self, seq, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+    def tokens(self, seq, logits: torch.Tensor, drafts: list[int], argmax: list[int] | None = None) -> list[int]:
         """The tokens a verified row gives the sequence (accepted drafts, then the target's own);
-        logits [T, vocab] of the row, drafts as drafts() gave them."""
+        logits [T, vocab] of the row, drafts as drafts() gave them; `argmax`: the row's argmax at each
+        position where the caller has it on the host already (greedy)."""
         if seq.sampling.greedy or seq.generator is None:
-            out = accept_greedy(drafts, logits[:len(drafts) + 1].argmax(-1).tolist())
+            top = argmax if argmax is not None else logits[:len(drafts) + 1].argmax(-1).tolist()
+            out = accept_greedy(drafts, top[:len(drafts) + 1])
         else:
             out = accept_sampled(drafts, target_probs(logits[:len(drafts) + 1], seq.sampling), seq.generator)
         return self.record(seq, out, drafts)

@@ -22,15 +22,50 @@ state after prefill), drafting d1 from the last; then k - 1 single-position head
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 import torch
 
-from ..model import log
+from ..model import log, to_device
 from . import graphs
 from .slot_state import CacheView, kv_pool
 
 METHODS = ("none", "mtp", "ngram")
+
+
+class VerifiedTokens(Mapping):
+    """Each verified slot's T tokens (slot -> list), on their way to the host: MTP drafts are made on the
+    device, and reading them at once would make `verify` wait for its own forward. The copy starts at launch
+    (pinned memory, an event); the first read waits for it -- on rank 0 after the host's other work for the
+    step (engine.py: the last step's text goes out meanwhile), on a follower at its next accept."""
+
+    def __init__(self, slots: list[int], tokens: torch.Tensor):
+        self.slots, self.event = slots, None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+        self._lists: dict[int, list[int]] | None = None
+
+    def _read(self) -> dict[int, list[int]]:
+        if self._lists is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._lists = dict(zip(self.slots, self.host.tolist()))
+        return self._lists
+
+    def __getitem__(self, slot: int) -> list[int]:
+        return self._read()[slot]
+
+    def __iter__(self):
+        return iter(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
 
 
 class Speculation:
@@ -78,7 +113,8 @@ class Speculation:
             self.mtp_in = torch.zeros((2, slots, self.t), dtype=torch.long, device=device)
             self.mtp_last = torch.zeros(slots, dtype=torch.long, device=device)
             self.mtp_delta = torch.zeros(slots, dtype=torch.long, device=device)
-        self.verified: list[list[int]] = [[] for _ in range(slots)]  # the T tokens of each slot's last verify
+        # the T tokens of each slot's last verify (host lists, or a VerifiedTokens still on its way)
+        self.verified: list[Mapping[int, list[int]] | None] = [None] * slots
 
     def _keep_hidden(self, module, args, out):
         self.hidden = out
@@ -97,7 +133,7 @@ class Speculation:
             self.runner.length[slot] += i + 1
             if self.mtp is not None:
                 self.pend_n[slot] = i + 1
-                self.pend_tokens[slot] = self.verified[slot][1:i + 1]
+                self.pend_tokens[slot] = self.verified[slot][slot][1:i + 1]
 
     # ---- prefill: the MTP head's KV over the prompt -----------------------------------------------
     def after_prefill(self, slot: int, start: int, end: int, n_prompt: int, embeds, positions: torch.Tensor) -> None:
@@ -227,14 +263,16 @@ class Speculation:
             graph.replay()
         else:
             logits, hidden = self._verify_forward(b)
-        rows = torch.tensor([slot for slot, _ in items], device=runner.device)
+        # From here nothing waits for the forward (pinned index, the tokens copied without a sync): the
+        # host is free for other work until it reads the results.
+        slots = [slot for slot, _ in items]
+        rows = to_device(torch.tensor(slots), runner.device)
         if self.mtp is not None:
             self.pend_hidden[rows] = hidden[rows].to(self.pend_hidden.dtype)
-        verified = self.verify_in[0, rows].tolist()
+            tokens = VerifiedTokens(slots, self.verify_in[0, rows])  # the head's drafts: on the device
+        else:
+            tokens = dict(items)  # the host's own drafts
         out = logits[rows].float()
-        result, tokens = {}, {}
-        for i, (slot, host) in enumerate(items):
-            self.verified[slot] = verified[i] if self.mtp is not None else host
-            result[slot] = out[i]
-            tokens[slot] = self.verified[slot]
-        return result, tokens
+        for slot in slots:
+            self.verified[slot] = tokens
+        return {slot: out[i] for i, slot in enumerate(slots)}, tokens

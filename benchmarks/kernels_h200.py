@@ -18,7 +18,8 @@
 4. Prefill-chunk attention over the paged cache (kernels/chunk_attention.py) at its launch shapes
    (CHUNK_TILES) against SDPA on contiguous expanded keys with a lower-right causal bias (flash), a served
    chunk of 2,048 queries at starts 2,048 / 4,096 / 6,144; 8 layers' caches per replay; error against
-   float64. `--only chunk`.
+   float64. Also SDPA as an eager chunk could call it: the blocks gathered contiguous, the copy timed, the KV
+   heads not expanded (enable_gqa). `--only chunk`.
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def chunk(results) -> None:
     from torch.nn.attention.bias import causal_lower_right
 
     from ds_qwen_vision.kernels.chunk_attention import chunk_attention
-    from ds_qwen_vision.kernels.decode_attention import PagedKV
+    from ds_qwen_vision.kernels.decode_attention import PagedKV, gather_kv
 
     rows = []
     hq, hkv, d, t, block = 24, 4, 256, 2048, 64
@@ -259,6 +260,19 @@ def chunk(results) -> None:
             row["sdpa_us"], row["sdpa_tflops"] = 1e3 * ms, flops / ms / 1e9
         except Exception as e:  # noqa: BLE001 -- recorded, not fatal
             row["sdpa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+        def gathered(i):
+            # what an eager chunk (its key count known on the host) would cost through SDPA: the row's blocks
+            # gathered contiguous (the copy timed too), the KV heads as they are (enable_gqa), lower-right causal
+            k, v = (gather_kv(x, table, block) for x in pools[i % 8])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+
+        try:
+            row["sdpa_gather_gqa_rel_err"] = rel(gathered(0).transpose(1, 2))
+            ms = graph_time_ms(gathered, 8)
+            row["sdpa_gather_gqa_us"], row["sdpa_gather_gqa_tflops"] = 1e3 * ms, flops / ms / 1e9
+        except Exception as e:  # noqa: BLE001 -- recorded, not fatal (flash may refuse GQA here)
+            row["sdpa_gather_gqa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
         del pools, flat, expanded, k64, v64, ref

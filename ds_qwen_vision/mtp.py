@@ -77,7 +77,7 @@ class DraftHead(nn.Module):
         super().__init__()
         weight = lm_head.weight
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
-        self.weight = nn.Parameter(weight.detach()[self.ids].clone(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach()[self.ids], requires_grad=False)  # indexing copies
         sizes = getattr(lm_head, "_partition_sizes", None)
         self.group = getattr(lm_head, "mp_group", None) if sizes is not None and len(sizes) > 1 else None
         start = sum(sizes[:lm_head.tp_index]) if self.group is not None else 0

@@ -10,8 +10,8 @@ all of the slot's Gated DeltaNet state.
 Image pixels do not travel in the plan: rank 0 broadcasts them on the model's own (device) group, and
 so are the tokens rank 0 samples (`ModelRunner.feed`): a decode entry's token is usually FROM_DEVICE.
 
-Most steps are decode-only; those travel as one fixed-size integer tensor (`ControlChannel`), the
-rest (prefills, heartbeats with their gather) as a pickle after it.
+Most steps are decode or verify steps (with their accepts and released slots); those travel as one
+fixed-size integer tensor (`ControlChannel`), the rest (prefills, evictions) as a pickle after it.
 """
 from __future__ import annotations
 
@@ -82,8 +82,11 @@ class StepPlan:
                     or self.reset or self.release or self.evict_snapshots or self.evict_images)
 
 
-# The fixed-size header of every broadcast: [kind, n, slot_0..slot_{S-1}, token_0..token_{S-1}].
-_DECODE, _PICKLED, _HEARTBEAT, _STOP = range(4)
+# The fixed-size header of every broadcast (S = max_slots, T = MAX_VERIFY_TOKENS): [kind, hold, n_decode,
+# n_accept, n_verify, n_release], then decode [2, S] (slot, token), accept [2, S] (slot, i), release [S],
+# verify [S, 2 + T] (slot, token count, tokens).
+_STEP, _PICKLED, _HEARTBEAT, _STOP = range(4)
+MAX_VERIFY_TOKENS = 8  # k + 1 <= 8 (config.SpeculativeConfig.num_tokens <= 7)
 
 
 class ControlChannel:
@@ -97,27 +100,46 @@ class ControlChannel:
         self.group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.rank = tdist.get_rank()
         self.world = tdist.get_world_size()
-        self.max_slots = max_slots
-        self.header = torch.zeros(2 + 2 * max_slots, dtype=torch.long)
+        self.max_slots = s = max_slots
+        self.header = torch.zeros(6 + 5 * s + s * (2 + MAX_VERIFY_TOKENS), dtype=torch.long)
+        h = self.header[6:]  # views of the header's parts
+        self.decode, self.accept = h[:2 * s].view(2, s), h[2 * s:4 * s].view(2, s)
+        self.release, self.verify = h[4 * s:5 * s], h[5 * s:].view(s, 2 + MAX_VERIFY_TOKENS)
+
+    def fits(self, plan: StepPlan) -> bool:
+        """Whether the plan is a step the tensor carries whole: decode rows, verify rows, their accepts and
+        released slots, and nothing else. Any other field (prefills, evictions, anything added later) sends
+        the whole plan pickled, so nothing is ever dropped."""
+        s = self.max_slots
+        return (plan == StepPlan(decode=list(plan.decode), accept=list(plan.accept), verify=list(plan.verify),
+                                 release=list(plan.release), hold=plan.hold)
+                and max(len(plan.decode), len(plan.accept), len(plan.verify), len(plan.release)) <= s
+                and all(len(tokens) <= MAX_VERIFY_TOKENS for _, tokens in plan.verify))
 
     def broadcast(self, plan: StepPlan | None = None) -> StepPlan:
-        """Rank 0 sends `plan`; every rank returns it. A decode-only plan is one tensor broadcast
+        """Rank 0 sends `plan`; every rank returns it. A decode or verify step is one tensor broadcast
         (no pickling, ~10x less host time than broadcast_object_list); others add a pickled one."""
         if self.world == 1:
             return plan
-        h, s = self.header, self.max_slots
+        h = self.header
         if self.rank == 0:
-            h.zero_()
+            h[:6].zero_()
             if plan.stop:
                 h[0] = _STOP
             elif plan.heartbeat and plan == StepPlan(heartbeat=True):
                 h[0] = _HEARTBEAT
-            # Only a plan that is decode tokens and nothing else fits the tensor: any other field (evictions,
-            # snapshot jobs, anything added later) sends the whole plan pickled, so nothing is ever dropped.
-            elif plan == StepPlan(decode=list(plan.decode)) and len(plan.decode) <= s:
-                h[0], h[1] = _DECODE, len(plan.decode)
+            elif self.fits(plan):
+                h[:6] = torch.tensor([_STEP, plan.hold, len(plan.decode), len(plan.accept), len(plan.verify),
+                                      len(plan.release)])
                 if plan.decode:
-                    h[2:2 + 2 * s].view(2, s)[:, :len(plan.decode)] = torch.tensor(plan.decode).T
+                    self.decode[:, :len(plan.decode)] = torch.tensor(plan.decode).T
+                if plan.accept:
+                    self.accept[:, :len(plan.accept)] = torch.tensor(plan.accept).T
+                if plan.release:
+                    self.release[:len(plan.release)] = torch.tensor(plan.release)
+                if plan.verify:
+                    rows = [[slot, len(t), *t] + [0] * (MAX_VERIFY_TOKENS - len(t)) for slot, t in plan.verify]
+                    self.verify[:len(rows)] = torch.tensor(rows)
             else:
                 h[0] = _PICKLED
         tdist.broadcast(h, src=0, group=self.group)
@@ -132,9 +154,11 @@ class ControlChannel:
             return StepPlan(stop=True)
         if kind == _HEARTBEAT:
             return StepPlan(heartbeat=True)
-        n = int(h[1])
-        slots, tokens = h[2:2 + 2 * s].view(2, s)[:, :n].tolist()
-        return StepPlan(decode=list(zip(slots, tokens)))
+        _, hold, n_decode, n_accept, n_verify, n_release = h[:6].tolist()
+        verify = [(row[0], row[2:2 + row[1]]) for row in self.verify[:n_verify].tolist()]
+        return StepPlan(decode=list(zip(*self.decode[:, :n_decode].tolist())),
+                        accept=list(zip(*self.accept[:, :n_accept].tolist())), verify=verify,
+                        release=self.release[:n_release].tolist(), hold=bool(hold))
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj` on rank 0 (None elsewhere): used for health reports."""

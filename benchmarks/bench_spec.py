@@ -419,7 +419,7 @@ def main() -> None:
         add({"run": "mtp verify step, 4 positions, drafts included (k=3)", "step_ms": 1e3 * step,
                      "over_plain_step": 1e3 * step / plain_ms, "draft_ms": 1e3 * step - verify4_ms if verify4_ms else None,
                      "decode_ms_per_token": None, "floor_ms": floor_ms})
-        r.spec._mtp_prepare(1, [0], torch.tensor([continuation[0]]))
+        r.spec._mtp_prepare(1, [0], [continuation[0]])
         times = []
         for _ in range(args.repeats + 3):
             sync(device)

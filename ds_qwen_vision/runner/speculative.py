@@ -155,25 +155,22 @@ class Speculation:
             self.pend_tokens[slot] = []
 
     # ---- MTP drafts ----------------------------------------------------------------------------
-    def _mtp_prepare(self, b: int, rows: list[int], fed: torch.Tensor) -> None:
+    def _mtp_prepare(self, b: int, rows: list[int], fed: list[int]) -> None:
         """The head's inputs for rows [0, b) (host): for each MTP row the pairs to catch up (the tokens after
-        the pending hidden states, the fed token last); other rows write where they never attend."""
+        the pending hidden states, the fed token last); other rows write where they never attend. Built as
+        lists and made tensors once: a held step's GPU waits for this host work."""
         runner, t = self.runner, self.t
-        ids, pos = torch.zeros((b, t), dtype=torch.long), torch.zeros((b, t), dtype=torch.long)
-        last = torch.zeros(b, dtype=torch.long)
-        for r in range(b):
-            length = runner.length[r]
-            if r in rows:
-                n = self.pend_n[r]
-                if n < 1:
-                    raise ValueError(f"slot {r}: no MTP state (prefill it first)")
-                ids[r, :n] = torch.tensor(self.pend_tokens[r] + [int(fed[r])])
-                pos[r] = length - n + torch.arange(t)
-                last[r] = n - 1
-            else:
-                pos[r] = length + torch.arange(t)
-        self.mtp_in[:, :b].copy_(torch.stack([ids, pos.clamp(max=runner.kv_len - 1)]))
-        self.mtp_last[:b].copy_(last)
+        ids = [[0] * t for _ in range(b)]
+        first, last = list(runner.length[:b]), [0] * b  # each row's first position, its last caught-up pair
+        for r in rows:
+            n = self.pend_n[r]
+            if n < 1:
+                raise ValueError(f"slot {r}: no MTP state (prefill it first)")
+            ids[r][:n] = self.pend_tokens[r] + [fed[r]]
+            first[r], last[r] = first[r] - n, n - 1
+        pos = (torch.tensor(first)[:, None] + torch.arange(t)).clamp(max=runner.kv_len - 1)
+        self.mtp_in[:, :b].copy_(torch.stack([torch.tensor(ids), pos]))
+        self.mtp_last[:b].copy_(torch.tensor(last))
         self.mtp_delta[:b].copy_(torch.tensor(runner.rope_delta[:b]))
 
     def _mtp_forward(self, b: int) -> None:
@@ -236,6 +233,23 @@ class Speculation:
         log(f"[rank {os.environ.get('RANK', '0')}] captured verify CUDA graphs (T={self.t}) for batch sizes "
             f"{self.batch_sizes}")
 
+    def _inputs(self, items: list[tuple[int, list[int]]], b: int) -> list[int]:
+        """verify_in for rows [0, b): each verifying row's tokens (padded to T), cache and M-RoPE positions;
+        rows not verifying write KV where their own tokens will go (never attended before rewritten). Built
+        as lists and made a tensor once (a held step's GPU waits for this host work). Returns each row's
+        first token."""
+        runner, t = self.runner, self.t
+        ids = [[0] * t for _ in range(b)]
+        for slot, tokens in items:
+            if not 1 <= len(tokens) <= t:
+                raise ValueError(f"slot {slot}: {len(tokens)} tokens to verify; 1 to {t} allowed")
+            if runner.length[slot] + t > runner.kv_len:
+                raise ValueError(f"slot {slot} is full ({runner.max_len} tokens)")
+            ids[slot] = tokens + [tokens[-1]] * (t - len(tokens))
+        pos = (torch.tensor(runner.length[:b])[:, None] + torch.arange(t)).clamp(max=runner.kv_len - 1)
+        self.verify_in[:, :b].copy_(torch.stack([torch.tensor(ids), pos, pos + torch.tensor(runner.rope_delta[:b])[:, None]]))
+        return [row[0] for row in ids]
+
     @torch.inference_mode()
     def verify(self, items: list[tuple[int, list[int]]]) -> tuple[dict[int, torch.Tensor], dict[int, list[int]]]:
         """T tokens for each (slot, [fed token, host drafts...]) (padded to T; with MTP the drafts are
@@ -244,20 +258,9 @@ class Speculation:
         if max(slot for slot, _ in items) >= self.rows:
             raise ValueError(f"slot {max(slot for slot, _ in items)} verifies; only slots below {self.rows} may")
         b = next(size for size in self.batch_sizes if size > max(slot for slot, _ in items))
-        step = torch.zeros((3, b, t), dtype=torch.long)
-        length = torch.tensor(runner.length[:b])
-        # Rows not verifying write KV where their own tokens will go (never attended before rewritten).
-        step[1] = (length[:, None] + torch.arange(t)).clamp(max=runner.kv_len - 1)
-        step[2] = step[1] + torch.tensor(runner.rope_delta[:b])[:, None]
-        for slot, tokens in items:
-            if not 1 <= len(tokens) <= t:
-                raise ValueError(f"slot {slot}: {len(tokens)} tokens to verify; 1 to {t} allowed")
-            if runner.length[slot] + t > runner.kv_len:
-                raise ValueError(f"slot {slot} is full ({runner.max_len} tokens)")
-            step[0, slot] = torch.tensor(tokens + [tokens[-1]] * (t - len(tokens)))
-        self.verify_in[:, :b].copy_(step)
+        fed = self._inputs(items, b)
         if self.mtp is not None:
-            self._mtp_prepare(b, [slot for slot, _ in items], step[0, :, 0])
+            self._mtp_prepare(b, [slot for slot, _ in items], fed)
         if b in self.graphs:
             graph, logits, hidden = self.graphs[b]
             graph.replay()

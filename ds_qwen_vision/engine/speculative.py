@@ -131,6 +131,9 @@ class Speculator:
                                     ["position"], registry=registry)
         self.m_pos_accepted = Counter("dsqv_spec_position_accepted", "Drafts accepted at each draft position "
                                       "(acceptance = accepted / drafts per position)", ["position"], registry=registry)
+        # each position's counters, looked up once: record() runs per verified row while a held step's GPU waits
+        self.pos_drafts = [self.m_pos_drafts.labels(str(i + 1)) for i in range(k)]
+        self.pos_accepted = [self.m_pos_accepted.labels(str(i + 1)) for i in range(k)]
 
     def start(self, seq) -> None:
         # Penalties and logprobs depend on each token's predecessors (and need the sampler's per-token state):
@@ -215,9 +218,9 @@ class Speculator:
         self.m_drafts.inc(len(drafts))
         self.m_accepted.inc(a)
         for i in range(len(drafts)):
-            self.m_pos_drafts.labels(str(i + 1)).inc()
+            self.pos_drafts[i].inc()
             if i < a:
-                self.m_pos_accepted.labels(str(i + 1)).inc()
+                self.pos_accepted[i].inc()
         if (s.verifies >= STOP_AFTER and s.accepted / s.verifies < STOP_BELOW) or \
                 (s.verifies >= STOP_EARLY and s.accepted == 0):
             # From now on a plain decode row (merged into a verify batch it takes position 0 only, and an

@@ -325,8 +325,10 @@ class Engine:
             # copy to the host: one sync per step, not per row. Each is its sequence's next token now; the
             # scheduler counted it in in_flight, and Output.read delivers it.
             seqs = [self.running[slot] for slot in logits]
-            held.picked = Step([], *to_host(self.output.pick(torch.stack(list(logits.values())), seqs))).wait()
-            held.seqs = seqs
+            picked, event = to_host(self.output.pick(torch.stack(list(logits.values())), seqs))
+            if event is not None:
+                event.synchronize()
+            held.picked, held.seqs = picked, seqs
             for seq, token in zip(seqs, held.picked.tokens.tolist()):
                 seq.next_token, seq.in_flight = token, 1  # Output.read takes it out of in_flight
         # the greedy rows' argmax at every position: one copy to the host for all of them

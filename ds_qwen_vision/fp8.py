@@ -149,7 +149,13 @@ def fp8_matmul(module, x: torch.Tensor) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
            gemm: bool) -> torch.Tensor:
-    """x @ weight^T for an FP8 weight and its block scales (a layer's, or a fused group's)."""
+    """x @ weight^T for an FP8 weight and its block scales (a layer's, or a fused group's): steps of up to 16
+    rows (decode, verify) through the W8A16 kernel where its probe passed, whether or not the block-scaled GEMM
+    did (a card without cuBLASLt's 128 x 128 recipe -- Blackwell's are MXFP8 -- still decodes from FP8 bytes);
+    more rows through the GEMM (`gemm`: its probe passed and the shape fits), else the weight dequantized."""
+    if CHOSEN.w8a16 and block == (GEMM_BLOCK, GEMM_BLOCK) and x.numel() <= fp8_linear.W8A16_MAX_ROWS * x.shape[-1]:
+        k = x.shape[-1]
+        return fp8_linear.w8a16_matmul(x.reshape(-1, k).contiguous(), weight, scale_inv).view(*x.shape[:-1], -1)
     if gemm:
         return scaled_gemm(x, weight, scale_inv)
     return torch.matmul(x, dequantize(weight, scale_inv, block, x.dtype).transpose(-1, -2))
@@ -189,14 +195,12 @@ CHOSEN = SimpleNamespace(gemm=_scaled_mm_v2, w8a16=False)
 
 
 def scaled_gemm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, impl=None) -> torch.Tensor:
-    """x [..., K] @ weight^T on CUDA: up to 16 rows (decode, verify) through the W8A16 kernel where the probe
-    passed it, else the activation quantized (one kernel) and the block-scaled GEMM. cuBLASLt wants the token
-    count a multiple of 4 (zero rows are added and dropped) and mat_b column-major (the weight's transpose is)."""
+    """x [..., K] @ weight^T on CUDA: the activation quantized (one kernel) and the block-scaled GEMM (`impl`, or
+    the one the probe chose). cuBLASLt wants the token count a multiple of 4 (zero rows are added and dropped)
+    and mat_b column-major (the weight's transpose is)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k).contiguous()
     m = x2d.shape[0]
-    if impl is None and CHOSEN.w8a16 and m <= fp8_linear.W8A16_MAX_ROWS:
-        return fp8_linear.w8a16_matmul(x2d, weight, scale_inv).view(*lead, weight.shape[0])
     if m % 4:
         x2d = torch.nn.functional.pad(x2d, (0, 0, 0, -m % 4))
     a, a_scale = fp8_linear.quantize_activation(x2d)
@@ -214,7 +218,8 @@ def gemm_fits(module) -> bool:
 def probe_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
     """(why no block-scaled GEMM serves here, why the W8A16 kernel does not): None where one runs on this device
     and matches the reference path on the same operands (within bf16 rounding). The GEMM: the first of GEMMS
-    that does (CHOSEN.gemm). The activation quantization kernel is checked with the GEMM."""
+    that does (CHOSEN.gemm). The activation quantization kernel is checked with the GEMM; the W8A16 kernel on its
+    own (a card may have one and not the other)."""
     if device.type != "cuda":
         return "not a CUDA device", "not a CUDA device"
     if fp8_linear.triton is None:
@@ -228,8 +233,8 @@ def probe_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str | None, st
     def rel(got, want):
         return float((got.float() - want).norm() / want.norm())
 
-    why = []
-    for rows in (6, 40):  # the W8A16 kernel's and the quantized GEMM's ranges
+    why, why_gemm = [], None
+    for rows in (6, 40):  # few rows and many: both go through the GEMM where W8A16 does not serve
         x = torch.randn(rows, 1024, device=device, generator=g).to(dtype)
         a, a_scale = quantize_activation(x)
         want = (a.float() * a_scale.repeat_interleave(GEMM_BLOCK, 1)) @ w_ref.T
@@ -244,13 +249,14 @@ def probe_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str | None, st
                 break
             why.append(f"{name}: relative error {err:.3g} against the reference")
         else:
-            return "; ".join(why), "the GEMM did not pass"
+            why_gemm = "; ".join(why)
+            break
     x = torch.randn(6, 1024, device=device, generator=g).to(dtype)
     try:
         err = rel(fp8_linear.w8a16_matmul(x, wq, scale), x.float() @ dequantize(wq, scale, (128, 128), dtype).float().T)
-    except Exception as e:  # noqa: BLE001 -- Triton without e4m3 on this device: the quantized GEMM serves all rows
-        return None, f"{type(e).__name__}: {str(e)[:160]}"
-    return None, None if err < 1e-2 else f"relative error {err:.3g} against the reference"
+    except Exception as e:  # noqa: BLE001 -- Triton without e4m3 on this device: steps take the GEMM (or dequantize)
+        return why_gemm, f"{type(e).__name__}: {str(e)[:160]}"
+    return why_gemm, None if err < 1e-2 else f"relative error {err:.3g} against the reference"
 
 
 class Fp8Linear(nn.Linear):
@@ -388,7 +394,7 @@ def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) ->
     dtype = next(p for p in model.parameters() if p.dtype != FP8 and p.is_floating_point()).dtype
     why, why_w8a16 = probe_gemm(device, dtype)
     ok = agree(why is None, device)
-    CHOSEN.w8a16 = agree(ok and why_w8a16 is None and dtype in (torch.bfloat16, torch.float16), device)
+    CHOSEN.w8a16 = agree(why_w8a16 is None and dtype in (torch.bfloat16, torch.float16), device)
     fits = [m for m in names.values() if gemm_fits(m)]
     for m in fits:
         m.fp8_gemm = ok
@@ -401,4 +407,4 @@ def use_gemm(model, names: dict[str, nn.Module], fused: list[nn.Module] = ()) ->
         log(f"FP8 linears: {len(fits) if ok else 0} of {len(names)} through the block-scaled GEMM ({gemm})"
             + ("" if ok else f" (the probe: {why or 'another rank failed it'}); the rest dequantize")
             + ("; steps of up to 16 rows through the W8A16 kernel" if CHOSEN.w8a16 else
-               f"; the W8A16 kernel not used ({why_w8a16 or 'another rank failed it'})" if ok else ""))
+               f"; the W8A16 kernel not used ({why_w8a16 or 'another rank failed it'})"))

@@ -279,3 +279,37 @@ def test_quantizing_in_place_of_the_source(tiny_ckpt, tmp_path):
     assert (keep / "config.json").stat().st_mtime_ns == stamp
     model = load_model(str(out), 1, "cpu", torch.float32, show_progress=False)
     assert model is not None
+
+
+def test_steps_take_the_w8a16_kernel_where_the_block_scaled_gemm_does_not_serve(fp8_ckpts, monkeypatch):
+    """A card whose cuBLASLt lacks the 128 x 128 recipe (Blackwell's block scaling is MXFP8) may still run the
+    W8A16 Triton kernel: the two probes decide apart (fp8.probe_gemm, use_gemm), so steps of up to 16 rows read
+    FP8 weights there and longer ones dequantize. Here the probe's answers are given and the kernel is a
+    recording stand-in with the reference arithmetic (CPU has no Triton kernel)."""
+    from ds_qwen_vision import fp8
+    from ds_qwen_vision.fp8 import CHOSEN, converted_linears, use_gemm
+    from ds_qwen_vision.kernels import fp8_linear
+
+    model = load_model(str(fp8_ckpts[128]), 1, "cpu", torch.bfloat16, show_progress=False)
+    names = converted_linears(model, Fp8Format.from_config(model.config))
+    calls = []
+
+    def stand_in(x2d, weight, scale_inv, tiles=None):
+        calls.append(x2d.shape[0])
+        return x2d @ fp8.dequantize(weight, scale_inv, (128, 128), x2d.dtype).T
+
+    monkeypatch.setattr(fp8, "probe_gemm", lambda device, dtype: ("no 128 x 128 recipe on this card", None))
+    monkeypatch.setattr(fp8_linear, "w8a16_matmul", stand_in)
+    monkeypatch.setattr(CHOSEN, "w8a16", False)
+    use_gemm(model, names)
+    assert CHOSEN.w8a16 is True and not any(m.fp8_gemm for m in names.values())
+    layer = next(iter(names.values()))
+    want = fp8.dequantize(layer.weight, layer.weight_scale_inv, (128, 128), torch.bfloat16)
+    for rows, through_kernel in ((1, True), (16, True), (17, False)):
+        calls.clear()
+        x = torch.randn(1, rows, layer.weight.shape[1], dtype=torch.bfloat16)
+        assert torch.equal(layer(x), x @ want.T), rows
+        assert calls == ([rows] if through_kernel else []), (rows, calls)
+    monkeypatch.setattr(fp8, "probe_gemm", lambda device, dtype: ("no 128 x 128 recipe", "no e4m3 in this Triton"))
+    use_gemm(model, names)
+    assert CHOSEN.w8a16 is False

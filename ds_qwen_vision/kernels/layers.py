@@ -87,8 +87,6 @@ def install_fused_forwards(model, compiled_chains: bool | None = None) -> None:
 
 
 def _install(module, forward, **chains) -> None:
-    if not hasattr(module, "_dsqv_unfused"):  # installing twice keeps the original
-        module._dsqv_unfused = module.forward
     for name, fn in chains.items():
         setattr(module, name, fn)
     module.forward = types.MethodType(forward, module)

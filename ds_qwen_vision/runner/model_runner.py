@@ -19,6 +19,7 @@ itself overwrites before it ever attends to it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,8 @@ class ModelRunner:
         mixed = mixed_prefill and spec_method == "none" and max_slots > 1
         self.prefill_graphs = PrefillGraphs(self, limit, mixed=mixed) if limit else None
         self.spec = None  # speculative decoding (runner/speculative.py)
-        self.verified: dict[int, list[int]] = {}  # the tokens each slot's verify of the last step checked
+        # the tokens each slot's verify of the last step checked (runner/speculative.VerifiedTokens on CUDA)
+        self.verified: Mapping[int, list[int]] = {}
         if spec_method != "none":
             from .speculative import Speculation
 
